@@ -1,0 +1,1 @@
+"""Evaluation: demo, metrics, sweeps and benchmarks (the library never imports this package)."""

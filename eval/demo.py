@@ -1,0 +1,93 @@
+"""Demo: wrap a small Stable Diffusion pipeline, print baseline vs reduced step time and output difference.
+
+    python -m eval.demo [--ratio 0.5] [--resolution 512] [--repeats 5]
+
+The UNet is SD 1.x-shaped but narrow, with random weights (speed does not depend on weight values),
+so the output difference says how far each method moves the result, not whether it looks good:
+quality is the evaluation sweep's job, on trained models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import tofu_diffusion as tofu
+from eval.timing import interleaved_median
+from pipelines.tiny import demo_sd_unet, prompt_embeds, sd_pipeline
+
+try:
+    import tomesd
+except ImportError:  # optional: side-by-side only when installed
+    tomesd = None
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps for the image comparison")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    pipe = sd_pipeline(demo_sd_unet())
+    unet = pipe.unet
+    side = args.resolution // 8
+    sample = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))  # CFG batch
+    text = torch.cat([prompt_embeds(seed=2), prompt_embeds(seed=1)])
+    timestep = torch.tensor(500)
+
+    configs = {"baseline": None}
+    for method in tofu.METHODS:
+        configs[method] = tofu.TokenFusionConfig(method=method, ratio=args.ratio)
+    if tomesd is not None:
+        configs["tomesd 0.1.3"] = "tomesd"
+
+    def switch(name):
+        def setup():
+            if tofu.handle_of(unet) is not None:
+                tofu.remove(unet)
+            if tomesd is not None:
+                tomesd.remove_patch(unet)
+            config = configs[name]
+            if config == "tomesd":
+                tomesd.apply_patch(unet, ratio=args.ratio)
+            elif config is not None:
+                tofu.apply(unet, config)
+
+        return setup
+
+    def image():
+        return pipe(prompt_embeds=text[1:], negative_prompt_embeds=text[:1], num_inference_steps=args.steps,
+                    height=args.resolution, width=args.resolution, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    setups = {name: switch(name) for name in configs}
+    step = {name: (lambda: unet(sample, timestep, text)) for name in configs}
+    print(f"SD-shaped UNet (random weights), {args.resolution}px, batch 2 (CFG), ratio {args.ratio}, "
+          f"{torch.get_num_threads()} threads; timing {args.repeats} interleaved repeats...")
+    seconds = interleaved_median(step, setups, repeats=args.repeats)
+
+    images = {}
+    for name in configs:
+        setups[name]()
+        images[name] = image()
+    setups["baseline"]()
+
+    print(f"\n{'variant':<14}{'ms/step':>10}{'speedup':>10}{'PSNR vs baseline (dB)':>24}")
+    for name in configs:
+        print(f"{name:<14}{seconds[name] * 1000:>10.1f}{seconds['baseline'] / seconds[name]:>9.2f}x"
+              f"{psnr(images[name], images['baseline']):>24.1f}")
+    print("\nReduced by default: self-attention at the full-resolution level (as tomesd). See README for options.")
+
+
+if __name__ == "__main__":
+    main()

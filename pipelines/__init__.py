@@ -1,0 +1,1 @@
+"""Ready pipelines and the bundled small models."""

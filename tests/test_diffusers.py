@@ -1,0 +1,331 @@
+"""Hooks on diffusers denoisers: exactness, repeatability, reduction, every family end to end."""
+
+import pytest
+import torch
+
+import tofu_diffusion as tofu
+from pipelines.tiny import (
+    TEXT_DIM,
+    dit_pipeline,
+    dit_transformer,
+    pixart_pipeline,
+    pixart_transformer,
+    prompt_embeds,
+    sd_pipeline,
+    sd_unet,
+    sdxl_added_cond,
+    sdxl_unet,
+)
+
+METHODS = ["tome", "tofu", "mctf"]
+
+
+def _inputs(kind, batch=2, h=16, w=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 4, h, w, generator=g).to(dtype)
+    t = torch.tensor([500] * batch)
+    if kind == "sd":
+        return (x, t, torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype)), {}
+    if kind == "sdxl":
+        cond = {k: v.to(dtype) for k, v in sdxl_added_cond(batch).items()}
+        return (x, t, torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype)), {"added_cond_kwargs": cond}
+    if kind == "dit":
+        return (x,), {"timestep": t, "class_labels": torch.arange(batch) % 10}
+    if kind == "pixart":
+        cond = {"resolution": None, "aspect_ratio": None}
+        return (x,), {"encoder_hidden_states": torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype), "timestep": t,
+                      "added_cond_kwargs": cond}
+    raise ValueError(kind)
+
+
+BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet, "dit": dit_transformer, "pixart": pixart_transformer}
+
+
+def _run(model, args, kwargs):
+    return model(*args, **kwargs, return_dict=False)[0]
+
+
+@pytest.fixture(params=list(BUILDERS))
+def family(request):
+    return request.param, BUILDERS[request.param]()
+
+
+# ------------------------------------------------------------------ exactness
+def test_ratio_zero_and_remove_are_bit_identical(family):
+    kind, model = family
+    args, kwargs = _inputs(kind)
+    base = _run(model, args, kwargs)
+    for method in METHODS:
+        with tofu.fused(model, method=method, ratio=0.0):
+            assert torch.equal(_run(model, args, kwargs), base)
+    tofu.apply(model, method="tome", ratio=0.5)
+    assert not torch.equal(_run(model, args, kwargs), base)
+    tofu.remove(model)
+    assert torch.equal(_run(model, args, kwargs), base)
+    # nothing of ours is left on any module
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
+
+
+def test_apply_twice_replaces_cleanly():
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    base = _run(model, args, kwargs)
+    tofu.apply(model, method="tome", ratio=0.5)
+    handle = tofu.apply(model, method="mctf", ratio=0.25)
+    assert tofu.handle_of(model) is handle
+    with_mctf = _run(model, args, kwargs)
+    tofu.remove(model)
+    tofu.apply(model, method="mctf", ratio=0.25)
+    assert torch.equal(_run(model, args, kwargs), with_mctf)  # no leftover of the first apply
+    tofu.remove(model)
+    assert torch.equal(_run(model, args, kwargs), base)
+
+
+def test_fused_restores_previous_configuration():
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    tofu.apply(model, method="tofu", ratio=0.5)
+    with tofu.fused(model, method="mctf", ratio=0.5):
+        assert tofu.handle_of(model).config.method == "mctf"
+    assert tofu.handle_of(model).config.method == "tofu"
+    tofu.remove(model)
+    assert tofu.handle_of(model) is None
+
+
+# ------------------------------------------------------------------ reduction happens, and is repeatable
+def _tokens_entering_self_attention(model):
+    """Count tokens reaching each attn1's query projection, independently of our own bookkeeping."""
+    counts, handles = {}, []
+    for name, module in model.named_modules():
+        if name.endswith("attn1"):
+            handles.append(module.to_q.register_forward_pre_hook(
+                lambda m, a, name=name: counts.__setitem__(name, a[0].shape[1])))
+    return counts, handles
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_changes_output_and_tokens_fall_with_ratio(family, method):
+    kind, model = family
+    args, kwargs = _inputs(kind)
+    base = _run(model, args, kwargs)
+    counts, hooks = _tokens_entering_self_attention(model)
+    per_ratio = {}
+    for ratio in (0.0, 0.25, 0.5, 0.7):
+        with tofu.fused(model, method=method, ratio=ratio) as handle:
+            out = _run(model, args, kwargs)
+            reduced = [b.name for b in handle.blocks]
+            per_ratio[ratio] = {n: c for n, c in counts.items() if n.removesuffix(".attn1") in reduced}
+        if ratio == 0.5:
+            assert not torch.allclose(out, base), f"{method} at ratio 0.5 left the output unchanged"
+            assert torch.isfinite(out).all()
+    for h in hooks:
+        h.remove()
+    for name in per_ratio[0.0]:
+        seq = [per_ratio[r][name] for r in (0.0, 0.25, 0.5, 0.7)]
+        assert seq == sorted(seq, reverse=True) and len(set(seq)) == 4, (name, seq)
+        assert seq[2] == seq[0] - int(seq[0] * 0.5)
+
+
+def test_random_destinations_are_repeatable_and_seeded():
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    tofu.apply(model, method="tome", ratio=0.5, destination="random", seed=3)
+    first = _run(model, args, kwargs)
+    assert torch.equal(_run(model, args, kwargs), first)
+    tofu.apply(model, method="tome", ratio=0.5, destination="random", seed=4)
+    assert not torch.equal(_run(model, args, kwargs), first)
+    tofu.remove(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tofu_and_mctf_use_their_merge_modes(method):
+    model = dit_transformer()
+    handle = tofu.apply(model, method=method, ratio=0.5)
+    modes = [b.merge_mode for b in handle.blocks]
+    expected = {"tome": ["mean"] * 4, "tofu": ["prune", "prune", "mlerp", "mlerp"], "mctf": ["size_weighted"] * 4}
+    assert modes == expected[method]
+    handle = tofu.apply(model, method="tofu", ratio=0.5, switch_depth=1)
+    assert [b.merge_mode for b in handle.blocks] == ["prune", "mlerp", "mlerp", "mlerp"]
+    tofu.remove(model)
+
+
+def test_tome_matches_tomesd_end_to_end():
+    tomesd = pytest.importorskip("tomesd")
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    with tofu.fused(model, method="tome", ratio=0.5, destination="fixed"):
+        ours = _run(model, args, kwargs)
+    tomesd.apply_patch(model, ratio=0.5, use_rand=False)
+    try:
+        theirs = _run(model, args, kwargs)
+    finally:
+        tomesd.remove_patch(model)
+    assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------ levels, grids, sublayers
+def test_levels_default_and_explicit():
+    sd, xl = sd_unet(), sdxl_unet()
+    assert {b.name.split(".")[0] + b.name.split(".")[1] for b in tofu.apply(sd).blocks} == {"down_blocks0", "up_blocks1"}
+    # SDXL's default reduces its highest-resolution attention level (1/2), not nothing
+    handle = tofu.apply(xl)
+    assert handle.blocks and all(b.name.startswith(("down_blocks.1", "up_blocks.1")) for b in handle.blocks)
+    assert len(tofu.apply(sd, max_downsample=2).blocks) == 2 * len(tofu.apply(sd).blocks) + 1  # + mid block
+    with pytest.raises(ValueError, match=r"downsampling factors \[2, 4\]"):
+        tofu.apply(xl, max_downsample=1)
+    # at 1/4: down (1 attention x 2 layers) + mid (2 layers) + up (2 attentions x 2 layers)
+    assert len(tofu.apply(xl, levels=[4]).blocks) == 2 + 2 + 4
+    tofu.remove(sd)
+    tofu.remove(xl)
+
+
+# UNets take any latent size; patchified models need multiples of the patch size, and diffusers'
+# DiTTransformer2DModel itself only unpatchifies square latents.
+LATENT_SIZES = [("sd", (16, 24)), ("sd", (18, 14)), ("sd", (22, 22)), ("sdxl", (16, 24)), ("sdxl", (18, 14)),
+                ("sdxl", (22, 22)), ("dit", (12, 12)), ("dit", (20, 20)), ("pixart", (16, 24)), ("pixart", (20, 12))]
+
+
+@pytest.mark.parametrize("kind,size", LATENT_SIZES)
+def test_any_latent_size(kind, size):
+    model = BUILDERS[kind]()
+    args, kwargs = _inputs(kind, h=size[0], w=size[1])
+    base = _run(model, args, kwargs)
+    handle = tofu.apply(model, method="tome", ratio=0.5, merge_cross_attention=kind != "dit", merge_feed_forward=True)
+    out = _run(model, args, kwargs)
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert all(n_out < n_in for n_in, n_out in handle.token_counts().values())
+    tofu.remove(model)
+
+
+def test_sdxl_stride_not_dividing_grid():
+    # 18x14 latent: the 1/2 level is 9x7, not divisible by the 2x2 stride
+    model = sdxl_unet()
+    args, kwargs = _inputs("sdxl", h=18, w=14)
+    handle = tofu.apply(model, ratio=0.5)
+    _run(model, args, kwargs)
+    assert set(handle.token_counts().values()) == {(63, 32)}
+    tofu.remove(model)
+
+
+def test_keyword_call_equals_positional_call():
+    model = sd_unet()
+    (x, t, e), _ = _inputs("sd")
+    tofu.apply(model, method="mctf", ratio=0.5)
+    positional = model(x, t, e).sample
+    keyword = model(sample=x, timestep=t, encoder_hidden_states=e).sample
+    assert torch.equal(positional, keyword)
+    tofu.remove(model)
+
+
+def test_sublayer_options_reduce_cross_attention_and_feed_forward():
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    seen = {}
+    block = model.down_blocks[0].attentions[0].transformer_blocks[0]
+    block.attn2.to_q.register_forward_pre_hook(lambda m, a: seen.__setitem__("attn2", a[0].shape[1]))
+    block.ff.net[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ff", a[0].shape[1]))
+    with tofu.fused(model, ratio=0.5):
+        _run(model, args, kwargs)
+        assert seen == {"attn2": 256, "ff": 256}
+    with tofu.fused(model, ratio=0.5, merge_cross_attention=True, merge_feed_forward=True):
+        _run(model, args, kwargs)
+        assert seen == {"attn2": 128, "ff": 128}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_sizes(batch):
+    model = sd_unet()
+    args, kwargs = _inputs("sd", batch=batch)
+    with tofu.fused(model, method="mctf", ratio=0.5):
+        out = _run(model, args, kwargs)
+    assert out.shape[0] == batch and torch.isfinite(out).all()
+    # each item is reduced on its own: item 0 of a batch equals item 0 run alone
+    single_args = tuple(a[:1] for a in args)
+    with tofu.fused(model, method="mctf", ratio=0.5):
+        single = _run(model, single_args, kwargs)
+    assert torch.allclose(out[:1], single, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision(dtype, method):
+    model = dit_transformer().to(dtype)
+    args, kwargs = _inputs("dit", dtype=dtype)
+    base = _run(model, args, kwargs)
+    with tofu.fused(model, method=method, ratio=0.5):
+        out = _run(model, args, kwargs)
+    assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base)
+    with tofu.fused(model, method=method, ratio=0.0):
+        assert torch.equal(_run(model, args, kwargs), base)
+
+
+def test_feed_forward_chunking_gets_a_clear_error():
+    model = sd_unet()
+    for module in model.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(8, dim=1)
+    args, kwargs = _inputs("sd")
+    with tofu.fused(model, ratio=0.5, merge_feed_forward=True):
+        with pytest.raises(ValueError, match=r"set_chunk_feed_forward\(None\)"):
+            _run(model, args, kwargs)
+
+
+# ------------------------------------------------------------------ pipelines end to end
+def _sd_call(pipe, seed=0):
+    return pipe(prompt_embeds=prompt_embeds(), negative_prompt_embeds=prompt_embeds(seed=2), num_inference_steps=2,
+                height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(seed)).images
+
+
+def _pixart_call(pipe, seed=0):
+    e, m = prompt_embeds(), torch.ones(1, 7)
+    return pipe(prompt=None, negative_prompt=None, prompt_embeds=e, prompt_attention_mask=m,
+                negative_prompt_embeds=torch.zeros_like(e), negative_prompt_attention_mask=m,
+                use_resolution_binning=False, num_inference_steps=2, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def _dit_call(pipe, seed=0):
+    return torch.from_numpy(pipe(class_labels=[1, 2, 3], num_inference_steps=2, output_type="np",
+                                 generator=torch.Generator().manual_seed(seed)).images)
+
+
+@pytest.mark.parametrize("make,call", [(sd_pipeline, _sd_call), (dit_pipeline, _dit_call), (pixart_pipeline, _pixart_call)],
+                         ids=["stable-diffusion", "dit", "pixart-alpha"])
+@pytest.mark.parametrize("method", METHODS)
+def test_pipeline_end_to_end(make, call, method):
+    pipe = make()
+    base = call(pipe)
+    handle = tofu.apply(pipe, tofu.TokenFusionConfig(method=method, ratio=0.5))
+    first = call(pipe)
+    assert torch.equal(call(pipe), first)  # same seed, same image, with reduction on
+    assert not torch.equal(first, base) and torch.isfinite(first).all()
+    assert handle.token_counts()
+    tofu.remove(pipe)
+    assert torch.equal(call(pipe), base)
+
+
+def test_sdxl_style_unet_in_pipeline_loop():
+    # SDXL pipelines need two text encoders; drive its UNet through a CFG denoising loop directly.
+    from diffusers import EulerDiscreteScheduler
+
+    model = sdxl_unet()
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000)
+
+    def sample():
+        scheduler.set_timesteps(3)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, 16, 16, generator=g) * scheduler.init_noise_sigma
+        text = torch.cat([torch.zeros(1, 7, TEXT_DIM), prompt_embeds()])
+        cond = {"text_embeds": torch.randn(2, TEXT_DIM, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            uncond, cond_out = model(inp, t, text, added_cond_kwargs=cond).sample.chunk(2)
+            latents = scheduler.step(uncond + 5.0 * (cond_out - uncond), t, latents).prev_sample
+        return latents
+
+    base = sample()
+    tofu.apply(model, method="tofu", ratio=0.5)
+    reduced = sample()
+    assert torch.equal(sample(), reduced) and not torch.equal(reduced, base)
+    tofu.remove(model)
+    assert torch.equal(sample(), base)

@@ -1,0 +1,73 @@
+"""Bad input gets a clear error naming the problem and the fix."""
+
+import pytest
+import torch
+
+import tofu_diffusion as tofu
+from pipelines.tiny import sd_pipeline, sd_unet
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": -0.1}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": 0.8}, r"caps it at 0.750.*stride=\(4, 4\)"),
+        ({"method": "tomesd"}, r"unknown method 'tomesd'; choose one of \('tome', 'tofu', 'mctf'\)"),
+        ({"merge_mode": "max"}, r"unknown merge_mode 'max'"),
+        ({"tau_info": -1.0}, r"tau_info must be >= 0"),
+        ({"destination": "center"}, r"unknown destination 'center'"),
+        ({"stride": (0, 2)}, r"stride must be two positive ints"),
+        ({"max_downsample": 0}, r"max_downsample must be >= 1"),
+        ({"levels": []}, r"levels must be a non-empty list"),
+        ({"merge_self_attention": False}, r"nothing to reduce"),
+    ],
+)
+def test_config_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        tofu.TokenFusionConfig(**options)
+
+
+def test_larger_stride_allows_higher_ratio():
+    assert tofu.TokenFusionConfig(ratio=0.9, stride=4).stride == (4, 4)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match=r"unknown TokenFusionConfig option\(s\) \['rate'\]"):
+        tofu.apply(sd_unet(), rate=0.5)
+
+
+def test_unsupported_model_names_what_it_found():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4)
+    with pytest.raises(TypeError, match=r"cannot patch SD3Transformer2DModel.*JointTransformerBlock x1"):
+        tofu.apply(model)
+    assert not hasattr(model, "_diffusers_hook")  # nothing was half-applied
+    with pytest.raises(TypeError, match="cannot patch Linear"):
+        tofu.apply(torch.nn.Linear(2, 2))
+
+
+def test_pipeline_without_denoiser_is_named():
+    class NotAPipeline:
+        components = {"vae": torch.nn.Identity()}
+
+    with pytest.raises(TypeError, match=r"no.*`unet` or\s+`transformer`.*vae=Identity|`unet` or `transformer` component.*vae=Identity"):
+        tofu.apply(NotAPipeline())
+
+
+def test_remove_without_apply_is_an_error():
+    with pytest.raises(ValueError, match="not applied"):
+        tofu.remove(sd_pipeline())
+
+
+def test_grid_smaller_than_stride_at_runtime():
+    model = sd_unet()
+    tofu.apply(model, ratio=0.5, max_downsample=2)
+    # a 2x16 latent gives a 1x8 strip at the 1/2 level: no 2x2 cell fits in it
+    x = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="smaller than the 2x2 merge stride"):
+        model(x, 1, torch.randn(1, 7, 32))
+    tofu.remove(model)

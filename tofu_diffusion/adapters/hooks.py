@@ -1,0 +1,257 @@
+"""diffusers hooks that reduce tokens around the sublayers of a transformer block.
+
+Three kinds of hook, all registered through ``diffusers.hooks.HookRegistry`` so that removal restores
+the original forwards exactly and no block forward is re-implemented:
+
+* ``RootHook`` on the denoiser: reseeds the destination generator from the step's timestep, so a
+  seeded pipeline call is repeatable and no RNG state leaks between calls.
+* ``GridHook`` on the module whose input defines the token grid (a UNet's ``Transformer2DModel``, or
+  a patchified transformer itself): records the grid of the current call.
+* ``BlockHook`` on each reduced block: remembers the block input; the block's plan is computed lazily
+  by the first sublayer that needs it and shared by all of them.
+* ``MergeHook`` on ``attn1`` / ``attn2`` / ``ff``: ``unmerge(original_forward(merge(x)))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..config import TokenFusionConfig
+from ..core import MergePlan, attention_received, bidirectional_matching, bipartite_soft_matching, grid_partition, mctf_scores
+
+logger = logging.getLogger("tofu_diffusion")
+
+ROOT_HOOK = "tofu_diffusion_root"
+GRID_HOOK = "tofu_diffusion_grid"
+BLOCK_HOOK = "tofu_diffusion_block"
+MERGE_HOOK = "tofu_diffusion_merge"
+HOOK_NAMES = (ROOT_HOOK, GRID_HOOK, BLOCK_HOOK, MERGE_HOOK)
+
+
+def hidden_states_of(args: tuple, kwargs: dict, names: tuple[str, ...] = ("hidden_states",)) -> torch.Tensor:
+    """The first positional argument, or the first of ``names`` passed by keyword."""
+    if args:
+        return args[0]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    raise TypeError(f"expected the input as the first positional argument or as one of {names}")
+
+
+def _replace_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+@dataclass
+class GridRecord:
+    """The token grid (rows, cols) of the latest call of a grid-owning module."""
+
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+
+class RunState:
+    """State shared by all hooks of one patched denoiser."""
+
+    def __init__(self, config: TokenFusionConfig):
+        self.config = config
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(config.seed)
+        self._fixed_partitions: dict = {}
+
+    def begin_step(self, timestep) -> None:
+        """Derive this step's destination seed from (seed, timestep): same call, same destinations."""
+        key = 0
+        if timestep is not None:
+            value = timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep
+            key = int(round(float(value) * 1000))
+        self.generator.manual_seed((self.config.seed * 1_000_003 + key) % (2**63))
+
+    def partition(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.destination == "random":
+            return grid_partition(height, width, cfg.stride, generator=self.generator, device=device)
+        # Fixed destinations depend only on the grid: computed once per (grid, device).
+        key = (height, width, str(device))
+        if key not in self._fixed_partitions:
+            self._fixed_partitions[key] = grid_partition(
+                height, width, cfg.stride, position=cfg.destination_position, device=device
+            )
+        return self._fixed_partitions[key]
+
+
+@dataclass
+class BlockState:
+    """One reduced block: its settings, the grid it reads, and the plan of the current call."""
+
+    name: str
+    depth: int
+    merge_mode: str
+    grid: GridRecord
+    run: RunState
+    last_tokens: Optional[tuple[int, int]] = None  # (tokens in, tokens after merge) of the latest call
+    _input: Optional[torch.Tensor] = field(default=None, repr=False)
+    _plan: Optional[MergePlan] = field(default=None, repr=False)
+    _planned: bool = field(default=False, repr=False)
+
+    def begin(self, hidden_states: torch.Tensor) -> None:
+        self._input, self._plan, self._planned = hidden_states, None, False
+
+    def end(self) -> None:
+        # Drop references so the block input and the plan can be freed between blocks.
+        self._input, self._plan, self._planned = None, None, False
+
+    def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
+        """The plan of this call, computed on first use; None when nothing is removed."""
+        if not self._planned:
+            self._plan = self._compute_plan(attention, attention_input)
+            self._planned = True
+            n = self._input.shape[1]
+            self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
+        return self._plan
+
+    def _compute_plan(self, attention, attention_input) -> Optional[MergePlan]:
+        cfg = self.run.config
+        x = self._input
+        if x is None:
+            raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
+        if x.dim() != 3:
+            raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
+        n = x.shape[1]
+        r = int(n * cfg.ratio)
+        if r == 0:
+            return None
+        h, w = self.grid.height, self.grid.width
+        if h is None or h * w != n:
+            raise ValueError(
+                f"{self.name}: the block has {n} tokens but its token grid is {h}x{w}; "
+                f"token fusion cannot tile this input"
+            )
+        src, dst = self.run.partition(h, w, x.device)
+        if cfg.method == "mctf":
+            info = None
+            if attention is not None and cfg.tau_info > 0:
+                info = estimate_attention_received(attention, attention_input, cfg.info_query_stride)
+            scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
+            return bidirectional_matching(scores, src, dst, n, r, weights=info)
+        return bipartite_soft_matching(x, src, dst, r)
+
+
+def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor, query_stride: int) -> torch.Tensor:
+    """Attention each token receives in ``attention`` (a diffusers ``Attention``), from every
+    ``query_stride``-th query only: (B, N). Costs 1/query_stride of the block's own q k^T."""
+    for name in ("to_q", "to_k", "heads"):
+        if not hasattr(attention, name):
+            raise TypeError(
+                f"mctf needs a diffusers Attention with to_q/to_k/heads to estimate informativeness; "
+                f"{type(attention).__name__} has no {name}. Use tau_info=0 to switch that criterion off."
+            )
+    with torch.no_grad():
+        query = attention.to_q(hidden[:, ::query_stride])
+        key = attention.to_k(hidden)
+        heads = attention.heads
+        if getattr(attention, "norm_q", None) is not None or getattr(attention, "norm_k", None) is not None:
+            b, d = hidden.shape[0], query.shape[-1] // heads
+            query = query.view(b, -1, heads, d)
+            key = key.view(b, -1, heads, d)
+            if attention.norm_q is not None:
+                query = attention.norm_q(query)
+            if attention.norm_k is not None:
+                key = attention.norm_k(key)
+            query, key = query.flatten(2), key.flatten(2)
+        return attention_received(query, key, heads)
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+class RootHook(ModelHook):
+    def __init__(self, run: RunState, timestep_of: Callable[[tuple, dict], object]):
+        super().__init__()
+        self.run = run
+        self.timestep_of = timestep_of
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.run.begin_step(self.timestep_of(args, kwargs))
+        return args, kwargs
+
+
+class GridHook(ModelHook):
+    def __init__(self, record: GridRecord, grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]):
+        super().__init__()
+        self.record = record
+        self.grid_of = grid_of
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden = hidden_states_of(args, kwargs, ("hidden_states", "sample"))
+        self.record.height, self.record.width = self.grid_of(module, hidden)
+        return args, kwargs
+
+
+class BlockHook(ModelHook):
+    def __init__(self, state: BlockState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.begin(hidden_states_of(args, kwargs))
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.state.end()
+        return output
+
+
+class MergeHook(ModelHook):
+    """``unmerge(original_forward(merge(x)))`` around one sublayer of a block."""
+
+    def __init__(self, state: BlockState, role: str):
+        super().__init__()
+        self.state = state
+        self.role = role  # "self_attention", "cross_attention" or "feed_forward"
+
+    def new_forward(self, module, *args, **kwargs):
+        hidden = hidden_states_of(args, kwargs)
+        plan = self.state.plan(module if self.role == "self_attention" else None, hidden)
+        if plan is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if hidden.shape[:2] != (plan.batch_size, plan.num_tokens):
+            raise ValueError(
+                f"{self.state.name}.{self.role}: got {tuple(hidden.shape)} but the block has "
+                f"{plan.batch_size}x{plan.num_tokens} tokens. Feed-forward chunking splits them: turn it off "
+                f"(model.disable_forward_chunking() or block.set_chunk_feed_forward(None)) or set "
+                f"merge_feed_forward=False."
+            )
+        if self.role == "self_attention" and kwargs.get("attention_mask") is not None:
+            raise ValueError(
+                f"{self.state.name}: self-attention was called with an attention_mask, which token fusion "
+                f"cannot merge; set merge_self_attention=False for this model"
+            )
+        args, kwargs = _replace_hidden_states(args, kwargs, plan.merge(hidden, self.state.merge_mode))
+        return plan.unmerge(self.fn_ref.original_forward(*args, **kwargs))
+
+
+def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def unregister_all(model: torch.nn.Module) -> None:
+    """Remove every tofu-diffusion hook under ``model`` and drop registries left empty."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in HOOK_NAMES:
+            registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            # Leave the module exactly as constructed: no registry, no instance-level forward.
+            del module._diffusers_hook
+            if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is type(module).forward:
+                del module.__dict__["forward"]
+        elif hasattr(registry, "invalidate_child_registries_cache"):
+            registry.invalidate_child_registries_cache()

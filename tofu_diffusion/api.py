@@ -1,0 +1,172 @@
+"""``apply`` / ``remove`` / ``fused``: attach token fusion to a diffusers pipeline or denoiser."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Optional, Union
+
+import torch
+
+from .adapters import Site, adapter_for
+from .adapters.base import timestep_reader
+from .adapters.hooks import (
+    BlockHook,
+    BlockState,
+    GridHook,
+    GridRecord,
+    MergeHook,
+    RootHook,
+    RunState,
+    BLOCK_HOOK,
+    GRID_HOOK,
+    MERGE_HOOK,
+    ROOT_HOOK,
+    register,
+    unregister_all,
+)
+from .config import TokenFusionConfig
+
+logger = logging.getLogger("tofu_diffusion")
+
+_HANDLE_ATTR = "_tofu_diffusion_handle"
+_DENOISER_NAMES = ("unet", "transformer")
+_SUBLAYERS = (
+    ("attn1", "self_attention", "merge_self_attention"),
+    ("attn2", "cross_attention", "merge_cross_attention"),
+    ("ff", "feed_forward", "merge_feed_forward"),
+)
+
+
+class TokenFusionHandle:
+    """What ``apply`` attached: the config, the reduced blocks, and per-block token counts."""
+
+    def __init__(self, model: torch.nn.Module, config: TokenFusionConfig, family: str, blocks: list[BlockState]):
+        self.model = model
+        self.config = config
+        self.family = family
+        self.blocks = blocks
+
+    def token_counts(self) -> dict[str, tuple[int, int]]:
+        """(tokens in, tokens after merging) of each reduced block in its latest call."""
+        return {b.name: b.last_tokens for b in self.blocks if b.last_tokens is not None}
+
+    def remove(self) -> None:
+        remove(self.model)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenFusionHandle({type(self.model).__name__}, family={self.family}, method={self.config.method}, "
+            f"ratio={self.config.ratio}, blocks={len(self.blocks)})"
+        )
+
+
+def denoiser_of(model_or_pipeline) -> torch.nn.Module:
+    """The denoiser of a pipeline (``unet`` or ``transformer``), or the model itself."""
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return model_or_pipeline
+    for name in _DENOISER_NAMES:
+        denoiser = getattr(model_or_pipeline, name, None)
+        if isinstance(denoiser, torch.nn.Module):
+            return denoiser
+    components = getattr(model_or_pipeline, "components", None)
+    listed = ", ".join(f"{k}={type(v).__name__}" for k, v in (components or {}).items()) or "none"
+    raise TypeError(
+        f"{type(model_or_pipeline).__name__} is neither a torch module nor a pipeline with a `unet` or "
+        f"`transformer` component (components: {listed}); pass the denoiser model itself"
+    )
+
+
+def _select(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
+    available = sorted({s.level for s in sites})
+    if config.levels is not None:
+        wanted = set(config.levels)
+    elif config.max_downsample is not None:
+        wanted = {level for level in available if level <= config.max_downsample}
+    else:
+        wanted = default_levels
+    chosen = [s for s in sites if s.level in wanted]
+    if not chosen:
+        raise ValueError(
+            f"no attention block of {model_name} is at the requested resolution level(s) "
+            f"(levels={config.levels}, max_downsample={config.max_downsample}); this model has attention at "
+            f"downsampling factors {available}: pass levels=[...] or a max_downsample from those"
+        )
+    skipped = sorted(set(available) - wanted)
+    if skipped:
+        logger.debug("%s: levels %s are not reduced", model_name, skipped)
+    return chosen
+
+
+def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> TokenFusionHandle:
+    """Attach token fusion to a diffusers pipeline or denoiser. Returns a handle.
+
+    ``config`` is a :class:`TokenFusionConfig`; keyword ``options`` build one or override its fields.
+    Applying again replaces the previous configuration cleanly.
+    """
+    config = TokenFusionConfig.from_kwargs(config, **options)
+    model = denoiser_of(model_or_pipeline)
+    adapter = adapter_for(model)
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
+        remove(model)
+
+    model_name = type(model).__name__
+    all_sites = adapter.sites(model)
+    if not all_sites:
+        raise ValueError(f"{model_name} has no transformer block to reduce (no BasicTransformerBlock found)")
+    sites = _select(all_sites, config, adapter.default_levels(all_sites), model_name)
+
+    run = RunState(config)
+    register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
+    grids: dict[int, GridRecord] = {}
+    blocks = []
+    try:
+        for depth, site in enumerate(sites):
+            owner_key = id(site.grid_owner)
+            if owner_key not in grids:
+                grids[owner_key] = GridRecord()
+                register(site.grid_owner, GridHook(grids[owner_key], adapter.grid_of), GRID_HOOK)
+            state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run)
+            register(site.block, BlockHook(state), BLOCK_HOOK)
+            for attr, role, flag in _SUBLAYERS:
+                sublayer = getattr(site.block, attr, None)
+                if getattr(config, flag) and sublayer is not None:
+                    register(sublayer, MergeHook(state, role), MERGE_HOOK)
+            blocks.append(state)
+    except Exception:
+        unregister_all(model)
+        raise
+    handle = TokenFusionHandle(model, config, adapter.family, blocks)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove(model_or_pipeline) -> None:
+    """Remove token fusion; the model behaves exactly as before ``apply``."""
+    model = denoiser_of(model_or_pipeline)
+    if getattr(model, _HANDLE_ATTR, None) is None:
+        raise ValueError(f"token fusion is not applied to this {type(model).__name__}; nothing to remove")
+    unregister_all(model)
+    delattr(model, _HANDLE_ATTR)
+
+
+def handle_of(model_or_pipeline) -> Optional[TokenFusionHandle]:
+    """The active handle, or None when token fusion is not applied."""
+    return getattr(denoiser_of(model_or_pipeline), _HANDLE_ATTR, None)
+
+
+@contextlib.contextmanager
+def fused(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> Iterator[TokenFusionHandle]:
+    """Scoped token fusion: ``with fused(pipe, method="mctf", ratio=0.5): ...``.
+
+    On exit the model returns to what it was: unpatched, or patched with its previous config.
+    """
+    previous = handle_of(model_or_pipeline)
+    handle = apply(model_or_pipeline, config, **options)
+    try:
+        yield handle
+    finally:
+        remove(model_or_pipeline)
+        if previous is not None:
+            apply(model_or_pipeline, previous.config)

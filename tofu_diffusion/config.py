@@ -1,0 +1,126 @@
+"""Typed, validated configuration, in the style of diffusers' ``*Config`` accelerators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
+
+METHODS = ("tome", "tofu", "mctf")
+
+
+@dataclass
+class TokenFusionConfig:
+    """How tokens are reduced in each transformer block.
+
+    Args:
+        method: ``"tome"`` (ToMe/tomesd: bipartite matching, mean merge), ``"tofu"`` (ToMe matching;
+            prune in blocks before ``switch_depth``, MLERP after) or ``"mctf"`` (multi-criteria
+            score, bidirectional matching, fusion weighted by attention received times size).
+        ratio: share of each reduced block's tokens removed, in [0, 1). 0 is exactly the original model.
+        merge_mode: override the method's merge mode for every block: ``"mean"``, ``"size_weighted"``,
+            ``"mlerp"`` or ``"prune"``.
+        stride: ``(sy, sx)`` cell of the 2-D token grid that holds one destination token.
+        destination: ``"random"`` (a random position per cell, drawn from a generator seeded with
+            ``seed`` and the step's timestep, so a seeded pipeline call is repeatable) or ``"fixed"``
+            (``destination_position`` in every cell; 0 = top-left).
+        max_downsample: UNets: reduce the attention levels whose downsampling factor is at most
+            this (1 = full latent resolution, 2, 4, 8). None: the highest-resolution level that has
+            attention (1 on SD 1.x/2.x, 2 on SDXL). Patchified transformers have one level (1).
+        levels: explicit downsampling factors to reduce; takes precedence over ``max_downsample``.
+        merge_self_attention / merge_cross_attention / merge_feed_forward: which sublayers of a
+            block run on the reduced tokens (one matching per block serves all of them).
+        switch_depth: ``tofu``: index (among the reduced blocks, in execution order) of the first
+            block that merges with MLERP instead of pruning. None: half of the reduced blocks.
+        tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off.
+        info_query_stride: ``mctf`` on diffusion models: the attention each token receives is
+            estimated from every ``info_query_stride``-th query only (a 1/stride share of q k^T).
+        seed: base seed of the random destinations.
+    """
+
+    method: str = "tome"
+    ratio: float = 0.5
+    merge_mode: Optional[str] = None
+    stride: tuple[int, int] = (2, 2)
+    destination: str = "random"
+    destination_position: int = 0
+    max_downsample: Optional[int] = None
+    levels: Optional[Sequence[int]] = None
+    merge_self_attention: bool = True
+    merge_cross_attention: bool = False
+    merge_feed_forward: bool = False
+    switch_depth: Optional[int] = None
+    tau_sim: float = 1.0
+    tau_info: float = 20.0
+    tau_size: float = 40.0
+    info_query_stride: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stride, int):
+            self.stride = (self.stride, self.stride)
+        self.stride = tuple(int(s) for s in self.stride)
+        if self.levels is not None:
+            self.levels = tuple(int(level) for level in self.levels)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1) (the share of tokens removed), got {self.ratio!r}")
+        if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
+            raise ValueError(f"unknown merge_mode {self.merge_mode!r}; choose one of {MERGE_MODES} or None")
+        if len(self.stride) != 2 or min(self.stride) < 1:
+            raise ValueError(f"stride must be two positive ints (sy, sx), got {self.stride!r}")
+        if self.destination not in DESTINATIONS:
+            raise ValueError(f"unknown destination {self.destination!r}; choose one of {DESTINATIONS}")
+        cell = self.stride[0] * self.stride[1]
+        if not 0 <= self.destination_position < cell:
+            raise ValueError(f"destination_position must be in [0, {cell}) for a {self.stride} stride")
+        cap = max_grid_ratio(self.stride)
+        if self.ratio > cap:
+            raise ValueError(
+                f"ratio {self.ratio} removes more tokens than a {self.stride[0]}x{self.stride[1]} stride allows "
+                f"(one destination per cell caps it at {cap:.3f}); lower the ratio or use a larger stride, "
+                f"e.g. stride=(4, 4)"
+            )
+        for name in ("tau_sim", "tau_info", "tau_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 switches the criterion off), got {getattr(self, name)}")
+        if self.max_downsample is not None and self.max_downsample < 1:
+            raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
+        if self.levels is not None and (not self.levels or min(self.levels) < 1):
+            raise ValueError(f"levels must be a non-empty list of downsampling factors >= 1, got {self.levels!r}")
+        if self.switch_depth is not None and self.switch_depth < 0:
+            raise ValueError(f"switch_depth must be >= 0, got {self.switch_depth}")
+        if self.info_query_stride < 1:
+            raise ValueError(f"info_query_stride must be >= 1, got {self.info_query_stride}")
+        if not (self.merge_self_attention or self.merge_cross_attention or self.merge_feed_forward):
+            raise ValueError(
+                "nothing to reduce: set at least one of merge_self_attention, merge_cross_attention, merge_feed_forward"
+            )
+
+    # ------------------------------------------------------------------ method presets
+    def merge_mode_for(self, depth: int, num_blocks: int) -> str:
+        """Merge mode of the ``depth``-th reduced block out of ``num_blocks``."""
+        if self.merge_mode is not None:
+            return self.merge_mode
+        if self.method == "tofu":
+            switch = num_blocks // 2 if self.switch_depth is None else self.switch_depth
+            return "prune" if depth < switch else "mlerp"
+        if self.method == "mctf":
+            return "size_weighted"
+        return "mean"
+
+    @classmethod
+    def from_kwargs(cls, config: Optional["TokenFusionConfig"] = None, **kwargs) -> "TokenFusionConfig":
+        """A config from keyword arguments, or ``config`` with those fields replaced."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown TokenFusionConfig option(s) {unknown}; valid options: {sorted(known)}")
+        if config is None:
+            return cls(**kwargs)
+        return replace(config, **kwargs) if kwargs else config

@@ -1,0 +1,20 @@
+"""Pure tensor token-reduction algorithms (imports only torch)."""
+
+from .destinations import DESTINATIONS, alternating_partition, grid_partition, max_grid_ratio
+from .matching import attention_received, bidirectional_matching, bipartite_soft_matching, mctf_scores
+from .plan import MERGE_MODES, MergePlan, mlerp, plan_from_pairs
+
+__all__ = [
+    "DESTINATIONS",
+    "MERGE_MODES",
+    "MergePlan",
+    "alternating_partition",
+    "attention_received",
+    "bidirectional_matching",
+    "bipartite_soft_matching",
+    "grid_partition",
+    "max_grid_ratio",
+    "mctf_scores",
+    "mlerp",
+    "plan_from_pairs",
+]

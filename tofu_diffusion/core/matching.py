@@ -1,0 +1,176 @@
+"""Matching: decide which tokens merge into which, producing a :class:`MergePlan`.
+
+* :func:`bipartite_soft_matching` - ToMe: every source takes its most cosine-similar destination,
+  the ``r`` best-matched sources merge.
+* :func:`mctf_scores` + :func:`bidirectional_matching` - MCTF: a multi-criteria score (similarity,
+  informativeness, size), ``r // 2`` sources merge A->B, then the rest B->A into A tokens that are
+  still unmerged, reusing the same score matrix.
+* :func:`attention_received` - the informativeness input: attention each key receives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .plan import MergePlan, plan_from_pairs
+
+
+def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(B, Na, Nb) cosine similarity between source and destination tokens."""
+    metric = F.normalize(metric, dim=-1)
+    return metric[:, src] @ metric[:, dst].transpose(1, 2)
+
+
+def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, protected: Optional[torch.Tensor]) -> torch.Tensor:
+    """Protected tokens (CLS, distillation) neither leave nor receive: their rows/columns become -inf."""
+    if protected is None:
+        return scores
+    scores = scores.clone()
+    scores[:, protected[src], :] = -math.inf
+    scores[:, :, protected[dst]] = -math.inf
+    return scores
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    r: int,
+    protected: Optional[torch.Tensor] = None,
+    keep_order: bool = False,
+    weights: Optional[torch.Tensor] = None,
+) -> Optional[MergePlan]:
+    """ToMe's bipartite soft matching of ``metric`` (B, N, C) between sources ``src`` and destinations ``dst``.
+
+    ``r`` is capped by the number of sources. Returns None when nothing is merged. The default slot
+    order is tomesd's (unmerged sources by decreasing score, then destinations); ``keep_order`` keeps
+    tokens in their original order instead (needed where a head reads a fixed position, e.g. CLS).
+    ``protected`` is a (N,) bool mask of tokens that must not be merged.
+    """
+    b, n, _ = metric.shape
+    if protected is not None:
+        r = min(r, int((~protected[src]).sum()))
+    r = min(r, src.numel())
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        scores = _protect(_cosine_scores(metric, src, dst), src, dst, protected)
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        merged = edge_idx[:, :r]
+        unmerged = edge_idx[:, r:]
+        dst_choice = torch.gather(node_idx, 1, merged)
+        src_tokens = src[merged]
+        if keep_order:
+            return plan_from_pairs(n, src_tokens, dst[dst_choice], weights)
+        num_unmerged = unmerged.shape[1]
+        kept_idx = torch.cat([src[unmerged], dst.expand(b, -1)], dim=1)
+        return MergePlan(kept_idx, src_tokens, num_unmerged + dst_choice, n, weights)
+
+
+def mctf_scores(
+    metric: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    attention: Optional[torch.Tensor] = None,
+    sizes: Optional[torch.Tensor] = None,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+    protected: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MCTF's multi-criteria score W (B, Na, Nb) = W_sim * W_info * W_size.
+
+    * ``W_sim = ((1 + cos) / 2) ** (1 / tau_sim)``
+    * ``W_info = (a~_i a~_j) ** (1 / tau_info)`` with ``a~_i = min_k a_k / a_i`` (``attention`` (B, N)
+      is the attention each token receives): uninformative tokens score high, so they merge first.
+    * ``W_size = (s~_i s~_j) ** (1 / tau_size)`` with ``s~_i = min_k s_k / s_i``: small tokens merge first.
+
+    A criterion is off (factor 1) when its tau is 0 or its input is None.
+    """
+    with torch.no_grad():
+        scores = torch.ones(1, device=metric.device, dtype=torch.float32)
+        if tau_sim > 0:
+            cos = _cosine_scores(metric.float(), src, dst)
+            scores = ((1.0 + cos) / 2.0).clamp_min(0) ** (1.0 / tau_sim)
+        for values, tau in ((attention, tau_info), (sizes, tau_size)):
+            if values is None or tau <= 0:
+                continue
+            values = values.float().clamp_min(torch.finfo(torch.float32).tiny)
+            rel = values.amin(dim=1, keepdim=True) / values
+            scores = scores * (rel[:, src].unsqueeze(2) * rel[:, dst].unsqueeze(1)) ** (1.0 / tau)
+        if scores.dim() == 1:
+            scores = scores.expand(metric.shape[0], src.numel(), dst.numel())
+        return _protect(scores, src, dst, protected)
+
+
+def bidirectional_matching(
+    scores: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    num_tokens: int,
+    r: int,
+    weights: Optional[torch.Tensor] = None,
+) -> Optional[MergePlan]:
+    """MCTF's bidirectional matching on a score matrix (B, Na, Nb).
+
+    ``r // 2`` A tokens merge into their best B token; then ``r - r // 2`` B tokens (capped by |B|)
+    merge into their best A token among those not merged in the first step. A chain A->B->A resolves
+    to the final A token. Kept tokens stay in their original order.
+    """
+    num_a, num_b = scores.shape[1], scores.shape[2]
+    r_ba = min(r - r // 2, num_b)
+    r_ab = min(r - r_ba, num_a - (1 if r_ba > 0 else 0))
+    valid_rows = torch.isfinite(scores).any(dim=2)
+    # Never merge more A tokens than have a finite score (protected ones have none).
+    r_ab = min(r_ab, int(valid_rows.sum(dim=1).min()))
+    if r_ab + r_ba <= 0:
+        return None
+    b = scores.shape[0]
+    with torch.no_grad():
+        best_b, best_b_idx = scores.max(dim=2)  # A -> B
+        order_a = best_b.argsort(dim=1, descending=True)
+        a_merged = order_a[:, :r_ab]
+        a_target = torch.gather(best_b_idx, 1, a_merged)  # index into B
+
+        # B -> A over the same scores, A tokens already merged are no longer targets.
+        taken = torch.zeros(b, num_a, dtype=torch.bool, device=scores.device)
+        taken.scatter_(1, a_merged, True)
+        scores_ba = scores.transpose(1, 2).masked_fill(taken.unsqueeze(1), -math.inf)
+        best_a, best_a_idx = scores_ba.max(dim=2)
+        order_b = best_a.argsort(dim=1, descending=True)
+        b_merged = order_b[:, :r_ba]
+        b_target = torch.gather(best_a_idx, 1, b_merged)  # index into A
+
+        # Resolve A->B->A chains: a B target that itself merged forwards to its own A target.
+        b_final = dst.expand(b, -1).clone()  # final token of every B token
+        b_final.scatter_(1, b_merged, src[b_target])
+        src_tokens = torch.cat([src[a_merged], dst[b_merged]], dim=1)
+        dst_tokens = torch.cat([torch.gather(b_final, 1, a_target), src[b_target]], dim=1)
+        return plan_from_pairs(num_tokens, src_tokens, dst_tokens, weights)
+
+
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    key_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention each key token receives, averaged over heads and queries: (B, Nq, C), (B, Nk, C) -> (B, Nk).
+
+    ``key_bias`` (B, Nk), e.g. ``log(size)``, is added to the logits (proportional attention).
+    Pass a subset of the queries to estimate it cheaply: the mean over queries is an unbiased
+    estimate of the mean over all of them.
+    """
+    b, nq, c = query.shape
+    head_dim = c // num_heads
+    q = query.reshape(b, nq, num_heads, head_dim).transpose(1, 2).float()
+    k = key.reshape(b, key.shape[1], num_heads, head_dim).transpose(1, 2).float()
+    logits = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    if key_bias is not None:
+        logits = logits + key_bias.float()[:, None, None, :]
+    return logits.softmax(dim=-1).mean(dim=(1, 2))

@@ -1,0 +1,182 @@
+"""A merge plan: which tokens go where, computed once and applied by ``merge`` and ``unmerge``.
+
+The plan is the single representation every matcher produces. For a batch of ``N`` tokens it holds
+
+* ``kept_idx``  (B, K): for each output slot, the original index of the token that represents it;
+* ``src_idx``   (B, r): the original indices of the tokens merged away;
+* ``src_slot``  (B, r): the output slot each merged-away token joins.
+
+``merge`` gathers the kept tokens and folds the merged-away ones into their slots; ``unmerge`` is a
+single gather that copies every slot's value back to all the original tokens it stands for.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+MERGE_MODES = ("mean", "size_weighted", "mlerp", "prune")
+
+# MLERP divides by the norm of the mean; tokens that cancel out must not blow up.
+_NORM_EPS = 1e-6
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, N, C), index: (B, M) -> (B, M, C)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class MergePlan:
+    """Token assignment shared by every merge/unmerge pair of one block (or one ViT layer)."""
+
+    def __init__(
+        self,
+        kept_idx: torch.Tensor,
+        src_idx: torch.Tensor,
+        src_slot: torch.Tensor,
+        num_tokens: int,
+        weights: Optional[torch.Tensor] = None,
+    ):
+        self.kept_idx = kept_idx
+        self.src_idx = src_idx
+        self.src_slot = src_slot
+        self.num_tokens = num_tokens
+        # Per-token fusion weights (B, N) for ``size_weighted``/``mlerp``; None means all ones.
+        self.weights = weights
+        self._assign: Optional[torch.Tensor] = None
+        self._group_count: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def batch_size(self) -> int:
+        return self.kept_idx.shape[0]
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept_idx.shape[1]
+
+    @property
+    def num_merged(self) -> int:
+        return self.src_idx.shape[1]
+
+    @property
+    def assignment(self) -> torch.Tensor:
+        """(B, N): the output slot of every original token."""
+        if self._assign is None:
+            b, k = self.kept_idx.shape
+            assign = torch.empty(b, self.num_tokens, dtype=torch.long, device=self.kept_idx.device)
+            slots = torch.arange(k, device=assign.device).expand(b, k)
+            assign.scatter_(1, self.kept_idx, slots)
+            assign.scatter_(1, self.src_idx, self.src_slot)
+            self._assign = assign
+        return self._assign
+
+    @property
+    def group_count(self) -> torch.Tensor:
+        """(B, K): how many original tokens each slot stands for."""
+        if self._group_count is None:
+            b, k = self.kept_idx.shape
+            ones = torch.ones(b, self.num_merged, device=self.kept_idx.device)
+            self._group_count = torch.ones(b, k, device=self.kept_idx.device).scatter_add_(1, self.src_slot, ones)
+        return self._group_count
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """(B, N, C) -> (B, K, C)."""
+        self._check_input(x)
+        kept = _gather_tokens(x, self.kept_idx)
+        if mode == "prune":
+            return kept
+        if mode == "mean":
+            # Plain mean that includes the destination itself (tomesd's scatter_reduce('mean')).
+            src = _gather_tokens(x, self.src_idx)
+            index = self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            return kept.scatter_reduce(1, index, src, reduce="mean", include_self=True)
+        if mode == "size_weighted":
+            return self._weighted_mean(x, kept)
+        if mode == "mlerp":
+            return self._mlerp(x, self._weighted_mean(x, kept))
+        raise ValueError(f"unknown merge mode {mode!r}; choose one of {MERGE_MODES}")
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, K, C) -> (B, N, C): every original token takes its slot's value."""
+        if y.shape[1] != self.num_kept:
+            raise ValueError(f"unmerge expects {self.num_kept} tokens, got {y.shape[1]}")
+        return _gather_tokens(y, self.assignment)
+
+    def merge_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
+        """Sizes travel with merged tokens: (B, N) -> (B, K), each slot the sum of its group."""
+        kept = torch.gather(sizes, 1, self.kept_idx)
+        return kept.scatter_add(1, self.src_slot, torch.gather(sizes, 1, self.src_idx))
+
+    # ------------------------------------------------------------------ internals
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.num_tokens or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this merge plan was computed for (batch={self.batch_size}, tokens={self.num_tokens}) "
+                f"but got a tensor of shape {tuple(x.shape)}"
+            )
+
+    def _weighted_mean(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            total = kept.scatter_add(1, self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_tokens(x, self.src_idx))
+            return total / self.group_count.to(x.dtype).unsqueeze(-1)
+        w = self.weights.to(x.dtype).unsqueeze(-1)
+        xw = x * w
+        index = self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        total = _gather_tokens(xw, self.kept_idx).scatter_add(1, index, _gather_tokens(xw, self.src_idx))
+        norm = self.merge_sizes(self.weights).to(x.dtype).unsqueeze(-1)
+        return total / norm
+
+    def _mlerp(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """Rescale each merged mean to the largest norm in its group (norms in fp32 for half inputs)."""
+        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        group_max = torch.gather(norms, 1, self.kept_idx).scatter_reduce(
+            1, self.src_slot, torch.gather(norms, 1, self.src_idx), reduce="amax", include_self=True
+        )
+        mean_norm = torch.linalg.vector_norm(mean, dim=-1, dtype=torch.float32).clamp_min(_NORM_EPS)
+        scale = group_max / mean_norm
+        # Slots that stand for one token are returned untouched, not rescaled by ~1.
+        scale = torch.where(self.group_count > 1, scale, torch.ones_like(scale))
+        return mean * scale.to(mean.dtype).unsqueeze(-1)
+
+
+def mlerp(tokens: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MLERP of a group of tokens (..., G, C) -> (..., C), the norm-preserving merge of ToFu.
+
+    ``mean = sum_i w_i x_i / sum_i w_i``; ``out = mean / max(||mean||, eps) * max_i ||x_i||``.
+    """
+    if weights is None:
+        mean = tokens.mean(dim=-2)
+    else:
+        w = weights.to(tokens.dtype).unsqueeze(-1)
+        mean = (tokens * w).sum(dim=-2) / w.sum(dim=-2)
+    target = torch.linalg.vector_norm(tokens, dim=-1, dtype=torch.float32).amax(dim=-1)
+    scale = target / torch.linalg.vector_norm(mean, dim=-1, dtype=torch.float32).clamp_min(_NORM_EPS)
+    return mean * scale.to(mean.dtype).unsqueeze(-1)
+
+
+def plan_from_pairs(
+    num_tokens: int,
+    src_tokens: torch.Tensor,
+    dst_tokens: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+) -> MergePlan:
+    """Build a plan from (merged token -> kept token) pairs; kept tokens stay in their original order.
+
+    ``dst_tokens`` must already be resolved to tokens that are themselves kept (no chains).
+    Keeping the original order keeps a leading CLS/distillation token where a classifier head reads it.
+    """
+    b, r = src_tokens.shape
+    device = src_tokens.device
+    merged = torch.zeros(b, num_tokens, dtype=torch.bool, device=device)
+    merged.scatter_(1, src_tokens, True)
+    k = num_tokens - r
+    # Sort key pushes merged tokens to the end while keeping kept tokens in index order.
+    key = torch.arange(num_tokens, device=device).expand(b, -1) + merged.long() * num_tokens
+    kept_idx = key.argsort(dim=1)[:, :k]
+    slot_of = torch.empty(b, num_tokens, dtype=torch.long, device=device)
+    slot_of.scatter_(1, kept_idx, torch.arange(k, device=device).expand(b, k))
+    src_slot = torch.gather(slot_of, 1, dst_tokens)
+    return MergePlan(kept_idx, src_tokens, src_slot, num_tokens, weights)
