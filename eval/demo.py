@@ -65,14 +65,16 @@ def main(argv=None) -> None:
 
         return setup
 
+    image_side = side * pipe.vae_scale_factor  # the bundled tiny VAE downsamples less than SD's (x8)
+
     def image():
         return pipe(prompt_embeds=text[1:], negative_prompt_embeds=text[:1], num_inference_steps=args.steps,
-                    height=args.resolution, width=args.resolution, output_type="pt",
+                    height=image_side, width=image_side, output_type="pt",
                     generator=torch.Generator().manual_seed(0)).images
 
     setups = {name: switch(name) for name in configs}
     step = {name: (lambda: unet(sample, timestep, text)) for name in configs}
-    print(f"SD-shaped UNet (random weights), {args.resolution}px, batch 2 (CFG), ratio {args.ratio}, "
+    print(f"SD-shaped UNet (random weights), {args.resolution}px ({side}x{side} latent), batch 2 (CFG), ratio {args.ratio}, "
           f"{torch.get_num_threads()} threads; timing {args.repeats} interleaved repeats...")
     seconds = interleaved_median(step, setups, repeats=args.repeats)
 

@@ -150,10 +150,10 @@ def demo_sd_unet(seed: int = 0) -> UNet2DConditionModel:
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(64, 128, 128),
+        block_out_channels=(128, 256, 256),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM,
-        attention_head_dim=32,
+        attention_head_dim=2,  # diffusers' legacy name: this UNet's number of heads
         norm_num_groups=32,
     ).eval()

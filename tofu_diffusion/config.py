@@ -34,8 +34,9 @@ class TokenFusionConfig:
         switch_depth: ``tofu``: index (among the reduced blocks, in execution order) of the first
             block that merges with MLERP instead of pruning. None: half of the reduced blocks.
         tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off.
-        info_query_stride: ``mctf`` on diffusion models: the attention each token receives is
-            estimated from every ``info_query_stride``-th query only (a 1/stride share of q k^T).
+        info_queries: ``mctf`` on diffusion models: the attention each token receives is estimated
+            from this many evenly spaced queries (their mean is an unbiased estimate of the mean over
+            all queries; 64 x N logits instead of the block's N x N).
         seed: base seed of the random destinations.
     """
 
@@ -54,7 +55,7 @@ class TokenFusionConfig:
     tau_sim: float = 1.0
     tau_info: float = 20.0
     tau_size: float = 40.0
-    info_query_stride: int = 16
+    info_queries: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,8 +96,8 @@ class TokenFusionConfig:
             raise ValueError(f"levels must be a non-empty list of downsampling factors >= 1, got {self.levels!r}")
         if self.switch_depth is not None and self.switch_depth < 0:
             raise ValueError(f"switch_depth must be >= 0, got {self.switch_depth}")
-        if self.info_query_stride < 1:
-            raise ValueError(f"info_query_stride must be >= 1, got {self.info_query_stride}")
+        if self.info_queries < 1:
+            raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
         if not (self.merge_self_attention or self.merge_cross_attention or self.merge_feed_forward):
             raise ValueError(
                 "nothing to reduce: set at least one of merge_self_attention, merge_cross_attention, merge_feed_forward"

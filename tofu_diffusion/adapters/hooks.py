@@ -138,15 +138,15 @@ class BlockState:
         if cfg.method == "mctf":
             info = None
             if attention is not None and cfg.tau_info > 0:
-                info = estimate_attention_received(attention, attention_input, cfg.info_query_stride)
+                info = estimate_attention_received(attention, attention_input, cfg.info_queries)
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
         return bipartite_soft_matching(x, src, dst, r)
 
 
-def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor, query_stride: int) -> torch.Tensor:
-    """Attention each token receives in ``attention`` (a diffusers ``Attention``), from every
-    ``query_stride``-th query only: (B, N). Costs 1/query_stride of the block's own q k^T."""
+def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Attention each token receives in ``attention`` (a diffusers ``Attention``): (B, N), estimated
+    from ``num_queries`` evenly spaced queries, so it costs num_queries x N logits, not N x N."""
     for name in ("to_q", "to_k", "heads"):
         if not hasattr(attention, name):
             raise TypeError(
@@ -154,7 +154,7 @@ def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor
                 f"{type(attention).__name__} has no {name}. Use tau_info=0 to switch that criterion off."
             )
     with torch.no_grad():
-        query = attention.to_q(hidden[:, ::query_stride])
+        query = attention.to_q(hidden[:, :: max(1, hidden.shape[1] // num_queries)])
         key = attention.to_k(hidden)
         heads = attention.heads
         if getattr(attention, "norm_q", None) is not None or getattr(attention, "norm_k", None) is not None:

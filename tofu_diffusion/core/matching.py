@@ -93,18 +93,25 @@ def mctf_scores(
     A criterion is off (factor 1) when its tau is 0 or its input is None.
     """
     with torch.no_grad():
-        scores = torch.ones(1, device=metric.device, dtype=torch.float32)
+        b = metric.shape[0]
         if tau_sim > 0:
-            cos = _cosine_scores(metric.float(), src, dst)
-            scores = ((1.0 + cos) / 2.0).clamp_min(0) ** (1.0 / tau_sim)
+            scores = _cosine_scores(metric.float(), src, dst)
+            scores = scores.add_(1.0).mul_(0.5).clamp_(min=0.0)
+            if tau_sim != 1:
+                scores = scores.pow_(1.0 / tau_sim)
+        else:
+            scores = torch.ones(b, src.numel(), dst.numel(), device=metric.device)
+        # (x~_i x~_j) ** (1/tau) = x~_i ** (1/tau) * x~_j ** (1/tau): both criteria are per-token factors,
+        # so the dense matrix only sees two broadcast multiplies.
+        factor = None
         for values, tau in ((attention, tau_info), (sizes, tau_size)):
             if values is None or tau <= 0:
                 continue
             values = values.float().clamp_min(torch.finfo(torch.float32).tiny)
-            rel = values.amin(dim=1, keepdim=True) / values
-            scores = scores * (rel[:, src].unsqueeze(2) * rel[:, dst].unsqueeze(1)) ** (1.0 / tau)
-        if scores.dim() == 1:
-            scores = scores.expand(metric.shape[0], src.numel(), dst.numel())
+            term = (values.amin(dim=1, keepdim=True) / values) ** (1.0 / tau)
+            factor = term if factor is None else factor * term
+        if factor is not None:
+            scores.mul_(factor[:, src].unsqueeze(2)).mul_(factor[:, dst].unsqueeze(1))
         return _protect(scores, src, dst, protected)
 
 
@@ -115,33 +122,35 @@ def bidirectional_matching(
     num_tokens: int,
     r: int,
     weights: Optional[torch.Tensor] = None,
+    protected_rows: bool = False,
 ) -> Optional[MergePlan]:
     """MCTF's bidirectional matching on a score matrix (B, Na, Nb).
 
     ``r // 2`` A tokens merge into their best B token; then ``r - r // 2`` B tokens (capped by |B|)
     merge into their best A token among those not merged in the first step. A chain A->B->A resolves
-    to the final A token. Kept tokens stay in their original order.
+    to the final A token. Kept tokens stay in their original order. Set ``protected_rows`` when some
+    rows of ``scores`` are all -inf (protected tokens), so that ``r`` is capped below them.
     """
     num_a, num_b = scores.shape[1], scores.shape[2]
     r_ba = min(r - r // 2, num_b)
     r_ab = min(r - r_ba, num_a - (1 if r_ba > 0 else 0))
-    valid_rows = torch.isfinite(scores).any(dim=2)
-    # Never merge more A tokens than have a finite score (protected ones have none).
-    r_ab = min(r_ab, int(valid_rows.sum(dim=1).min()))
-    if r_ab + r_ba <= 0:
-        return None
     b = scores.shape[0]
     with torch.no_grad():
         best_b, best_b_idx = scores.max(dim=2)  # A -> B
+        if protected_rows:
+            # Never merge more A tokens than have a finite score (protected ones have none).
+            r_ab = min(r_ab, int(torch.isfinite(best_b).sum(dim=1).min()))
+        if r_ab + r_ba <= 0:
+            return None
         order_a = best_b.argsort(dim=1, descending=True)
         a_merged = order_a[:, :r_ab]
         a_target = torch.gather(best_b_idx, 1, a_merged)  # index into B
 
-        # B -> A over the same scores, A tokens already merged are no longer targets.
-        taken = torch.zeros(b, num_a, dtype=torch.bool, device=scores.device)
-        taken.scatter_(1, a_merged, True)
-        scores_ba = scores.transpose(1, 2).masked_fill(taken.unsqueeze(1), -math.inf)
-        best_a, best_a_idx = scores_ba.max(dim=2)
+        # B -> A over the same scores, A tokens already merged are no longer targets. Masking rows and
+        # reducing over dim 1 keeps the reduction on contiguous memory (no transposed copy).
+        taken = torch.zeros(b, num_a, 1, dtype=torch.bool, device=scores.device)
+        taken.scatter_(1, a_merged.unsqueeze(-1), True)
+        best_a, best_a_idx = scores.masked_fill(taken, -math.inf).max(dim=1)
         order_b = best_a.argsort(dim=1, descending=True)
         b_merged = order_b[:, :r_ba]
         b_target = torch.gather(best_a_idx, 1, b_merged)  # index into A
@@ -168,9 +177,10 @@ def attention_received(
     """
     b, nq, c = query.shape
     head_dim = c // num_heads
-    q = query.reshape(b, nq, num_heads, head_dim).transpose(1, 2).float()
+    # Scale the (few) queries rather than the (Nq x Nk) logits.
+    q = query.reshape(b, nq, num_heads, head_dim).transpose(1, 2).float() * head_dim**-0.5
     k = key.reshape(b, key.shape[1], num_heads, head_dim).transpose(1, 2).float()
-    logits = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    logits = q @ k.transpose(-1, -2)
     if key_bias is not None:
         logits = logits + key_bias.float()[:, None, None, :]
     return logits.softmax(dim=-1).mean(dim=(1, 2))
