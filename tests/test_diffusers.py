@@ -329,3 +329,28 @@ def test_sdxl_style_unet_in_pipeline_loop():
     assert torch.equal(sample(), reduced) and not torch.equal(reduced, base)
     tofu.remove(model)
     assert torch.equal(sample(), base)
+
+
+# ------------------------------------------------------------------ whole-block scope
+@pytest.mark.parametrize("method", METHODS)
+def test_whole_block_scope(family, method):
+    kind, model = family
+    args, kwargs = _inputs(kind)
+    base = _run(model, args, kwargs)
+    with tofu.fused(model, method=method, ratio=0.0, merge_scope="block"):
+        assert torch.equal(_run(model, args, kwargs), base)
+    seen = {}
+    norms = [m for n, m in model.named_modules() if n.endswith("attn1")]
+    hooks = [m.to_q.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].shape[1]))
+             for i, m in enumerate(norms)]
+    with tofu.fused(model, method=method, ratio=0.5, merge_scope="block") as handle:
+        out = _run(model, args, kwargs)
+        counts = handle.token_counts()
+    for h in hooks:
+        h.remove()
+    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.equal(out, base)
+    assert counts and all(k == n - n // 2 for n, k in counts.values())
+    # attention inside the reduced blocks ran on the reduced tokens, never on the full count
+    full, reduced = {n for n, _ in counts.values()}, {k for _, k in counts.values()}
+    assert reduced <= set(seen.values()) and not full & set(seen.values())
+    assert torch.equal(_run(model, args, kwargs), base)

@@ -18,7 +18,9 @@ from .adapters.hooks import (
     MergeHook,
     RootHook,
     RunState,
+    WholeBlockHook,
     BLOCK_HOOK,
+    WHOLE_BLOCK_HOOK,
     GRID_HOOK,
     MERGE_HOOK,
     ROOT_HOOK,
@@ -128,6 +130,11 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
                 grids[owner_key] = GridRecord()
                 register(site.grid_owner, GridHook(grids[owner_key], adapter.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run)
+            if config.merge_scope == "block":
+                attention = getattr(site.block, "attn1", None) if config.method == "mctf" else None
+                register(site.block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
+                blocks.append(state)
+                continue
             register(site.block, BlockHook(state), BLOCK_HOOK)
             for attr, role, flag in _SUBLAYERS:
                 sublayer = getattr(site.block, attr, None)

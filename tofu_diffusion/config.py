@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
 
 METHODS = ("tome", "tofu", "mctf")
+MERGE_SCOPES = ("sublayers", "block")
 
 
 @dataclass
@@ -31,6 +32,11 @@ class TokenFusionConfig:
         levels: explicit downsampling factors to reduce; takes precedence over ``max_downsample``.
         merge_self_attention / merge_cross_attention / merge_feed_forward: which sublayers of a
             block run on the reduced tokens (one matching per block serves all of them).
+        merge_scope: ``"sublayers"`` (merge/unmerge around each selected sublayer, as tomesd) or
+            ``"block"``: merge once at the block input, run the whole block (norms, attention,
+            cross-attention, feed-forward) on the reduced tokens, and return
+            ``x + unmerge(block(merge(x)) - merge(x))``, so every token keeps its own residual stream.
+            Fewer merges and more reduced work per block; the sublayer flags are then ignored.
         switch_depth: ``tofu``: index (among the reduced blocks, in execution order) of the first
             block that merges with MLERP instead of pruning. None: half of the reduced blocks.
         tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off.
@@ -51,6 +57,7 @@ class TokenFusionConfig:
     merge_self_attention: bool = True
     merge_cross_attention: bool = False
     merge_feed_forward: bool = False
+    merge_scope: str = "sublayers"
     switch_depth: Optional[int] = None
     tau_sim: float = 1.0
     tau_info: float = 20.0
@@ -98,7 +105,11 @@ class TokenFusionConfig:
             raise ValueError(f"switch_depth must be >= 0, got {self.switch_depth}")
         if self.info_queries < 1:
             raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
-        if not (self.merge_self_attention or self.merge_cross_attention or self.merge_feed_forward):
+        if self.merge_scope not in MERGE_SCOPES:
+            raise ValueError(f"unknown merge_scope {self.merge_scope!r}; choose one of {MERGE_SCOPES}")
+        if self.merge_scope == "sublayers" and not (
+            self.merge_self_attention or self.merge_cross_attention or self.merge_feed_forward
+        ):
             raise ValueError(
                 "nothing to reduce: set at least one of merge_self_attention, merge_cross_attention, merge_feed_forward"
             )

@@ -30,7 +30,8 @@ ROOT_HOOK = "tofu_diffusion_root"
 GRID_HOOK = "tofu_diffusion_grid"
 BLOCK_HOOK = "tofu_diffusion_block"
 MERGE_HOOK = "tofu_diffusion_merge"
-HOOK_NAMES = (ROOT_HOOK, GRID_HOOK, BLOCK_HOOK, MERGE_HOOK)
+WHOLE_BLOCK_HOOK = "tofu_diffusion_whole_block"
+HOOK_NAMES = (ROOT_HOOK, GRID_HOOK, BLOCK_HOOK, MERGE_HOOK, WHOLE_BLOCK_HOOK)
 
 
 def hidden_states_of(args: tuple, kwargs: dict, names: tuple[str, ...] = ("hidden_states",)) -> torch.Tensor:
@@ -234,6 +235,32 @@ class MergeHook(ModelHook):
             )
         args, kwargs = _replace_hidden_states(args, kwargs, plan.merge(hidden, self.state.merge_mode))
         return plan.unmerge(self.fn_ref.original_forward(*args, **kwargs))
+
+
+class WholeBlockHook(ModelHook):
+    """Run the whole block on merged tokens; unmerge its residual update: x + unmerge(f(m) - m)."""
+
+    def __init__(self, state: BlockState, attention: Optional[torch.nn.Module]):
+        super().__init__()
+        self.state = state
+        self.attention = attention  # the block's self-attention, for mctf's informativeness
+
+    def new_forward(self, module, *args, **kwargs):
+        hidden = hidden_states_of(args, kwargs)
+        self.state.begin(hidden)
+        try:
+            # The block's own normalisation may need its conditioning; a plain layer norm of the input
+            # is what attn1 sees up to scale and shift, close enough to rank informativeness.
+            normed = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:]) if self.attention is not None else None
+            plan = self.state.plan(self.attention, normed)
+            if plan is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            merged = plan.merge(hidden, self.state.merge_mode)
+            args, kwargs = _replace_hidden_states(args, kwargs, merged)
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            return hidden + plan.unmerge(out - merged)
+        finally:
+            self.state.end()
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
