@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.profiler import record_function
 
 from ..config import TokenFusionConfig
 from ..core import MergePlan, attention_received, bidirectional_matching, bipartite_soft_matching, grid_partition, mctf_scores
@@ -112,7 +113,9 @@ class BlockState:
     def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
         """The plan of this call, computed on first use; None when nothing is removed."""
         if not self._planned:
-            self._plan = self._compute_plan(attention, attention_input)
+            # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
+            with record_function("tofu_diffusion::plan"):
+                self._plan = self._compute_plan(attention, attention_input)
             self._planned = True
             n = self._input.shape[1]
             self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
@@ -233,8 +236,12 @@ class MergeHook(ModelHook):
                 f"{self.state.name}: self-attention was called with an attention_mask, which token fusion "
                 f"cannot merge; set merge_self_attention=False for this model"
             )
-        args, kwargs = _replace_hidden_states(args, kwargs, plan.merge(hidden, self.state.merge_mode))
-        return plan.unmerge(self.fn_ref.original_forward(*args, **kwargs))
+        with record_function("tofu_diffusion::merge"):
+            merged = plan.merge(hidden, self.state.merge_mode)
+        args, kwargs = _replace_hidden_states(args, kwargs, merged)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        with record_function("tofu_diffusion::unmerge"):
+            return plan.unmerge(out)
 
 
 class WholeBlockHook(ModelHook):
@@ -255,10 +262,12 @@ class WholeBlockHook(ModelHook):
             plan = self.state.plan(self.attention, normed)
             if plan is None:
                 return self.fn_ref.original_forward(*args, **kwargs)
-            merged = plan.merge(hidden, self.state.merge_mode)
+            with record_function("tofu_diffusion::merge"):
+                merged = plan.merge(hidden, self.state.merge_mode)
             args, kwargs = _replace_hidden_states(args, kwargs, merged)
             out = self.fn_ref.original_forward(*args, **kwargs)
-            return hidden + plan.unmerge(out - merged)
+            with record_function("tofu_diffusion::unmerge"):
+                return hidden + plan.unmerge(out - merged)
         finally:
             self.state.end()
 

@@ -1,0 +1,264 @@
+"""Benchmark: denoiser time per step against the baseline, tomesd and the ideal (FLOP ratio).
+
+    python -m eval.bench [--models sd15 pixart] [--ratios 0.1 0.5] [--methods tome tofu mctf]
+                         [--scopes sublayers block] [--batch 2] [--dtype float32] [--device cpu]
+
+Full-size architectures from their published configs, random weights (speed does not depend on weight
+values). Variants run interleaved (baseline, A, B, ..., baseline, A, B, ...) after a warm-up; the table
+gives the median, the speedup over the baseline of the same run, the ideal speedup (baseline FLOPs over
+reduced FLOPs, planning excluded, counted with torch.utils.flop_counter), achieved/ideal, and the share
+of the step spent planning (matching), merging and unmerging (torch.profiler, one extra pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from datetime import date
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.flop_counter import FlopCounterMode
+
+import tofu_diffusion as tofu
+from tofu_diffusion.adapters import hooks as _hooks
+from eval.timing import interleaved_median
+
+try:
+    import tomesd
+except ImportError:  # optional: compared only when installed
+    tomesd = None
+
+
+@dataclass
+class Workload:
+    name: str
+    build: Callable[[int], torch.nn.Module]  # depth -> model
+    inputs: Callable[[int, int, torch.dtype, torch.device], tuple[tuple, dict]]  # (batch, resolution, ...)
+    resolution: int
+    full_depth: int
+    tomesd: bool
+
+
+def _sd15(depth):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+
+
+def _sdxl(depth):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def _pixart(depth):
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(  # PixArt-alpha/PixArt-XL-2-1024-MS transformer/config.json
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=depth,
+        cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )
+
+
+def _dit(depth):
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(  # facebook/DiT-XL-2-256 transformer/config.json
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=depth,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+    )
+
+
+def _unet_inputs(text_dim, text_len, added=False):
+    def make(batch, resolution, dtype, device):
+        g = torch.Generator().manual_seed(0)
+        side = resolution // 8
+        x = torch.randn(batch, 4, side, side, generator=g)
+        e = torch.randn(batch, text_len, text_dim, generator=g)
+        kwargs = {}
+        if added:
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
+                                           "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype, device=device)}
+        return (x.to(device, dtype), torch.tensor(500, device=device), e.to(device, dtype)), kwargs
+    return make
+
+
+def _transformer_inputs(text_dim=None):
+    def make(batch, resolution, dtype, device):
+        g = torch.Generator().manual_seed(0)
+        side = resolution // 8
+        x = torch.randn(batch, 4, side, side, generator=g).to(device, dtype)
+        t = torch.full((batch,), 500, device=device)
+        if text_dim is None:
+            return (x,), {"timestep": t, "class_labels": torch.zeros(batch, dtype=torch.long, device=device)}
+        e = torch.randn(batch, 120, text_dim, generator=g).to(device, dtype)
+        return (x,), {"encoder_hidden_states": e, "timestep": t,
+                      "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return make
+
+
+WORKLOADS = {
+    "sd15": Workload("SD1.5 UNet", _sd15, _unet_inputs(768, 77), 512, 0, True),
+    "sdxl": Workload("SDXL UNet", _sdxl, _unet_inputs(2048, 77, added=True), 1024, 0, True),
+    "pixart": Workload("PixArt-alpha", _pixart, _transformer_inputs(4096), 1024, 28, False),
+    "dit": Workload("DiT-XL/2", _dit, _transformer_inputs(), 256, 28, True),
+}
+
+
+def _count_flops(fn) -> int:
+    """FLOPs of one call, without the planning (matching) work: that is the reducer's overhead."""
+    original = _hooks.BlockState._compute_plan
+
+    def unplanned(self, *a, **k):
+        with _disable_current_modes():
+            return original(self, *a, **k)
+
+    _hooks.BlockState._compute_plan = unplanned
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+    finally:
+        _hooks.BlockState._compute_plan = original
+
+
+def _overhead_shares(fn) -> dict[str, float]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {}
+    for label in ("plan", "merge", "unmerge"):
+        name = f"tofu_diffusion::{label}"
+        shares[label] = sum(e.cpu_time_total for e in events if e.key == name) / max(total, 1)
+    return shares
+
+
+def run_workload(key: str, args) -> list[dict]:
+    spec = WORKLOADS[key]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    depth = args.depth if (spec.full_depth and args.depth) else spec.full_depth
+    resolution = args.resolution or spec.resolution
+    torch.manual_seed(0)
+    model = spec.build(depth).to(device, dtype).eval()
+    call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
+
+    def step():
+        return model(*call_args, **call_kwargs)
+
+    variants: dict[str, dict] = {"baseline": {"method": "baseline", "ratio": 0.0, "scope": "-"}}
+    for ratio in args.ratios:
+        for method in args.methods:
+            for scope in args.scopes:
+                variants[f"{method} {scope} r={ratio}"] = {"method": method, "ratio": ratio, "scope": scope}
+        if tomesd is not None and spec.tomesd and not args.no_tomesd:
+            variants[f"tomesd r={ratio}"] = {"method": "tomesd 0.1.3", "ratio": ratio, "scope": "attn1"}
+
+    def setup(name):
+        def switch():
+            if tofu.handle_of(model) is not None:
+                tofu.remove(model)
+            if tomesd is not None:
+                tomesd.remove_patch(model)
+            v = variants[name]
+            if v["method"] == "tomesd 0.1.3":
+                tomesd.apply_patch(model, ratio=v["ratio"])
+            elif v["method"] != "baseline":
+                tofu.apply(model, method=v["method"], ratio=v["ratio"], merge_scope=v["scope"],
+                           max_downsample=args.max_downsample)
+        return switch
+
+    setups = {name: setup(name) for name in variants}
+    depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if spec.full_depth and depth != spec.full_depth else ""
+    print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
+          f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)
+    with torch.no_grad():
+        seconds = interleaved_median({n: step for n in variants}, setups, repeats=args.repeats,
+                                     warmup=args.warmup, device=device)
+        rows = []
+        base_flops = None
+        for name, v in variants.items():
+            setups[name]()
+            flops = _count_flops(step)
+            base_flops = flops if name == "baseline" else base_flops
+            shares = _overhead_shares(step) if v["method"] not in ("baseline", "tomesd 0.1.3") else {}
+            speedup = seconds["baseline"] / seconds[name]
+            ideal = base_flops / flops
+            rows.append({
+                "model": spec.name, "resolution": resolution, "depth": depth or None, "batch": args.batch,
+                "dtype": args.dtype, "device": args.device, "variant": name, **v,
+                "ms_per_step": seconds[name] * 1000, "speedup": speedup, "ideal_speedup": ideal,
+                "achieved_over_ideal": speedup / ideal if ideal > 1.0001 else None,
+                "share_plan": shares.get("plan"), "share_merge": shares.get("merge"),
+                "share_unmerge": shares.get("unmerge"),
+            })
+        setups["baseline"]()
+    return rows
+
+
+def _fmt(value, pattern):
+    return "-" if value is None else pattern.format(value)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':<14}{'variant':<26}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}{'plan%':>7}{'merge%':>7}{'unm%':>6}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<14}{r['variant']:<26}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x{r['ideal_speedup']:>7.2f}x"
+              f"{_fmt(r['achieved_over_ideal'], '{:.2f}'):>10}{_fmt(r['share_plan'] and 100 * r['share_plan'], '{:.1f}'):>7}"
+              f"{_fmt(r['share_merge'] and 100 * r['share_merge'], '{:.1f}'):>7}{_fmt(r['share_unmerge'] and 100 * r['share_unmerge'], '{:.1f}'):>6}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["sd15", "pixart"], choices=sorted(WORKLOADS))
+    parser.add_argument("--resolution", type=int, default=None, help="pixels; default per model")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.5])
+    parser.add_argument("--methods", nargs="+", default=["tome"], choices=list(tofu.METHODS))
+    parser.add_argument("--scopes", nargs="+", default=["sublayers", "block"], choices=["sublayers", "block"])
+    parser.add_argument("--max-downsample", type=int, default=None, help="UNet levels to reduce (default: highest-res)")
+    parser.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="transformer blocks of PixArt/DiT (default: 4 on CPU, full depth on GPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-tomesd", action="store_true")
+    parser.add_argument("--out", default="results/bench.json")
+    args = parser.parse_args(argv)
+    if args.depth is None and args.device == "cpu":
+        args.depth = 4  # per-block cost is what matters; the table says when depth was cut
+    rows = []
+    for key in args.models:
+        rows += run_workload(key, args)
+        print_table([r for r in rows if r["model"] == WORKLOADS[key].name])
+    print_table(rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
