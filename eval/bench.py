@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import tofu_diffusion as tofu
@@ -124,6 +125,16 @@ WORKLOADS = {
 }
 
 
+# torch's counter has no formula for the CPU flash-attention kernel, so attention would count as free
+# on CPU and the ideal speedup would be understated. Its inputs and output match the other SDPA kernels.
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _CPU_SDPA is not None and _CPU_SDPA not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def _count_flops(fn) -> int:
     """FLOPs of one call, without the planning (matching) work: that is the reducer's overhead."""
     original = _hooks.BlockState._compute_plan
@@ -192,15 +203,19 @@ def run_workload(key: str, args) -> list[dict]:
     print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
           f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)
     with torch.no_grad():
-        seconds = interleaved_median({n: step for n in variants}, setups, repeats=args.repeats,
-                                     warmup=args.warmup, device=device)
+        if args.flops_only:
+            seconds = {name: float("nan") for name in variants}
+        else:
+            seconds = interleaved_median({n: step for n in variants}, setups, repeats=args.repeats,
+                                         warmup=args.warmup, device=device)
         rows = []
         base_flops = None
         for name, v in variants.items():
             setups[name]()
             flops = _count_flops(step)
             base_flops = flops if name == "baseline" else base_flops
-            shares = _overhead_shares(step) if v["method"] not in ("baseline", "tomesd 0.1.3") else {}
+            timed = v["method"] not in ("baseline", "tomesd 0.1.3") and not args.flops_only
+            shares = _overhead_shares(step) if timed else {}
             speedup = seconds["baseline"] / seconds[name]
             ideal = base_flops / flops
             rows.append({
@@ -244,6 +259,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-tomesd", action="store_true")
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs (the ideal) without timing")
     parser.add_argument("--out", default="results/bench.json")
     args = parser.parse_args(argv)
     if args.depth is None and args.device == "cpu":

@@ -196,3 +196,18 @@ def test_attention_received_matches_explicit_softmax():
     expected = torch.softmax(qh @ kh.transpose(-1, -2) / 2.0, dim=-1).mean(dim=(1, 2))
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(got.sum(dim=1), torch.ones(2))
+
+
+def test_reduction_cost_model():
+    from tofu_diffusion.core.cost import reduction_pays
+
+    full = ("self_attention", "cross_attention", "feed_forward")
+    # SD 1.5 full resolution (4096 tokens, 320 channels, 1024 destinations)
+    assert reduction_pays(4096, 320, 2048, 1024, ("self_attention",))
+    assert reduction_pays(4096, 320, 410, 1024, full)  # ratio 0.1 pays
+    assert not reduction_pays(4096, 320, 40, 1024, full)  # ratio 0.01 does not
+    assert not reduction_pays(4096, 320, 0, 1024, full)
+    # the break-even ratio is lower when more of the block runs on the reduced tokens
+    r_attn = next(r for r in range(1, 4096) if reduction_pays(4096, 320, r, 1024, ("self_attention",)))
+    r_block = next(r for r in range(1, 4096) if reduction_pays(4096, 320, r, 1024, full))
+    assert r_block < r_attn < 0.06 * 4096

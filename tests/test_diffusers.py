@@ -153,7 +153,7 @@ def test_tome_matches_tomesd_end_to_end():
     tomesd = pytest.importorskip("tomesd")
     model = sd_unet()
     args, kwargs = _inputs("sd")
-    with tofu.fused(model, method="tome", ratio=0.5, destination="fixed"):
+    with tofu.fused(model, method="tome", ratio=0.5, destination="fixed", merge_scope="sublayers"):
         ours = _run(model, args, kwargs)
     tomesd.apply_patch(model, ratio=0.5, use_rand=False)
     try:
@@ -190,7 +190,8 @@ def test_any_latent_size(kind, size):
     model = BUILDERS[kind]()
     args, kwargs = _inputs(kind, h=size[0], w=size[1])
     base = _run(model, args, kwargs)
-    handle = tofu.apply(model, method="tome", ratio=0.5, merge_cross_attention=kind != "dit", merge_feed_forward=True)
+    handle = tofu.apply(model, method="tome", ratio=0.5, merge_scope="sublayers", merge_cross_attention=kind != "dit",
+                        merge_feed_forward=True)
     out = _run(model, args, kwargs)
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert all(n_out < n_in for n_in, n_out in handle.token_counts().values())
@@ -224,10 +225,10 @@ def test_sublayer_options_reduce_cross_attention_and_feed_forward():
     block = model.down_blocks[0].attentions[0].transformer_blocks[0]
     block.attn2.to_q.register_forward_pre_hook(lambda m, a: seen.__setitem__("attn2", a[0].shape[1]))
     block.ff.net[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ff", a[0].shape[1]))
-    with tofu.fused(model, ratio=0.5):
+    with tofu.fused(model, ratio=0.5, merge_scope="sublayers"):
         _run(model, args, kwargs)
         assert seen == {"attn2": 256, "ff": 256}
-    with tofu.fused(model, ratio=0.5, merge_cross_attention=True, merge_feed_forward=True):
+    with tofu.fused(model, ratio=0.5, merge_scope="sublayers", merge_cross_attention=True, merge_feed_forward=True):
         _run(model, args, kwargs)
         assert seen == {"attn2": 128, "ff": 128}
 
@@ -265,7 +266,7 @@ def test_feed_forward_chunking_gets_a_clear_error():
         if hasattr(module, "set_chunk_feed_forward"):
             module.set_chunk_feed_forward(8, dim=1)
     args, kwargs = _inputs("sd")
-    with tofu.fused(model, ratio=0.5, merge_feed_forward=True):
+    with tofu.fused(model, ratio=0.5, merge_scope="sublayers", merge_feed_forward=True):
         with pytest.raises(ValueError, match=r"set_chunk_feed_forward\(None\)"):
             _run(model, args, kwargs)
 
@@ -354,3 +355,29 @@ def test_whole_block_scope(family, method):
     full, reduced = {n for n, _ in counts.values()}, {k for _, k in counts.values()}
     assert reduced <= set(seen.values()) and not full & set(seen.values())
     assert torch.equal(_run(model, args, kwargs), base)
+
+
+@pytest.mark.parametrize("scope", ["sublayers", "block"])
+def test_plan_reuse_across_steps(scope):
+    pipe = sd_pipeline()
+    every = tofu.apply(pipe, method="tome", ratio=0.5, merge_scope=scope)
+    _sd_call(pipe)  # 2 steps, CFG
+    assert {b.plans_computed for b in every.blocks} == {2}
+    handle = tofu.apply(pipe, method="tome", ratio=0.5, merge_scope=scope, plan_reuse_steps=2)
+    first = _sd_call(pipe)
+    assert {b.plans_computed for b in handle.blocks} == {1}  # step 2 reused step 1's plan
+    # a new pipeline call starts planning afresh, so the same seed gives the same image
+    assert torch.equal(_sd_call(pipe), first)
+    assert {b.plans_computed for b in handle.blocks} == {2}
+    tofu.remove(pipe)
+
+
+def test_unprofitable_blocks_are_skipped_with_a_debug_log(caplog):
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    base = _run(model, args, kwargs)
+    with caplog.at_level("DEBUG", logger="tofu_diffusion"):
+        with tofu.fused(model, method="tome", ratio=0.01) as handle:  # 2 of 256 tokens: matching costs more
+            assert torch.equal(_run(model, args, kwargs), base)
+            assert set(handle.token_counts().values()) == {(256, 256)}
+    assert "matching would cost more than it saves" in caplog.text

@@ -20,7 +20,8 @@ from pipelines.tiny import sd_pipeline, sd_unet
         ({"stride": (0, 2)}, r"stride must be two positive ints"),
         ({"max_downsample": 0}, r"max_downsample must be >= 1"),
         ({"levels": []}, r"levels must be a non-empty list"),
-        ({"merge_self_attention": False}, r"nothing to reduce"),
+        ({"merge_self_attention": False, "merge_scope": "sublayers"}, r"nothing to reduce"),
+        ({"merge_scope": "model"}, r"unknown merge_scope 'model'"),
     ],
 )
 def test_config_errors(options, message):

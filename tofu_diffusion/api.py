@@ -79,6 +79,14 @@ def denoiser_of(model_or_pipeline) -> torch.nn.Module:
     )
 
 
+def _reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
+    """The sublayers of ``block`` that will run on reduced tokens."""
+    return tuple(
+        role for attr, role, flag in _SUBLAYERS
+        if getattr(block, attr, None) is not None and (config.merge_scope == "block" or getattr(config, flag))
+    )
+
+
 def _select(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
     available = sorted({s.level for s in sites})
     if config.levels is not None:
@@ -129,7 +137,8 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
             if owner_key not in grids:
                 grids[owner_key] = GridRecord()
                 register(site.grid_owner, GridHook(grids[owner_key], adapter.grid_of), GRID_HOOK)
-            state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run)
+            state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
+                               sublayers=_reduced_sublayers(site.block, config))
             if config.merge_scope == "block":
                 attention = getattr(site.block, "attn1", None) if config.method == "mctf" else None
                 register(site.block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)

@@ -32,17 +32,21 @@ class TokenFusionConfig:
         levels: explicit downsampling factors to reduce; takes precedence over ``max_downsample``.
         merge_self_attention / merge_cross_attention / merge_feed_forward: which sublayers of a
             block run on the reduced tokens (one matching per block serves all of them).
-        merge_scope: ``"sublayers"`` (merge/unmerge around each selected sublayer, as tomesd) or
-            ``"block"``: merge once at the block input, run the whole block (norms, attention,
+        merge_scope: ``"block"`` (default; measured fastest with eval.bench on every architecture):
+            merge once at the block input, run the whole block (norms, attention,
             cross-attention, feed-forward) on the reduced tokens, and return
             ``x + unmerge(block(merge(x)) - merge(x))``, so every token keeps its own residual stream.
             Fewer merges and more reduced work per block; the sublayer flags are then ignored.
+            ``"sublayers"``: merge/unmerge around each selected sublayer (tomesd's way; with
+            ``method="tome", destination="fixed"`` it reproduces tomesd 0.1.3 exactly).
         switch_depth: ``tofu``: index (among the reduced blocks, in execution order) of the first
             block that merges with MLERP instead of pruning. None: half of the reduced blocks.
         tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off.
         info_queries: ``mctf`` on diffusion models: the attention each token receives is estimated
             from this many evenly spaced queries (their mean is an unbiased estimate of the mean over
             all queries; 64 x N logits instead of the block's N x N).
+        plan_reuse_steps: compute each block's plan every this many denoising steps and reuse it in
+            between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching.
         seed: base seed of the random destinations.
     """
 
@@ -57,12 +61,13 @@ class TokenFusionConfig:
     merge_self_attention: bool = True
     merge_cross_attention: bool = False
     merge_feed_forward: bool = False
-    merge_scope: str = "sublayers"
+    merge_scope: str = "block"
     switch_depth: Optional[int] = None
     tau_sim: float = 1.0
     tau_info: float = 20.0
     tau_size: float = 40.0
     info_queries: int = 64
+    plan_reuse_steps: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +108,8 @@ class TokenFusionConfig:
             raise ValueError(f"levels must be a non-empty list of downsampling factors >= 1, got {self.levels!r}")
         if self.switch_depth is not None and self.switch_depth < 0:
             raise ValueError(f"switch_depth must be >= 0, got {self.switch_depth}")
+        if self.plan_reuse_steps < 1:
+            raise ValueError(f"plan_reuse_steps must be >= 1 (1 = plan every step), got {self.plan_reuse_steps}")
         if self.info_queries < 1:
             raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
         if self.merge_scope not in MERGE_SCOPES:

@@ -23,6 +23,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
 from ..config import TokenFusionConfig
+from ..core.cost import reduction_pays
 from ..core import MergePlan, attention_received, bidirectional_matching, bipartite_soft_matching, grid_partition, mctf_scores
 
 logger = logging.getLogger("tofu_diffusion")
@@ -67,14 +68,27 @@ class RunState:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._fixed_partitions: dict = {}
+        self.step_index = 0  # denoiser calls since the current sampling run started
+        self._last_timestep: Optional[float] = None
 
     def begin_step(self, timestep) -> None:
         """Derive this step's destination seed from (seed, timestep): same call, same destinations."""
         key = 0
+        value = None
         if timestep is not None:
-            value = timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep
-            key = int(round(float(value) * 1000))
+            value = float(timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep)
+            key = int(round(value * 1000))
         self.generator.manual_seed((self.config.seed * 1_000_003 + key) % (2**63))
+        # Sampling runs go from high to low timesteps: a timestep that does not fall starts a new run,
+        # so plan reuse never carries a plan from one pipeline call into the next.
+        new_run = value is None or self._last_timestep is None or value >= self._last_timestep
+        self.step_index = 0 if new_run and value is not None else self.step_index + 1
+        self._last_timestep = value
+
+    @property
+    def reuse_plans(self) -> bool:
+        """Whether blocks reuse their previous step's plan in this step (``plan_reuse_steps``)."""
+        return self.step_index % self.config.plan_reuse_steps != 0
 
     def partition(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -99,6 +113,10 @@ class BlockState:
     grid: GridRecord
     run: RunState
     last_tokens: Optional[tuple[int, int]] = None  # (tokens in, tokens after merge) of the latest call
+    sublayers: tuple[str, ...] = ("self_attention",)  # what runs on the reduced tokens, for the cost model
+    plans_computed: int = 0
+    _skipped: set = field(default_factory=set, repr=False)
+    _reusable: Optional[MergePlan] = field(default=None, repr=False)
     _input: Optional[torch.Tensor] = field(default=None, repr=False)
     _plan: Optional[MergePlan] = field(default=None, repr=False)
     _planned: bool = field(default=False, repr=False)
@@ -113,9 +131,16 @@ class BlockState:
     def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
         """The plan of this call, computed on first use; None when nothing is removed."""
         if not self._planned:
-            # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
-            with record_function("tofu_diffusion::plan"):
-                self._plan = self._compute_plan(attention, attention_input)
+            previous = self._reusable
+            b, n = self._input.shape[:2]
+            if self.run.reuse_plans and previous is not None and (previous.batch_size, previous.num_tokens) == (b, n):
+                self._plan = previous
+            else:
+                # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
+                with record_function("tofu_diffusion::plan"):
+                    self._plan = self._compute_plan(attention, attention_input)
+                self.plans_computed += 1
+                self._reusable = self._plan
             self._planned = True
             n = self._input.shape[1]
             self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
@@ -139,6 +164,12 @@ class BlockState:
                 f"token fusion cannot tile this input"
             )
         src, dst = self.run.partition(h, w, x.device)
+        if not reduction_pays(n, x.shape[-1], r, dst.numel(), self.sublayers):
+            if (h, w) not in self._skipped:
+                self._skipped.add((h, w))
+                logger.debug("%s: not reduced at %dx%d tokens, ratio %s: matching would cost more than it saves",
+                             self.name, h, w, cfg.ratio)
+            return None
         if cfg.method == "mctf":
             info = None
             if attention is not None and cfg.tau_info > 0:
