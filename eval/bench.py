@@ -173,14 +173,24 @@ def run_workload(key: str, args) -> list[dict]:
     model = spec.build(depth).to(device, dtype).eval()
     call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
 
+    clock = iter(range(999, -1_000_000, -1))
+
     def step():
-        return model(*call_args, **call_kwargs)
+        # Falling timesteps, as in a sampling loop, so plan reuse across steps engages.
+        t = torch.tensor(next(clock) % 1000, device=device)
+        if "timestep" in call_kwargs:
+            kwargs = {**call_kwargs, "timestep": t.expand(args.batch)}
+            return model(*call_args, **kwargs)
+        return model(call_args[0], t, *call_args[2:], **call_kwargs)
 
     variants: dict[str, dict] = {"baseline": {"method": "baseline", "ratio": 0.0, "scope": "-"}}
     for ratio in args.ratios:
         for method in args.methods:
             for scope in args.scopes:
-                variants[f"{method} {scope} r={ratio}"] = {"method": method, "ratio": ratio, "scope": scope}
+                for reuse in args.plan_reuse:
+                    suffix = f" reuse={reuse}" if reuse > 1 else ""
+                    variants[f"{method} {scope} r={ratio}{suffix}"] = {
+                        "method": method, "ratio": ratio, "scope": scope, "plan_reuse_steps": reuse}
         if tomesd is not None and spec.tomesd and not args.no_tomesd:
             variants[f"tomesd r={ratio}"] = {"method": "tomesd 0.1.3", "ratio": ratio, "scope": "attn1"}
 
@@ -195,19 +205,28 @@ def run_workload(key: str, args) -> list[dict]:
                 tomesd.apply_patch(model, ratio=v["ratio"])
             elif v["method"] != "baseline":
                 tofu.apply(model, method=v["method"], ratio=v["ratio"], merge_scope=v["scope"],
-                           max_downsample=args.max_downsample)
+                           plan_reuse_steps=v["plan_reuse_steps"], max_downsample=args.max_downsample)
         return switch
 
     setups = {name: setup(name) for name in variants}
     depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if spec.full_depth and depth != spec.full_depth else ""
     print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
           f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)
+    # Each timed (and profiled) sample is `steps` consecutive denoising steps, so a plan can be reused
+    # inside it; times are reported per step.
+    steps = max(args.plan_reuse)
+
+    def sample():
+        for _ in range(steps):
+            step()
+
     with torch.no_grad():
         if args.flops_only:
             seconds = {name: float("nan") for name in variants}
         else:
-            seconds = interleaved_median({n: step for n in variants}, setups, repeats=args.repeats,
+            seconds = interleaved_median({n: sample for n in variants}, setups, repeats=args.repeats,
                                          warmup=args.warmup, device=device)
+            seconds = {name: value / steps for name, value in seconds.items()}
         rows = []
         base_flops = None
         for name, v in variants.items():
@@ -215,7 +234,7 @@ def run_workload(key: str, args) -> list[dict]:
             flops = _count_flops(step)
             base_flops = flops if name == "baseline" else base_flops
             timed = v["method"] not in ("baseline", "tomesd 0.1.3") and not args.flops_only
-            shares = _overhead_shares(step) if timed else {}
+            shares = _overhead_shares(sample) if timed else {}
             speedup = seconds["baseline"] / seconds[name]
             ideal = base_flops / flops
             rows.append({
@@ -235,10 +254,10 @@ def _fmt(value, pattern):
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'model':<14}{'variant':<26}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}{'plan%':>7}{'merge%':>7}{'unm%':>6}"
+    header = f"{'model':<14}{'variant':<34}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}{'plan%':>7}{'merge%':>7}{'unm%':>6}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:<14}{r['variant']:<26}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x{r['ideal_speedup']:>7.2f}x"
+        print(f"{r['model']:<14}{r['variant']:<34}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x{r['ideal_speedup']:>7.2f}x"
               f"{_fmt(r['achieved_over_ideal'], '{:.2f}'):>10}{_fmt(r['share_plan'] and 100 * r['share_plan'], '{:.1f}'):>7}"
               f"{_fmt(r['share_merge'] and 100 * r['share_merge'], '{:.1f}'):>7}{_fmt(r['share_unmerge'] and 100 * r['share_unmerge'], '{:.1f}'):>6}")
 
@@ -250,6 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.5])
     parser.add_argument("--methods", nargs="+", default=["tome"], choices=list(tofu.METHODS))
     parser.add_argument("--scopes", nargs="+", default=["sublayers", "block"], choices=["sublayers", "block"])
+    parser.add_argument("--plan-reuse", nargs="+", type=int, default=[1],
+                        help="plan every K denoising steps (1 = every step); one variant per value")
     parser.add_argument("--max-downsample", type=int, default=None, help="UNet levels to reduce (default: highest-res)")
     parser.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

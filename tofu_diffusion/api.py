@@ -87,6 +87,18 @@ def _reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tup
     )
 
 
+def _attach(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+    """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+    if config.merge_scope == "block":
+        attention = getattr(block, "attn1", None) if config.method == "mctf" else None
+        register(block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
+        return
+    register(block, BlockHook(state), BLOCK_HOOK)
+    for attr, role, _ in _SUBLAYERS:
+        if role in state.sublayers:
+            register(getattr(block, attr), MergeHook(state, role), MERGE_HOOK)
+
+
 def _select(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
     available = sorted({s.level for s in sites})
     if config.levels is not None:
@@ -128,10 +140,10 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     sites = _select(all_sites, config, adapter.default_levels(all_sites), model_name)
 
     run = RunState(config)
-    register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
     grids: dict[int, GridRecord] = {}
     blocks = []
     try:
+        register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
         for depth, site in enumerate(sites):
             owner_key = id(site.grid_owner)
             if owner_key not in grids:
@@ -139,16 +151,7 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
                 register(site.grid_owner, GridHook(grids[owner_key], adapter.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
                                sublayers=_reduced_sublayers(site.block, config))
-            if config.merge_scope == "block":
-                attention = getattr(site.block, "attn1", None) if config.method == "mctf" else None
-                register(site.block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
-                blocks.append(state)
-                continue
-            register(site.block, BlockHook(state), BLOCK_HOOK)
-            for attr, role, flag in _SUBLAYERS:
-                sublayer = getattr(site.block, attr, None)
-                if getattr(config, flag) and sublayer is not None:
-                    register(sublayer, MergeHook(state, role), MERGE_HOOK)
+            _attach(site.block, state, config)
             blocks.append(state)
     except Exception:
         unregister_all(model)

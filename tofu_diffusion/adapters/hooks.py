@@ -1,15 +1,17 @@
-"""diffusers hooks that reduce tokens around the sublayers of a transformer block.
+"""diffusers hooks that reduce the tokens of transformer blocks.
 
-Three kinds of hook, all registered through ``diffusers.hooks.HookRegistry`` so that removal restores
-the original forwards exactly and no block forward is re-implemented:
+All are registered through ``diffusers.hooks.HookRegistry``, so removal restores the original forwards
+exactly and no block forward is re-implemented:
 
 * ``RootHook`` on the denoiser: reseeds the destination generator from the step's timestep, so a
   seeded pipeline call is repeatable and no RNG state leaks between calls.
 * ``GridHook`` on the module whose input defines the token grid (a UNet's ``Transformer2DModel``, or
   a patchified transformer itself): records the grid of the current call.
-* ``BlockHook`` on each reduced block: remembers the block input; the block's plan is computed lazily
-  by the first sublayer that needs it and shared by all of them.
-* ``MergeHook`` on ``attn1`` / ``attn2`` / ``ff``: ``unmerge(original_forward(merge(x)))``.
+* ``merge_scope="block"``: ``WholeBlockHook`` on each reduced block runs the block's own forward on
+  merged tokens and returns ``x + unmerge(out - merged)``.
+* ``merge_scope="sublayers"``: ``BlockHook`` on each reduced block remembers its input; ``MergeHook``
+  on ``attn1`` / ``attn2`` / ``ff`` returns ``unmerge(original_forward(merge(x)))``. The block's plan is
+  computed by the first sublayer that needs it and shared by all of them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
 from ..config import TokenFusionConfig
-from ..core.cost import reduction_pays
-from ..core import MergePlan, attention_received, bidirectional_matching, bipartite_soft_matching, grid_partition, mctf_scores
+from ..core import (
+    MergePlan,
+    attention_received,
+    bidirectional_matching,
+    bipartite_soft_matching,
+    grid_partition,
+    mctf_scores,
+    reduction_pays,
+)
 
 logger = logging.getLogger("tofu_diffusion")
 
@@ -131,6 +140,8 @@ class BlockState:
     def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
         """The plan of this call, computed on first use; None when nothing is removed."""
         if not self._planned:
+            if self._input is None:
+                raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
             previous = self._reusable
             b, n = self._input.shape[:2]
             if self.run.reuse_plans and previous is not None and (previous.batch_size, previous.num_tokens) == (b, n):
@@ -142,15 +153,12 @@ class BlockState:
                 self.plans_computed += 1
                 self._reusable = self._plan
             self._planned = True
-            n = self._input.shape[1]
             self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
         return self._plan
 
     def _compute_plan(self, attention, attention_input) -> Optional[MergePlan]:
         cfg = self.run.config
         x = self._input
-        if x is None:
-            raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
         if x.dim() != 3:
             raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
         n = x.shape[1]
@@ -163,16 +171,22 @@ class BlockState:
                 f"{self.name}: the block has {n} tokens but its token grid is {h}x{w}; "
                 f"token fusion cannot tile this input"
             )
-        src, dst = self.run.partition(h, w, x.device)
-        if not reduction_pays(n, x.shape[-1], r, dst.numel(), self.sublayers):
+        num_dst = (h // cfg.stride[0]) * (w // cfg.stride[1])
+        if num_dst and not reduction_pays(n, x.shape[-1], r, num_dst, self.sublayers):
             if (h, w) not in self._skipped:
                 self._skipped.add((h, w))
                 logger.debug("%s: not reduced at %dx%d tokens, ratio %s: matching would cost more than it saves",
                              self.name, h, w, cfg.ratio)
             return None
+        src, dst = self.run.partition(h, w, x.device)
         if cfg.method == "mctf":
             info = None
             if attention is not None and cfg.tau_info > 0:
+                if attention_input is None:
+                    # Whole-block scope: attn1's input (after the block's own, possibly conditioned,
+                    # norm) is not available yet; a plain layer norm of the block input is the same up
+                    # to a per-channel scale and shift, close enough to rank informativeness.
+                    attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
                 info = estimate_attention_received(attention, attention_input, cfg.info_queries)
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
@@ -287,10 +301,7 @@ class WholeBlockHook(ModelHook):
         hidden = hidden_states_of(args, kwargs)
         self.state.begin(hidden)
         try:
-            # The block's own normalisation may need its conditioning; a plain layer norm of the input
-            # is what attn1 sees up to scale and shift, close enough to rank informativeness.
-            normed = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:]) if self.attention is not None else None
-            plan = self.state.plan(self.attention, normed)
+            plan = self.state.plan(self.attention, None)
             if plan is None:
                 return self.fn_ref.original_forward(*args, **kwargs)
             with record_function("tofu_diffusion::merge"):

@@ -1,5 +1,6 @@
 """Pure tensor token-reduction algorithms (imports only torch)."""
 
+from .cost import reduction_pays
 from .destinations import DESTINATIONS, alternating_partition, grid_partition, max_grid_ratio
 from .matching import attention_received, bidirectional_matching, bipartite_soft_matching, mctf_scores
 from .plan import MERGE_MODES, MergePlan, mlerp, plan_from_pairs
@@ -17,4 +18,5 @@ __all__ = [
     "mctf_scores",
     "mlerp",
     "plan_from_pairs",
+    "reduction_pays",
 ]
