@@ -262,6 +262,17 @@ def print_table(rows: list[dict]) -> None:
               f"{_fmt(r['share_merge'] and 100 * r['share_merge'], '{:.1f}'):>7}{_fmt(r['share_unmerge'] and 100 * r['share_unmerge'], '{:.1f}'):>6}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the README's markdown table."""
+    lines = ["| model | variant | ms/step | speedup | ideal | achieved/ideal | plan % | merge % | unmerge % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shares = [_fmt(r[k] and 100 * r[k], "{:.1f}") for k in ("share_plan", "share_merge", "share_unmerge")]
+        lines.append(f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['ideal_speedup']:.2f}x | {_fmt(r['achieved_over_ideal'], '{:.2f}')} | {' | '.join(shares)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sd15", "pixart"], choices=sorted(WORKLOADS))
@@ -282,7 +293,12 @@ def main(argv=None) -> None:
     parser.add_argument("--no-tomesd", action="store_true")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs (the ideal) without timing")
     parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--render", metavar="JSON", help="print an earlier run's results as a markdown table")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return
     if args.depth is None and args.device == "cpu":
         args.depth = 4  # per-block cost is what matters; the table says when depth was cut
     rows = []

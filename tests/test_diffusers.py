@@ -381,3 +381,17 @@ def test_unprofitable_blocks_are_skipped_with_a_debug_log(caplog):
             assert torch.equal(_run(model, args, kwargs), base)
             assert set(handle.token_counts().values()) == {(256, 256)}
     assert "matching would cost more than it saves" in caplog.text
+
+
+def test_informativeness_estimate_equals_explicit_attention():
+    from tofu_diffusion.adapters.hooks import estimate_attention_received
+    from tofu_diffusion.core import attention_received
+
+    attn = sd_unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    hidden = torch.randn(2, 256, 32, generator=torch.Generator().manual_seed(0))
+    # 8 heads x 2 queries < 32 channels: the queries are projected to the input space
+    fast = estimate_attention_received(attn, hidden, num_queries=2)
+    explicit = attention_received(attn.to_q(hidden[:, ::128]), attn.to_k(hidden), attn.heads)
+    assert torch.allclose(fast, explicit, atol=1e-6)
+    slow = estimate_attention_received(attn, hidden, num_queries=256)  # more queries than pays: keys projected
+    assert torch.allclose(slow, attention_received(attn.to_q(hidden), attn.to_k(hidden), attn.heads), atol=1e-6)

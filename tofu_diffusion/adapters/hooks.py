@@ -195,7 +195,14 @@ class BlockState:
 
 def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Attention each token receives in ``attention`` (a diffusers ``Attention``): (B, N), estimated
-    from ``num_queries`` evenly spaced queries, so it costs num_queries x N logits, not N x N."""
+    from ``num_queries`` evenly spaced queries.
+
+    Keys of all N tokens would cost a full N x C x C projection, which the reduced block never needs.
+    For head h, ``q . (W_k x + b) = (W_k^T q) . x + q . b``, and the second term is the same for every
+    key, so it cancels in the softmax: the few queries are projected back to the input space instead
+    (heads x queries x C x C) and dotted with the raw inputs. Models with a key norm (qk-norm) break
+    this identity and get their keys projected.
+    """
     for name in ("to_q", "to_k", "heads"):
         if not hasattr(attention, name):
             raise TypeError(
@@ -203,18 +210,23 @@ def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor
                 f"{type(attention).__name__} has no {name}. Use tau_info=0 to switch that criterion off."
             )
     with torch.no_grad():
-        query = attention.to_q(hidden[:, :: max(1, hidden.shape[1] // num_queries)])
-        key = attention.to_k(hidden)
+        b, n, c = hidden.shape
         heads = attention.heads
-        if getattr(attention, "norm_q", None) is not None or getattr(attention, "norm_k", None) is not None:
-            b, d = hidden.shape[0], query.shape[-1] // heads
-            query = query.view(b, -1, heads, d)
-            key = key.view(b, -1, heads, d)
-            if attention.norm_q is not None:
-                query = attention.norm_q(query)
-            if attention.norm_k is not None:
-                key = attention.norm_k(key)
-            query, key = query.flatten(2), key.flatten(2)
+        query = attention.to_q(hidden[:, :: max(1, n // num_queries)])
+        head_dim = query.shape[-1] // heads
+        norm_q, norm_k = getattr(attention, "norm_q", None), getattr(attention, "norm_k", None)
+        if norm_q is not None:
+            query = norm_q(query.view(b, -1, heads, head_dim)).flatten(2)
+        # (H x Nq x C x N logits against N x C x C for the keys: cheaper while H x Nq < C.)
+        if norm_k is None and isinstance(attention.to_k, torch.nn.Linear) and heads * query.shape[1] < c:
+            w_k = attention.to_k.weight.view(heads, head_dim, c)
+            q = query.view(b, -1, heads, head_dim).float() * head_dim**-0.5
+            q_in = torch.einsum("bqhd,hdc->bhqc", q, w_k.float())  # (B, H, Nq, C)
+            logits = q_in @ hidden.float().transpose(1, 2).unsqueeze(1)  # (B, H, Nq, N)
+            return logits.softmax(dim=-1).mean(dim=(1, 2))
+        key = attention.to_k(hidden)
+        if norm_k is not None:
+            key = norm_k(key.view(b, n, heads, head_dim)).flatten(2)
         return attention_received(query, key, heads)
 
 
