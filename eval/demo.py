@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     for name in configs:
         print(f"{name:<14}{seconds[name] * 1000:>10.1f}{seconds['baseline'] / seconds[name]:>9.2f}x"
               f"{psnr(images[name], images['baseline']):>24.1f}")
-    print("\nReduced by default: self-attention at the full-resolution level (as tomesd). See README for options.")
+    print("\nReduced by default: whole transformer blocks at the full-resolution level; tomesd reduces only "
+          "their self-attention. See the README for options and the full-size benchmark (python -m eval.bench).")
 
 
 if __name__ == "__main__":

@@ -221,9 +221,9 @@ def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor
         if norm_k is None and isinstance(attention.to_k, torch.nn.Linear) and heads * query.shape[1] < c:
             w_k = attention.to_k.weight.view(heads, head_dim, c)
             q = query.view(b, -1, heads, head_dim).float() * head_dim**-0.5
-            q_in = torch.einsum("bqhd,hdc->bhqc", q, w_k.float())  # (B, H, Nq, C)
-            logits = q_in @ hidden.float().transpose(1, 2).unsqueeze(1)  # (B, H, Nq, N)
-            return logits.softmax(dim=-1).mean(dim=(1, 2))
+            q_in = torch.einsum("bqhd,hdc->bhqc", q, w_k.float()).reshape(b, -1, c)  # (B, H*Nq, C)
+            logits = torch.bmm(q_in, hidden.float().transpose(1, 2))  # (B, H*Nq, N): one matmul
+            return logits.softmax(dim=-1).mean(dim=1)
         key = attention.to_k(hidden)
         if norm_k is not None:
             key = norm_k(key.view(b, n, heads, head_dim)).flatten(2)
