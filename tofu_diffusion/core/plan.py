@@ -22,9 +22,17 @@ MERGE_MODES = ("mean", "size_weighted", "mlerp", "prune")
 _NORM_EPS = 1e-6
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, C), index: (B, M) -> (B, M, C)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def _flatten_index(index: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, M) per-item token indices -> (B*M,) rows of the (B*stride, C) flattened batch."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * stride
+    return (index + offsets).flatten()
+
+
+def _select(x: torch.Tensor, flat_index: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows of x (B, N, C) at flattened indices -> (B, M, C). index_select on the flattened batch is
+    several times faster than gather with an expanded (B, M, C) index on CPU."""
+    c = x.shape[-1]
+    return x.reshape(-1, c).index_select(0, flat_index).view(batch, -1, c)
 
 
 class MergePlan:
@@ -46,6 +54,19 @@ class MergePlan:
         self.weights = weights
         self._assign: Optional[torch.Tensor] = None
         self._group_count: Optional[torch.Tensor] = None
+        # Flattened (batch * token) indices, built once and shared by every merge/unmerge of the plan.
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def _flat_index(self, name: str) -> torch.Tensor:
+        if name not in self._flat:
+            index, stride = {
+                "kept": (self.kept_idx, self.num_tokens),
+                "src": (self.src_idx, self.num_tokens),
+                "slot": (self.src_slot, self.num_kept),
+                "assign": (self.assignment, self.num_kept),
+            }[name]
+            self._flat[name] = _flatten_index(index, stride)
+        return self._flat[name]
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -85,25 +106,24 @@ class MergePlan:
     def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """(B, N, C) -> (B, K, C)."""
         self._check_input(x)
-        kept = _gather_tokens(x, self.kept_idx)
+        b = self.batch_size
         if mode == "prune":
-            return kept
+            return _select(x, self._flat_index("kept"), b)
         if mode == "mean":
             # Plain mean that includes the destination itself (tomesd's scatter_reduce('mean')).
-            src = _gather_tokens(x, self.src_idx)
-            index = self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-            return kept.scatter_reduce(1, index, src, reduce="mean", include_self=True)
+            total = self._group_sum(x)
+            return total.div_(self.group_count.to(x.dtype).unsqueeze(-1))
         if mode == "size_weighted":
-            return self._weighted_mean(x, kept)
+            return self._weighted_mean(x)
         if mode == "mlerp":
-            return self._mlerp(x, self._weighted_mean(x, kept))
+            return self._mlerp(x, self._weighted_mean(x))
         raise ValueError(f"unknown merge mode {mode!r}; choose one of {MERGE_MODES}")
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, K, C) -> (B, N, C): every original token takes its slot's value."""
         if y.shape[1] != self.num_kept:
             raise ValueError(f"unmerge expects {self.num_kept} tokens, got {y.shape[1]}")
-        return _gather_tokens(y, self.assignment)
+        return _select(y, self._flat_index("assign"), self.batch_size)
 
     def merge_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
         """Sizes travel with merged tokens: (B, N) -> (B, K), each slot the sum of its group."""
@@ -118,16 +138,19 @@ class MergePlan:
                 f"but got a tensor of shape {tuple(x.shape)}"
             )
 
-    def _weighted_mean(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    def _group_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, K, C): each slot's kept token plus the tokens merged into it."""
+        b = self.batch_size
+        total = _select(x, self._flat_index("kept"), b)  # a fresh tensor: safe to add into
+        merged = _select(x, self._flat_index("src"), b)
+        total.view(-1, x.shape[-1]).index_add_(0, self._flat_index("slot"), merged.view(-1, x.shape[-1]))
+        return total
+
+    def _weighted_mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
-            total = kept.scatter_add(1, self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_tokens(x, self.src_idx))
-            return total / self.group_count.to(x.dtype).unsqueeze(-1)
-        w = self.weights.to(x.dtype).unsqueeze(-1)
-        xw = x * w
-        index = self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        total = _gather_tokens(xw, self.kept_idx).scatter_add(1, index, _gather_tokens(xw, self.src_idx))
-        norm = self.merge_sizes(self.weights).to(x.dtype).unsqueeze(-1)
-        return total / norm
+            return self._group_sum(x).div_(self.group_count.to(x.dtype).unsqueeze(-1))
+        total = self._group_sum(x * self.weights.to(x.dtype).unsqueeze(-1))
+        return total.div_(self.merge_sizes(self.weights).to(x.dtype).unsqueeze(-1))
 
     def _mlerp(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """Rescale each merged mean to the largest norm in its group (norms in fp32 for half inputs)."""
