@@ -13,6 +13,7 @@ of the step spent planning (matching), merging and unmerging (torch.profiler, on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,11 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tofu_diffusion as tofu
 from tofu_diffusion.adapters import hooks as _hooks
 from eval.timing import interleaved_median
-
-try:
-    import tomesd
-except ImportError:  # optional: compared only when installed
-    tomesd = None
+from eval.variants import Variant, tomesd, use_variant
 
 
 @dataclass
@@ -194,21 +191,15 @@ def run_workload(key: str, args) -> list[dict]:
         if tomesd is not None and spec.tomesd and not args.no_tomesd:
             variants[f"tomesd r={ratio}"] = {"method": "tomesd 0.1.3", "ratio": ratio, "scope": "attn1"}
 
-    def setup(name):
-        def switch():
-            if tofu.handle_of(model) is not None:
-                tofu.remove(model)
-            if tomesd is not None:
-                tomesd.remove_patch(model)
-            v = variants[name]
-            if v["method"] == "tomesd 0.1.3":
-                tomesd.apply_patch(model, ratio=v["ratio"])
-            elif v["method"] != "baseline":
-                tofu.apply(model, method=v["method"], ratio=v["ratio"], merge_scope=v["scope"],
-                           plan_reuse_steps=v["plan_reuse_steps"], max_downsample=args.max_downsample)
-        return switch
+    def config_of(v: dict) -> Variant:
+        if v["method"] == "baseline":
+            return None
+        if v["method"] == "tomesd 0.1.3":
+            return ("tomesd", v["ratio"])
+        return tofu.TokenFusionConfig(method=v["method"], ratio=v["ratio"], merge_scope=v["scope"],
+                                      plan_reuse_steps=v["plan_reuse_steps"], max_downsample=args.max_downsample)
 
-    setups = {name: setup(name) for name in variants}
+    setups = {name: functools.partial(use_variant, model, config_of(v)) for name, v in variants.items()}
     depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if spec.full_depth and depth != spec.full_depth else ""
     print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
           f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)

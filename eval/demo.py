@@ -10,18 +10,15 @@ quality is the evaluation sweep's job, on trained models.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
 
 import tofu_diffusion as tofu
 from eval.timing import interleaved_median
+from eval.variants import tomesd, use_variant
 from pipelines.tiny import demo_sd_unet, prompt_embeds, sd_pipeline
-
-try:
-    import tomesd
-except ImportError:  # optional: side-by-side only when installed
-    tomesd = None
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,21 +46,7 @@ def main(argv=None) -> None:
     for method in tofu.METHODS:
         configs[method] = tofu.TokenFusionConfig(method=method, ratio=args.ratio)
     if tomesd is not None:
-        configs["tomesd 0.1.3"] = "tomesd"
-
-    def switch(name):
-        def setup():
-            if tofu.handle_of(unet) is not None:
-                tofu.remove(unet)
-            if tomesd is not None:
-                tomesd.remove_patch(unet)
-            config = configs[name]
-            if config == "tomesd":
-                tomesd.apply_patch(unet, ratio=args.ratio)
-            elif config is not None:
-                tofu.apply(unet, config)
-
-        return setup
+        configs["tomesd 0.1.3"] = ("tomesd", args.ratio)
 
     image_side = side * pipe.vae_scale_factor  # the bundled tiny VAE downsamples less than SD's (x8)
 
@@ -72,7 +55,7 @@ def main(argv=None) -> None:
                     height=image_side, width=image_side, output_type="pt",
                     generator=torch.Generator().manual_seed(0)).images
 
-    setups = {name: switch(name) for name in configs}
+    setups = {name: functools.partial(use_variant, unet, config) for name, config in configs.items()}
     step = {name: (lambda: unet(sample, timestep, text)) for name in configs}
     print(f"SD-shaped UNet (random weights), {args.resolution}px ({side}x{side} latent), batch 2 (CFG), ratio {args.ratio}, "
           f"{torch.get_num_threads()} threads; timing {args.repeats} interleaved repeats...")
