@@ -110,9 +110,7 @@ class MergePlan:
         if mode == "prune":
             return _select(x, self._flat_index("kept"), b)
         if mode == "mean":
-            # Plain mean that includes the destination itself (tomesd's scatter_reduce('mean')).
-            total = self._group_sum(x)
-            return total.div_(self.group_count.to(x.dtype).unsqueeze(-1))
+            return self._mean(x)
         if mode == "size_weighted":
             return self._weighted_mean(x)
         if mode == "mlerp":
@@ -146,9 +144,13 @@ class MergePlan:
         total.view(-1, x.shape[-1]).index_add_(0, self._flat_index("slot"), merged.view(-1, x.shape[-1]))
         return total
 
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain mean of each group, the destination included (tomesd's scatter_reduce('mean'))."""
+        return self._group_sum(x).div_(self.group_count.to(x.dtype).unsqueeze(-1))
+
     def _weighted_mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
-            return self._group_sum(x).div_(self.group_count.to(x.dtype).unsqueeze(-1))
+            return self._mean(x)
         total = self._group_sum(x * self.weights.to(x.dtype).unsqueeze(-1))
         return total.div_(self.merge_sizes(self.weights).to(x.dtype).unsqueeze(-1))
 
