@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 from dataclasses import dataclass
 from datetime import date
 from typing import Callable

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tofu_diffusion.core import (
-    MergePlan,
     alternating_partition,
     attention_received,
     bidirectional_matching,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import torch
 
