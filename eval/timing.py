@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -20,16 +20,51 @@ def interleaved_median(
     repeats: int = 5,
     warmup: int = 1,
     device: torch.device = torch.device("cpu"),
+    peak_memory: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each variant; ``setup[name]()`` switches the model to that variant."""
+    """Median seconds per call of each variant; ``setup[name]()`` switches the model to that variant.
+
+    When ``peak_memory`` is a dict it receives each variant's peak memory (MB) over its calls.
+    """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
         for name, fn in variants.items():
             setup[name]()
             _sync(device)
+            reset_peak_memory(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
+            if peak_memory is not None:
+                peak_memory[name] = max(peak_memory.get(name, 0.0), peak_memory_mb(device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator peak, or the process's resident-set high-water mark on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last reset: CUDA allocated bytes, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

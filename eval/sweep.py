@@ -1,0 +1,374 @@
+"""The main job: sweep token-reduction methods and ratios on a pipeline; quality against speed.
+
+    python -m eval.sweep --model tiny-dit --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 \\
+        --num-images 256 --out results/
+
+For every (method, ratio) it draws the same seeded images and reports seconds per image and speedup
+(interleaved repeats against the baseline in the same run, median), FID, class accuracy (bundled models)
+or CLIP score (text-to-image checkpoints), PSNR / SSIM against the unreduced images of the same seeds,
+and peak memory. The baseline is the row with ratio 0. The noise floor, FID of the baseline against
+itself drawn with other seeds, is printed beside the results. Writes ``results.json``, ``results.csv``,
+``quality_vs_speed.png`` and ``samples_<method>_<ratio>.png`` under ``--out``.
+
+Runs as is or under ``accelerate launch`` (images split between processes, metrics gathered: the same
+results as one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import tofu_diffusion as tofu
+from eval import metrics, workloads
+from eval.timing import interleaved_median
+from eval.variants import use_variant
+
+NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this far away
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny-unet",
+                   help="tiny-unet, tiny-dit (bundled), or a diffusers pipeline's hub id / local folder")
+    p.add_argument("--methods", nargs="+", default=["tome", "tofu", "mctf"], choices=tofu.METHODS)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0, 0.25, 0.5, 0.75])
+    p.add_argument("--merge-scope", default=None, choices=["block", "sublayers"], help="default: the library's")
+    p.add_argument("--num-images", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (bundled: 2.0)")
+    p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
+    p.add_argument("--num-reference", type=int, default=2048, help="real images for FID (bundled models)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median)")
+    p.add_argument("--timing-batch", type=int, default=None, help="images per timed call (default: --batch-size)")
+    p.add_argument("--grid", type=int, default=16, help="images in each sample grid")
+    p.add_argument("--out", default="results")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    # real checkpoints
+    p.add_argument("--prompts", help="text file, one prompt per line (cycled over the images)")
+    p.add_argument("--reference-dir", help="folder of real images for FID (checkpoints)")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception weights file for FID (checkpoints)")
+    p.add_argument("--feature-module", help="MODULE:FUNCTION returning the FID feature network instead of Inception")
+    p.add_argument("--clip-model", help="local CLIP folder (or id) for CLIP score")
+    p.add_argument("--resolution", type=int, help="image size for text-to-image checkpoints")
+    p.add_argument("--num-classes", type=int, default=1000, help="class-conditional checkpoints: labels cycled")
+    args = p.parse_args(argv)
+    bad = [r for r in args.ratios if not 0 <= r < 1]
+    if bad:
+        p.error(f"--ratios must lie in [0, 1); got {bad}")
+    if args.num_images < 2:
+        p.error("--num-images must be at least 2 (FID needs two images per set)")
+    return args
+
+
+def settings_of(args) -> list[tuple[str, float]]:
+    """The baseline ("none", 0) first, then every method at every nonzero ratio."""
+    return [("none", 0.0)] + [(m, r) for m in args.methods for r in sorted(set(args.ratios)) if r > 0]
+
+
+def config_of(args, method: str, ratio: float) -> Optional[tofu.TokenFusionConfig]:
+    if ratio == 0:
+        return None
+    options = {"merge_scope": args.merge_scope} if args.merge_scope else {}
+    return tofu.TokenFusionConfig(method=method, ratio=ratio, **options)
+
+
+def setting_name(method: str, ratio: float) -> str:
+    return "baseline" if ratio == 0 else f"{method}_{ratio:g}"
+
+
+class DenoiserClock:
+    """Wall time and number of the denoiser's calls (one per denoising step), via forward hooks."""
+
+    def __init__(self, denoiser: torch.nn.Module, device: torch.device):
+        self.device, self.seconds, self.calls, self._start = device, 0.0, 0, 0.0
+        self._handles = [denoiser.register_forward_pre_hook(self._pre), denoiser.register_forward_hook(self._post)]
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _pre(self, *_):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def reset(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, as a saved image would be: every metric sees what a user would save."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+class Sharding:
+    """Splits image indices between processes and gathers results; a no-op in a single process."""
+
+    def __init__(self):
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            # Without CUDA, accelerate only forms a CPU process group (gloo) when told to use the CPU.
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.is_main = self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def local(self, indices: list[int]) -> list[int]:
+        if self.accelerator is None:
+            return indices
+        with self.accelerator.split_between_processes(indices) as mine:
+            return list(mine)
+
+    def gather(self, items: list) -> list:
+        if self.accelerator is None:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def wait(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+def draw_images(work: workloads.Workload, indices: list[int], seed: int, batch_size: int, bar) -> list:
+    """(index, uint8 image) for each local index, drawn in batches."""
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images = work.draw([seed + i for i in chunk], [work.condition(i) for i in chunk])
+        out.extend(zip(chunk, to_uint8(images)))
+        bar.update(len(chunk))
+    return out
+
+
+def collect(sharding: Sharding, pairs: list) -> torch.Tensor:
+    """All processes' (index, image) pairs, in index order."""
+    gathered = sorted(sharding.gather(pairs), key=lambda pair: pair[0])
+    return torch.stack([image for _, image in gathered])
+
+
+def time_settings(work, args, settings, device) -> tuple[dict, dict, dict]:
+    """Seconds per image, denoiser ms per step, and peak memory of each setting, interleaved."""
+    batch = args.timing_batch or args.batch_size
+    indices = list(range(batch))
+    seeds, conditions = [args.seed + i for i in indices], [work.condition(i) for i in indices]
+    names = [setting_name(m, r) for m, r in settings]
+    setups = {name: functools.partial(use_variant, work.denoiser, config_of(args, m, r))
+              for name, (m, r) in zip(names, settings)}
+    clock = DenoiserClock(work.denoiser, device)
+    step_ms: dict[str, list[float]] = {name: [] for name in names}
+
+    def timed(name):
+        def call():
+            clock.reset()
+            work.draw(seeds, conditions)
+            step_ms[name].append(1000 * clock.seconds / max(1, clock.calls))
+        return call
+
+    peaks: dict[str, float] = {}
+    try:
+        seconds = interleaved_median({n: timed(n) for n in names}, setups, repeats=args.repeats,
+                                     device=device, peak_memory=peaks)
+    finally:
+        clock.close()
+        use_variant(work.denoiser, None)
+    per_image = {n: s / batch for n, s in seconds.items()}
+    denoiser_ms = {n: sorted(v)[len(v) // 2] for n, v in step_ms.items()}
+    return per_image, denoiser_ms, peaks
+
+
+def evaluate(args, sharding: Sharding) -> Optional[dict]:
+    device = sharding.device
+    dtype = getattr(torch, args.dtype)
+    from pipelines import shapes_pipeline_class
+
+    if shapes_pipeline_class(args.model) is not None:
+        work = workloads.embedded(args.model, device, args.steps, 2.0 if args.guidance_scale is None else args.guidance_scale)
+    else:
+        work = workloads.checkpoint(args, device, dtype)
+    settings = settings_of(args)
+    indices = list(range(args.num_images))
+    mine = sharding.local(indices)
+
+    # Speed first, on a warm model; each process times its own calls.
+    per_image, denoiser_ms, peaks = time_settings(work, args, settings, device)
+    timings = sharding.gather([(per_image, denoiser_ms, peaks)])
+
+    bar = tqdm(total=len(mine) * (len(settings) + 1), desc=f"drawing {work.name}", disable=not sharding.is_main)
+    images = {}
+    for method, ratio in settings:
+        use_variant(work.denoiser, config_of(args, method, ratio))
+        bar.set_postfix_str(setting_name(method, ratio))
+        images[(method, ratio)] = collect(sharding, draw_images(work, mine, args.seed, args.batch_size, bar))
+    use_variant(work.denoiser, None)
+    bar.set_postfix_str("noise floor")
+    floor_images = collect(sharding, draw_images(work, mine, args.seed + NOISE_FLOOR_SEED_OFFSET, args.batch_size, bar))
+    bar.close()
+    if not sharding.is_main:
+        return None
+
+    conditions = [work.condition(i) for i in indices]
+    real = work.real_images(max(args.num_reference, args.num_images)) if work.real_images else None
+    fid = None
+    if real is not None:
+        scorer = metrics.FID(work.fid_metric.to(device), real.to(device))
+        fid = lambda fake: scorer(from_uint8(fake).to(device))  # noqa: E731
+    baseline = from_uint8(images[("none", 0.0)])
+    noise_floor = fid(floor_images) if fid else None
+    rows = []
+    for method, ratio in tqdm(settings, desc="scoring", disable=not sharding.is_main):
+        name, fake = setting_name(method, ratio), from_uint8(images[(method, ratio)])
+        seconds = sum(t[0][name] for t in timings) / len(timings)
+        base_seconds = sum(t[0]["baseline"] for t in timings) / len(timings)
+        scores = work.score(fake.to(device), conditions)
+        rows.append({
+            "method": method, "ratio": ratio,
+            "seconds_per_image": seconds,
+            "denoiser_ms_per_step": sum(t[1][name] for t in timings) / len(timings),
+            "speedup": base_seconds / seconds,
+            "fid": fid(images[(method, ratio)]) if fid else None,
+            "clip_score": scores.get("clip_score"),
+            "class_accuracy": scores.get("class_accuracy"),
+            "psnr": float(metrics.psnr(fake, baseline).mean()),
+            "ssim": float(metrics.ssim(fake, baseline).mean()),
+            "peak_memory_mb": max(t[2][name] for t in timings),
+        })
+    result = {"model": work.name, "num_images": args.num_images, "steps": args.steps, "device": str(device),
+              "processes": len(timings), "noise_floor_fid": noise_floor, "rows": rows}
+    write_outputs(args.out, result, images, settings, args.grid)
+    return result
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("method", "ratio", "seconds_per_image", "denoiser_ms_per_step", "speedup", "fid", "clip_score",
+           "class_accuracy", "psnr", "ssim", "peak_memory_mb")
+
+
+def write_outputs(out: str, result: dict, images: dict, settings, grid: int) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    for method, ratio in settings:
+        save_grid(images[(method, ratio)][:grid], os.path.join(out, f"samples_{method}_{ratio:g}.png"))
+    plot_quality_vs_speed(result, os.path.join(out, "quality_vs_speed.png"))
+
+
+def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int = 96) -> None:
+    """uint8 images (N, 3, H, W) tiled into one PNG, small images enlarged (nearest) to be seen."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    canvas = torch.full((3, rows * (h + 2), columns * (w + 2)), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        canvas[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = images[k]
+    picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    scale = max(1, min_side // h)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def plot_quality_vs_speed(result: dict, path: str) -> None:
+    """FID (or, without a reference set, 100 - PSNR) against speedup, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError("the quality/speed plot needs matplotlib: pip install -e '.[eval]'") from error
+    rows = result["rows"]
+    use_fid = rows[0]["fid"] is not None
+    quality = (lambda row: row["fid"]) if use_fid else (lambda row: -row["psnr"])
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        line = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"])
+        ax.plot([r["speedup"] for r in line], [quality(r) for r in line], marker="o", label=method)
+        for r in line[1:]:
+            ax.annotate(f"{r['ratio']:g}", (r["speedup"], quality(r)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([base["speedup"]], [quality(base)], marker="*", s=200, color="black", zorder=5, label="baseline")
+    if use_fid and result.get("noise_floor_fid") is not None:
+        ax.axhspan(base["fid"], base["fid"] + result["noise_floor_fid"], color="grey", alpha=0.2,
+                   label="baseline + noise floor")
+    ax.set_xlabel("speedup over the baseline (x)")
+    ax.set_ylabel("FID (lower is better)" if use_fid else "-PSNR vs baseline (dB, lower is better)")
+    ax.set_title(f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+    def cell(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
+    header = f"{'method':<8}{'ratio':>6}{'s/image':>10}{'speedup':>9}{'FID':>9}{condition:>11}{'PSNR':>8}{'SSIM':>7}{'mem MB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in result["rows"]:
+        score = r["class_accuracy"] if r["class_accuracy"] is not None else r["clip_score"]
+        lines.append(f"{r['method']:<8}{r['ratio']:>6.2f}{r['seconds_per_image']:>10.4f}{r['speedup']:>8.2f}x"
+                     f"{cell(r['fid'], '.2f'):>9}{cell(score, '.3f'):>11}{cell(r['psnr'], '.1f'):>8}"
+                     f"{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>9.0f}")
+    floor = result.get("noise_floor_fid")
+    lines.append(f"noise floor: FID of the baseline against itself with other seeds = {cell(floor, '.2f')} "
+                 "(FID differences smaller than this are not real)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Optional[dict]:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    sharding = Sharding()
+    result = evaluate(args, sharding)
+    if result is not None:
+        print(f"\n{result['model']}: {result['num_images']} images, {result['steps']} steps, {result['device']}, "
+              f"{result['processes']} process(es)")
+        print(format_table(result))
+        print(f"\nwrote {args.out}/results.json, results.csv, quality_vs_speed.png, samples_*.png")
+    sharding.wait()
+    return result
+
+
+if __name__ == "__main__":
+    main()

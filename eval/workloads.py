@@ -1,0 +1,161 @@
+"""What a sweep evaluates: a pipeline, the condition of each image, how to draw images, and how to score them.
+
+Two kinds, one interface:
+
+- the bundled models (``tiny-unet``, ``tiny-dit``): class-conditional, scored by the shipped shapes
+  classifier (its features for FID, its predictions for class accuracy) against real procedural images;
+- a real checkpoint (hub id or local folder): text-to-image (prompts from a file, CLIP score with a local
+  CLIP model) or class-conditional (DiT), FID with Inception features (or a user feature module)
+  against a folder of reference images.
+
+Every image ``i`` is drawn from its own generator seeded with ``seed + i``, so it is the same image
+whatever the batch or process that draws it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval import metrics
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Workload:
+    name: str
+    pipe: object
+    conditions: list  # one per image index (class label or prompt), cycled
+    draw: Callable[[list[int], list], torch.Tensor]  # (seeds, conditions) -> images in [-1, 1]
+    real_images: Optional[Callable[[int], torch.Tensor]]  # n -> reference images in [-1, 1]
+    fid_metric: Optional[object]  # torchmetrics FID (its features define what FID means here)
+    score: Callable[[torch.Tensor, list], dict] = field(default=lambda images, conditions: {})
+
+    def condition(self, index: int):
+        return self.conditions[index % len(self.conditions)]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        from tofu_diffusion.api import denoiser_of
+
+        return denoiser_of(self.pipe)
+
+
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    # CPU generators: the same noise on every device, and one per image.
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def embedded(name: str, device: torch.device, steps: int, guidance_scale: float) -> Workload:
+    from pipelines import load_embedded, load_shapes_classifier
+    from pipelines.shapes import CLASSES, generate
+
+    pipe = load_embedded(name).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_shapes_classifier().to(device)
+
+    def draw(seeds, labels):
+        return pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=_generators(seeds)).images
+
+    def real_images(n):
+        return generate(n, seed=123_456_789)[0].to(device)  # a seed the models were not trained on
+
+    def score(images, labels):
+        with torch.no_grad():
+            wanted = torch.as_tensor(labels, device=images.device)
+            return {"class_accuracy": metrics.class_accuracy(classifier, images.to(device), wanted)}
+
+    extractor = metrics.FeatureExtractor(classifier, classifier.feature_dim)
+    return Workload(name, pipe, list(range(len(CLASSES))), draw, real_images, metrics.feature_fid(extractor), score)
+
+
+def load_prompts(path: str) -> list[str]:
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts (one per line)")
+    return prompts
+
+
+def load_image_folder(path: str, size: int, limit: Optional[int] = None) -> torch.Tensor:
+    """Images of a folder (recursively, sorted), centre-cropped and resized to ``size``, in [-1, 1]."""
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if len(files) < 2:
+        raise ValueError(f"--reference-dir {path} holds {len(files)} images ({'/'.join(IMAGE_SUFFIXES)}); "
+                         "FID needs a folder of real images, at least as many as --num-images")
+    tensors = []
+    for file in files[:limit]:
+        image = Image.open(file).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        tensors.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return torch.stack(tensors).float() / 127.5 - 1
+
+
+def _feature_module(spec: str) -> metrics.FeatureExtractor:
+    """``module:function`` returning an ``nn.Module`` (images in [-1, 1] -> features) with ``num_features``."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"--feature-module {spec!r}: expected MODULE:FUNCTION")
+    network = getattr(importlib.import_module(module_name), attr)()
+    if not hasattr(network, "num_features"):
+        raise ValueError(f"--feature-module {spec!r} returned a module without `num_features`")
+    return metrics.FeatureExtractor(network, int(network.num_features))
+
+
+def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
+    """A diffusers pipeline from a hub id or local folder (``DiffusionPipeline.from_pretrained``)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "prompt" in accepted:
+        if not args.prompts:
+            raise ValueError(f"{args.model} is text-to-image: pass --prompts FILE (one prompt per line)")
+        conditions, key = load_prompts(args.prompts), "prompt"
+    elif "class_labels" in accepted:
+        conditions, key = list(range(args.num_classes)), "class_labels"
+    else:
+        raise ValueError(f"{type(pipe).__name__} takes neither `prompt` nor `class_labels`; the sweep cannot drive it")
+
+    def draw(seeds, conds):
+        kwargs = {key: conds, "generator": _generators(seeds), "num_inference_steps": args.steps,
+                  "output_type": "np" if key == "class_labels" else "pt"}
+        if args.guidance_scale is not None:
+            kwargs["guidance_scale"] = args.guidance_scale
+        if args.resolution and key == "prompt":
+            kwargs["height"] = kwargs["width"] = args.resolution
+        images = pipe(**kwargs).images
+        if isinstance(images, np.ndarray):  # (N, H, W, 3) in [0, 1]
+            images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return images.float() * 2 - 1
+
+    real_images = fid_metric = None
+    if args.reference_dir:
+        if args.feature_module:
+            fid_metric = metrics.feature_fid(_feature_module(args.feature_module))
+        else:
+            fid_metric = metrics.inception_fid(args.inception_weights)
+
+        def real_images(n):
+            size = args.resolution or pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 1)
+            return load_image_folder(args.reference_dir, size, limit=max(n, args.num_reference))
+
+    def score(images, conds):
+        if key == "prompt" and args.clip_model:
+            return {"clip_score": metrics.clip_score(args.clip_model, images, conds)}
+        return {}
+
+    return Workload(args.model, pipe, conditions, draw, real_images, fid_metric, score)

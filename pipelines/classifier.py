@@ -1,0 +1,45 @@
+"""A small CNN classifier of the procedural shapes.
+
+Its penultimate features are the FID feature extractor for the bundled generators, and its accuracy on
+generated images measures how well the requested class was followed (the stand-in for CLIP score).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .shapes import CLASSES
+
+
+class ShapesClassifier(nn.Module):
+    feature_dim = 128
+
+    def __init__(self, num_classes: int = len(CLASSES)):
+        super().__init__()
+
+        def stage(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.body = nn.Sequential(stage(3, 32), nn.MaxPool2d(2), stage(32, 64), nn.MaxPool2d(2), stage(64, 128),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, 128) penultimate features."""
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def load_classifier(path: str) -> ShapesClassifier:
+    """The classifier saved in folder ``path`` (``model.safetensors``), in eval mode."""
+    from safetensors.torch import load_file
+
+    model = ShapesClassifier()
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    return model.eval()

@@ -1,0 +1,199 @@
+"""Class-conditional generators of the procedural shapes, as diffusers pipelines.
+
+Both work in pixel space and are trained with rectified flow (the model predicts the velocity
+noise - image); both sample with diffusers' ``FlowMatchEulerDiscreteScheduler`` and classifier-free
+guidance, where label ``num_classes`` means "no class".
+
+``ShapesUNetPipeline`` (tiny-unet): a ``UNet2DConditionModel`` with self- and cross-attention at its
+full resolution, conditioned through ``encoder_hidden_states``: each class is a few learned tokens
+(``ClassTokens``), so the Stable Diffusion code path (cross-attention on text-like tokens) is
+exercised. Its input is the image space-to-depth rearranged (2x2 pixel blocks become 12 channels,
+``pixel_unshuffle``): an exact, parameter-free stand-in for Stable Diffusion's VAE that keeps
+attention at 16x16 = 256 tokens.
+
+``ShapesDiTPipeline`` (tiny-dit): a class-conditional ``DiTTransformer2DModel`` on the 32x32 RGB image,
+patch 2 (256 tokens). diffusers' own ``DiTPipeline`` hard-codes ImageNet's null label 1000 and
+epsilon/DDPM sampling, so it cannot drive a 6-class flow-matching model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from .shapes import CLASSES, IMAGE_SIZE
+
+PATCH = 2  # tiny-unet: pixels per latent position along each side
+
+
+def to_latent(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 12, H/2, W/2)."""
+    return F.pixel_unshuffle(images, PATCH)
+
+
+def to_image(latents: torch.Tensor) -> torch.Tensor:
+    return F.pixel_shuffle(latents, PATCH)
+
+
+class ClassTokens(ModelMixin, ConfigMixin):
+    """Class label -> ``num_tokens`` learned tokens of width ``dim``; label ``num_classes`` is "no class"."""
+
+    @register_to_config
+    def __init__(self, num_classes: int = len(CLASSES), num_tokens: int = 4, dim: int = 64):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(num_classes + 1, num_tokens * dim)
+        torch.nn.init.normal_(self.embedding.weight, std=0.5)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return self.embedding(labels).view(labels.shape[0], cfg.num_tokens, cfg.dim)
+
+
+def shapes_unet(token_dim: int = 64) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // PATCH,
+        in_channels=3 * PATCH * PATCH,
+        out_channels=3 * PATCH * PATCH,
+        layers_per_block=1,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=token_dim,
+        attention_head_dim=2,  # diffusers' legacy name: the number of heads
+        norm_num_groups=16,
+    )
+
+
+def shapes_dit() -> DiTTransformer2DModel:
+    return DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        sample_size=IMAGE_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=len(CLASSES),  # the label embedding adds the null class at index len(CLASSES)
+    )
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+
+
+class _ShapesPipeline(DiffusionPipeline):
+    """The sampling loop both generators share; subclasses say how to call their denoiser."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def null_class(self) -> int:
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def check_labels(self, class_labels) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
+            raise ValueError(f"class labels must lie in [0, {self.null_class}) ({', '.join(CLASSES)}); got {labels.tolist()}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.0,
+        generator: Optional[torch.Generator | list[torch.Generator]] = None,
+        output_type: str = "pt",
+    ) -> ImagePipelineOutput:
+        """Images for ``class_labels``, (N, 3, 32, 32) in [-1, 1] (``output_type="pt"``) or PIL.
+
+        ``generator`` may be a list with one generator per image: each image's noise then depends only
+        on its own seed, so the same seed gives the same image whatever the batch it is drawn in.
+        """
+        device, dtype = self.denoiser.device, self.denoiser.dtype
+        labels = self.check_labels(class_labels).to(device)
+        n = labels.shape[0]
+        shape = self.latent_shape()
+        # Noise drawn on CPU: the same seed gives the same images on any device.
+        if isinstance(generator, list):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image or a single one")
+            x = torch.stack([torch.randn(shape, generator=g) for g in generator])
+        else:
+            x = torch.randn(n, *shape, generator=generator)
+        x = x.to(device, dtype)
+        both = torch.cat([torch.full_like(labels, self.null_class), labels])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            uncond, cond = self.velocity(torch.cat([x, x]), t.expand(2 * n), both).chunk(2)
+            x = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
+        images = self.decode(x).float().clamp(-1, 1)
+        if output_type == "pil":
+            images = self.numpy_to_pil(((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+        return ImagePipelineOutput(images=images)
+
+
+class ShapesUNetPipeline(_ShapesPipeline):
+    model_cpu_offload_seq = "class_tokens->unet"
+
+    def __init__(self, unet: UNet2DConditionModel, class_tokens: ClassTokens, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, class_tokens=class_tokens, scheduler=scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def null_class(self) -> int:
+        return self.class_tokens.config.num_classes
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    def velocity(self, x, t, labels):
+        return self.unet(x, t, self.class_tokens(labels).to(x.dtype)).sample
+
+    def decode(self, latents):
+        return to_image(latents)
+
+
+class ShapesDiTPipeline(_ShapesPipeline):
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: DiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def null_class(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.transformer.config.sample_size
+        return (self.transformer.config.in_channels, size, size)
+
+    def velocity(self, x, t, labels):
+        return self.transformer(x, timestep=t, class_labels=labels).sample

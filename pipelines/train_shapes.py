@@ -1,0 +1,178 @@
+"""Train the bundled shapes models from a seed.
+
+    python -m pipelines.train_shapes classifier --steps 1500 --out pipelines/weights/shapes-classifier
+    python -m pipelines.train_shapes unet --minutes 40 --out pipelines/weights/tiny-unet
+    python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
+
+Data is generated on the fly (a fresh seed per batch), so nothing is downloaded. The generators are
+trained with rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0, t drawn
+logit-normal; warm-up then a constant high learning rate; an EMA of the weights is what is saved;
+10% of labels are replaced by the "no class" label for classifier-free guidance. The final losses,
+and for the generators the classifier's accuracy on their samples, are written to ``training_log.json``
+next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .classifier import ShapesClassifier, load_classifier
+from .shapes import CLASSES, generate
+from .shapes_pipeline import (
+    ClassTokens,
+    ShapesDiTPipeline,
+    ShapesUNetPipeline,
+    flow_scheduler,
+    shapes_dit,
+    shapes_unet,
+    to_latent,
+)
+
+
+@torch.enable_grad()
+def train_classifier(args) -> None:
+    torch.manual_seed(args.seed)
+    model = ShapesClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    log = []
+    for step in range(args.steps):
+        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + step)
+        for group in opt.param_groups:  # cosine decay: the last steps settle the features FID relies on
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log.append({"step": step, "loss": loss.item()})
+            print(f"classifier step {step} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        images, labels = generate(2000, seed=987654321)  # held-out seed
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    os.makedirs(args.out, exist_ok=True)
+    save_file(model.state_dict(), os.path.join(args.out, "model.safetensors"))
+    with open(os.path.join(args.out, "training_log.json"), "w") as f:
+        json.dump({"seed": args.seed, "steps": args.steps, "batch": args.batch, "final_loss": log[-1]["loss"],
+                   "held_out_accuracy": accuracy, "log": log}, f, indent=1)
+    print(f"held-out accuracy {accuracy:.4f}; saved to {args.out}")
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int, steps: int) -> float:
+    """How often ``classifier`` recognises the requested class in ``pipe``'s samples."""
+    labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
+    images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images
+    with torch.no_grad():
+        return (classifier(images).argmax(1) == labels).float().mean().item()
+
+
+def build_pipeline(kind: str):
+    """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet) or ``"dit"`` (tiny-dit)."""
+    if kind == "unet":
+        return ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
+    return ShapesDiTPipeline(shapes_dit(), flow_scheduler())
+
+
+def _components(pipe) -> list[torch.nn.Module]:
+    return [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+
+
+@torch.enable_grad()
+def train_generator(args) -> None:
+    torch.manual_seed(args.seed)
+    pipe = build_pipeline(args.what)
+    ema_pipe = copy.deepcopy(pipe)
+    ema_pipe.set_progress_bar_config(disable=True)
+    # The models stay in eval mode: they have no dropout, and DiT's train-mode label dropout would add to
+    # the explicit "no class" labels below.
+    params = [p for m in _components(pipe) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    start, step, log = time.time(), 0, []
+    print(f"{args.what} parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
+    while (time.time() - start) / 60 < args.minutes and step < args.max_steps:
+        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + step)
+        x0 = to_latent(images) if args.what == "unet" else images
+        # 10% "no class" labels teach the unconditional prediction classifier-free guidance needs.
+        drop = torch.rand(args.batch, generator=g) < 0.1
+        labels = torch.where(drop, torch.full_like(labels, pipe.null_class), labels)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(args.batch, generator=g)).view(-1, 1, 1, 1)  # logit-normal times
+        xt = (1 - t) * x0 + t * noise
+        loss = F.mse_loss(pipe.velocity(xt, t.flatten() * 1000, labels), noise - x0)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        for e, m in zip(_components(ema_pipe), _components(pipe)):
+            _ema_update(e, m, decay)
+        if step % 100 == 0:
+            log.append({"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": loss.item()})
+            print(f"{args.what} step {step} loss {loss.item():.4f} ({(time.time() - start) / 60:.1f} min)", flush=True)
+        step += 1
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            _save_generator(args, ema_pipe, step, start, log)
+    _save_generator(args, ema_pipe, step, start, log)
+    print(f"saved to {args.out}")
+
+
+def _save_generator(args, pipe, step, start, log) -> None:
+    """Save the EMA pipeline and its training log (with the classifier's accuracy on its samples)."""
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    result = {"what": args.what, "seed": args.seed, "steps": step, "batch": args.batch, "lr": args.lr,
+              "minutes": round((time.time() - start) / 60, 2), "threads": torch.get_num_threads(),
+              "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, min(5, len(log))), "log": log}
+    if args.classifier:
+        result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), 32, seed=1, steps=20)
+        print(f"step {step}: classifier accuracy on samples {result['class_accuracy']:.3f} "
+              f"(chance {1 / len(CLASSES):.3f})", flush=True)
+    with open(os.path.join(args.out, "training_log.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("classifier")
+    c.add_argument("--steps", type=int, default=1500)
+    c.add_argument("--batch", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="pipelines/weights/shapes-classifier")
+    for kind in ("unet", "dit"):
+        u = sub.add_parser(kind)
+        u.add_argument("--minutes", type=float, default=40)
+        u.add_argument("--max-steps", type=int, default=10**9)
+        u.add_argument("--batch", type=int, default=64)
+        u.add_argument("--lr", type=float, default=1e-3)
+        u.add_argument("--warmup", type=int, default=200)
+        u.add_argument("--ema", type=float, default=0.999)
+        u.add_argument("--seed", type=int, default=0)
+        u.add_argument("--snapshot-every", type=int, default=0, help="save (and score) the EMA every N steps")
+        u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
+        u.add_argument("--out", default=f"pipelines/weights/tiny-{kind}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    (train_classifier if args.what == "classifier" else train_generator)(args)
+
+
+if __name__ == "__main__":
+    main()

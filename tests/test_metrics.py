@@ -1,0 +1,103 @@
+"""Metric plumbing on tiny inputs: FID, PSNR/SSIM, class accuracy, CLIP score, and their clear errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from eval import metrics
+
+
+class MeanColour(nn.Module):
+    """A feature network a person can reason about: per-channel means and standard deviations."""
+
+    num_features = 6
+
+    def features(self, images):
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+def _fid(real):
+    return metrics.FID(metrics.feature_fid(metrics.FeatureExtractor(MeanColour(), 6)), real)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    fid = _fid(real)
+    assert fid(real) == pytest.approx(0.0, abs=1e-6)
+    # shifting every image by 0.5 moves the 3 mean features by 0.5: FID = 3 * 0.25 (covariances unchanged)
+    assert fid(real + 0.5) == pytest.approx(0.75, rel=1e-4)
+    # the real features are kept between calls: the same set scores the same again
+    assert fid(real) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_rejects_too_few_images_and_a_resetting_metric():
+    real = torch.rand(4, 3, 8, 8)
+    fid = _fid(real)
+    with pytest.raises(ValueError, match="at least 2 generated"):
+        fid(real[:1])
+    resetting = metrics.FrechetInceptionDistance(feature=metrics.FeatureExtractor(MeanColour(), 6))
+    with pytest.raises(ValueError, match="reset_real_features=False"):
+        metrics.FID(resetting, real)
+
+
+def test_inception_fid_says_how_to_provide_what_is_missing(tmp_path):
+    with pytest.raises(RuntimeError, match="torch-fidelity|--inception-weights"):
+        metrics.inception_fid(str(tmp_path / "missing.pth"))
+
+
+def test_psnr_of_identical_images_is_capped_and_known_offsets_are_exact():
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    assert torch.equal(metrics.psnr(images, images), torch.full((3,), metrics.PSNR_CAP_DB))
+    # a constant error of 0.02 on a data range of 2: 10 log10(4 / 0.0004) = 40 dB
+    shifted = images.clamp(-0.9, 0.9)
+    assert metrics.psnr(shifted + 0.02, shifted) == pytest.approx(torch.full((3,), 40.0), abs=1e-3)
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_noise():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert metrics.ssim(images, images) == pytest.approx(torch.ones(2), abs=1e-5)
+    noisy = (images + 0.5 * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+    assert (metrics.ssim(noisy, images) < 0.9).all()
+
+
+def test_class_accuracy_counts_hits():
+    class Fixed(nn.Module):
+        def forward(self, images):  # predicts class = round(mean pixel * 2) + 1, in {0, 1, 2}
+            return nn.functional.one_hot((images.mean(dim=(1, 2, 3)) * 2).round().long() + 1, 3).float()
+
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (-0.5, 0.0, 0.5, 0.5)])
+    assert metrics.class_accuracy(Fixed(), images, torch.tensor([0, 1, 2, 0])) == 0.75
+
+
+def test_clip_score_with_a_local_clip_model(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    # a tiny random CLIP saved in the format a user would point --clip-model at
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(tmp_path)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3, "disc</w>": 4}
+    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPImageProcessor
+
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    score = metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"])
+    assert math.isfinite(score) and 0 <= score <= 100
+    assert metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"]) == score
+    with pytest.raises(RuntimeError, match="--clip-model"):
+        metrics.clip_score(str(tmp_path / "nowhere"), images, ["a", "b"])

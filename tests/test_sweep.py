@@ -1,0 +1,93 @@
+"""The sweep end to end on a small shapes pipeline: outputs, seeds, and two processes equal to one."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eval import sweep, workloads
+from pipelines.train_shapes import build_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--num-images", "6", "--batch-size", "3", "--steps", "2", "--repeats", "1", "--num-reference", "32"]
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    """A randomly initialised tiny-unet saved in diffusers' folder format (the sweep loads it by path)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-unet")
+    build_pipeline("unet").save_pretrained(folder)
+    return str(folder)
+
+
+def test_sweep_writes_the_table_json_csv_plot_and_grids(unet_folder, tmp_path, capsys):
+    out = tmp_path / "results"
+    result = sweep.main(["--model", unet_folder, "--methods", "tome", "mctf", "--ratios", "0", "0.5",
+                         "--out", str(out), *SMALL])
+    rows = result["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("none", 0.0), ("tome", 0.5), ("mctf", 0.5)]
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["psnr"] == 100.0 and base["ssim"] == pytest.approx(1.0)
+    for row in rows[1:]:  # reduction changes the images, so fidelity drops below identical
+        assert row["psnr"] < 100.0 and row["ssim"] < 1.0
+        assert row["clip_score"] is None and 0.0 <= row["class_accuracy"] <= 1.0
+        assert row["seconds_per_image"] > 0 and row["peak_memory_mb"] > 0
+    assert result["noise_floor_fid"] > 0 and all(r["fid"] > 0 for r in rows)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["model"] == unet_folder and saved["rows"] == rows
+    assert set(saved) >= {"model", "noise_floor_fid", "rows"}
+    assert set(rows[0]) >= {"method", "ratio", "seconds_per_image", "speedup", "fid", "clip_score",
+                            "class_accuracy", "psnr", "ssim", "peak_memory_mb"}
+    with open(out / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["none", "tome", "mctf"]
+    for name in ("quality_vs_speed.png", "samples_none_0.png", "samples_tome_0.5.png", "samples_mctf_0.5.png"):
+        assert (out / name).stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "noise floor" in printed and "mctf" in printed
+
+
+def test_an_image_is_the_same_whatever_the_batch(unet_folder):
+    work = workloads.embedded(unet_folder, torch.device("cpu"), steps=2, guidance_scale=2.0)
+    indices = [0, 1, 2, 3, 4]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    one_by_one = dict(sweep.draw_images(work, indices, seed=0, batch_size=1, bar=Bar()))
+    batched = dict(sweep.draw_images(work, indices, seed=0, batch_size=5, bar=Bar()))
+    for i in indices:  # uint8 images: at most one level of rounding apart
+        assert (one_by_one[i].int() - batched[i].int()).abs().max() <= 1
+    assert not torch.equal(one_by_one[0], one_by_one[1])  # different seeds, different images
+
+
+def test_bad_sweep_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--ratios", "0", "1.0"])
+    with pytest.raises(ValueError, match="neither a bundled model"):
+        workloads.embedded("no-such-model", torch.device("cpu"), steps=2, guidance_scale=2.0)
+
+
+def test_two_processes_give_the_results_of_one(unet_folder, tmp_path):
+    args = ["-m", "eval.sweep", "--model", unet_folder, "--methods", "tofu", "--ratios", "0", "0.5", *SMALL]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same kernels in both runs
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    double = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    quality = ("fid", "class_accuracy", "psnr", "ssim")
+    assert [{k: r[k] for k in quality} for r in two["rows"]] == [{k: r[k] for k in quality} for r in one["rows"]]
+    assert two["noise_floor_fid"] == one["noise_floor_fid"]
