@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .adapters import Site, adapter_for
+from .adapters import Site, adapter_for, vit
 from .adapters.base import timestep_reader
 from .adapters.hooks import (
     BlockHook,
@@ -43,15 +43,25 @@ _SUBLAYERS = (
 class TokenFusionHandle:
     """What ``apply`` attached: the config, the reduced blocks, and per-block token counts."""
 
-    def __init__(self, model: torch.nn.Module, config: TokenFusionConfig, family: str, blocks: list[BlockState]):
+    def __init__(self, model: torch.nn.Module, config: TokenFusionConfig, family: str, blocks: list,
+                 counts: Optional[Callable[[], dict]] = None, undo: Optional[Callable[[], None]] = None):
         self.model = model
         self.config = config
         self.family = family
         self.blocks = blocks
+        self._counts = counts
+        self._undo = undo
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
-        """(tokens in, tokens after merging) of each reduced block in its latest call."""
+        """(tokens in, tokens out) of each reduced block (classifiers: each layer) in its latest call."""
+        if self._counts is not None:
+            return dict(self._counts())
         return {b.name: b.last_tokens for b in self.blocks if b.last_tokens is not None}
+
+    @property
+    def schedule(self) -> Optional[list[int]]:
+        """Classifiers: the tokens each layer removes (after capping)."""
+        return [b.removed for b in self.blocks] if self.family == vit.FAMILY else None
 
     def remove(self) -> None:
         remove(self.model)
@@ -127,6 +137,13 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     Applying again replaces the previous configuration cleanly.
     """
     config = TokenFusionConfig.from_kwargs(config, **options)
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        vit.check_supported(model_or_pipeline)
+        if vit.backbone_of(model_or_pipeline) is not None:
+            return _apply_classifier(model_or_pipeline, config)
+    if config.r is not None or config.layers is not None:
+        raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
+                         "ratio (and levels / max_downsample to choose blocks)")
     model = denoiser_of(model_or_pipeline)
     adapter = adapter_for(model)
     if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -161,18 +178,42 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     return handle
 
 
+def _apply_classifier(model: torch.nn.Module, config: TokenFusionConfig) -> TokenFusionHandle:
+    """ViT/DeiT: tokens reduced for good, layer by layer (see ``adapters.vit``)."""
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
+        remove(model)
+    try:
+        run, states, undo = vit.attach(model, config)
+    except Exception:
+        unregister_all(model)
+        raise
+    handle = TokenFusionHandle(model, config, vit.FAMILY, states, counts=lambda: run.token_counts, undo=undo)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def _target_of(model_or_pipeline) -> torch.nn.Module:
+    if isinstance(model_or_pipeline, torch.nn.Module) and getattr(model_or_pipeline, _HANDLE_ATTR, None) is not None:
+        return model_or_pipeline
+    return denoiser_of(model_or_pipeline)
+
+
 def remove(model_or_pipeline) -> None:
     """Remove token fusion; the model behaves exactly as before ``apply``."""
-    model = denoiser_of(model_or_pipeline)
-    if getattr(model, _HANDLE_ATTR, None) is None:
+    model = _target_of(model_or_pipeline)
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
         raise ValueError(f"token fusion is not applied to this {type(model).__name__}; nothing to remove")
     unregister_all(model)
+    if handle._undo is not None:
+        handle._undo()
     delattr(model, _HANDLE_ATTR)
 
 
 def handle_of(model_or_pipeline) -> Optional[TokenFusionHandle]:
     """The active handle, or None when token fusion is not applied."""
-    return getattr(denoiser_of(model_or_pipeline), _HANDLE_ATTR, None)
+    return getattr(_target_of(model_or_pipeline), _HANDLE_ATTR, None)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
 
@@ -48,6 +48,15 @@ class TokenFusionConfig:
         plan_reuse_steps: compute each block's plan every this many denoising steps and reuse it in
             between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching.
         seed: base seed of the random destinations.
+
+    Vision-transformer classifiers (ViT, DeiT) reduce tokens for good, layer by layer:
+
+        r: tokens removed per layer: an int (every layer), ``(r, inflection)`` (a linear ramp from
+            ``r * (1 - inflection)`` to ``r * (1 + inflection)``), or a per-layer list. None: ``ratio``
+            of each layer's current tokens. Each layer is capped at half of its unprotected tokens.
+        layers: indices of the layers that reduce (default: all).
+        proportional_attention: add ``log(size)`` of each key to the attention logits, so a merged token
+            weighs as much as the tokens it stands for.
     """
 
     method: str = "tome"
@@ -69,6 +78,9 @@ class TokenFusionConfig:
     info_queries: int = 16
     plan_reuse_steps: int = 1
     seed: int = 0
+    r: Optional[Union[int, tuple, Sequence[int]]] = None
+    layers: Optional[Sequence[int]] = None
+    proportional_attention: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stride, int):
@@ -76,6 +88,10 @@ class TokenFusionConfig:
         self.stride = tuple(int(s) for s in self.stride)
         if self.levels is not None:
             self.levels = tuple(int(level) for level in self.levels)
+        if self.layers is not None:
+            self.layers = tuple(int(layer) for layer in self.layers)
+        if self.r is not None and not isinstance(self.r, (int, tuple)):
+            self.r = list(self.r)
         self.validate()
 
     def validate(self) -> None:
@@ -112,6 +128,9 @@ class TokenFusionConfig:
             raise ValueError(f"plan_reuse_steps must be >= 1 (1 = plan every step), got {self.plan_reuse_steps}")
         if self.info_queries < 1:
             raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
+        self._validate_r()
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
         if self.merge_scope not in MERGE_SCOPES:
             raise ValueError(f"unknown merge_scope {self.merge_scope!r}; choose one of {MERGE_SCOPES}")
         if self.merge_scope == "sublayers" and not (
@@ -120,6 +139,22 @@ class TokenFusionConfig:
             raise ValueError(
                 "nothing to reduce: set at least one of merge_self_attention, merge_cross_attention, merge_feed_forward"
             )
+
+    def _validate_r(self) -> None:
+        r = self.r
+        if r is None:
+            return
+        usage = "r must be an int >= 0, an (r, inflection) tuple with inflection in [-1, 1], or a list of ints >= 0"
+        if isinstance(r, bool):
+            raise ValueError(f"{usage}; got {r!r}")
+        if isinstance(r, int):
+            if r < 0:
+                raise ValueError(f"{usage}; got {r!r}")
+        elif isinstance(r, tuple):
+            if len(r) != 2 or not isinstance(r[0], int) or r[0] < 0 or not -1 <= float(r[1]) <= 1:
+                raise ValueError(f"{usage}; got {r!r}")
+        elif not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r):
+            raise ValueError(f"{usage}; got {r!r}")
 
     # ------------------------------------------------------------------ method presets
     def merge_mode_for(self, depth: int, num_blocks: int) -> str:

@@ -42,7 +42,7 @@ GRID_HOOK = "tofu_diffusion_grid"
 BLOCK_HOOK = "tofu_diffusion_block"
 MERGE_HOOK = "tofu_diffusion_merge"
 WHOLE_BLOCK_HOOK = "tofu_diffusion_whole_block"
-HOOK_NAMES = (ROOT_HOOK, GRID_HOOK, BLOCK_HOOK, MERGE_HOOK, WHOLE_BLOCK_HOOK)
+HOOK_PREFIX = "tofu_diffusion"  # every hook this library registers (here and in the classifier adapter)
 
 
 def hidden_states_of(args: tuple, kwargs: dict, names: tuple[str, ...] = ("hidden_states",)) -> torch.Tensor:
@@ -336,7 +336,7 @@ def unregister_all(model: torch.nn.Module) -> None:
         registry = getattr(module, "_diffusers_hook", None)
         if registry is None:
             continue
-        for name in HOOK_NAMES:
+        for name in [n for n in registry.hooks if n.startswith(HOOK_PREFIX)]:
             registry.remove_hook(name, recurse=False)
         if not registry.hooks:
             # Leave the module exactly as constructed: no registry, no instance-level forward.

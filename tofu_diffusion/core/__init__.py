@@ -3,7 +3,8 @@
 from .cost import reduction_pays
 from .destinations import DESTINATIONS, alternating_partition, grid_partition, max_grid_ratio
 from .matching import attention_received, bidirectional_matching, bipartite_soft_matching, mctf_scores
-from .plan import MERGE_MODES, MergePlan, mlerp, plan_from_pairs
+from .plan import MERGE_MODES, MergePlan, fuse_attention, mlerp, plan_from_pairs
+from .schedule import layer_schedule, requested_r
 
 __all__ = [
     "DESTINATIONS",
@@ -13,10 +14,13 @@ __all__ = [
     "attention_received",
     "bidirectional_matching",
     "bipartite_soft_matching",
+    "fuse_attention",
     "grid_partition",
+    "layer_schedule",
     "max_grid_ratio",
     "mctf_scores",
     "mlerp",
     "plan_from_pairs",
     "reduction_pays",
+    "requested_r",
 ]

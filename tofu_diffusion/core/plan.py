@@ -136,7 +136,7 @@ class MergePlan:
                 f"but got a tensor of shape {tuple(x.shape)}"
             )
 
-    def _group_sum(self, x: torch.Tensor) -> torch.Tensor:
+    def group_sum(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, K, C): each slot's kept token plus the tokens merged into it."""
         b = self.batch_size
         total = _select(x, self._flat_index("kept"), b)  # a fresh tensor: safe to add into
@@ -146,12 +146,12 @@ class MergePlan:
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         """Plain mean of each group, the destination included (tomesd's scatter_reduce('mean'))."""
-        return self._group_sum(x).div_(self.group_count.to(x.dtype).unsqueeze(-1))
+        return self.group_sum(x).div_(self.group_count.to(x.dtype).unsqueeze(-1))
 
     def _weighted_mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
             return self._mean(x)
-        total = self._group_sum(x * self.weights.to(x.dtype).unsqueeze(-1))
+        total = self.group_sum(x * self.weights.to(x.dtype).unsqueeze(-1))
         return total.div_(self.merge_sizes(self.weights).to(x.dtype).unsqueeze(-1))
 
     def _mlerp(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -205,3 +205,19 @@ def plan_from_pairs(
     slot_of.scatter_(1, kept_idx, torch.arange(k, device=device).expand(b, k))
     src_slot = torch.gather(slot_of, 1, dst_tokens)
     return MergePlan(kept_idx, src_tokens, src_slot, num_tokens, weights)
+
+
+def fuse_attention(attention: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """MCTF's fused attention: (B, H, N, N) probabilities -> (B, H, K, K) over the merged tokens.
+
+    Key columns of a group are summed (a merged key receives what its members received) and query
+    rows are averaged with the plan's fusion weights (attention received times size), so every row
+    still sums to 1 and the layer needs no second ``q k^T`` on the merged tokens.
+    """
+    b, h, n, _ = attention.shape
+    # Keys: tokens along dim 1, every (head, query) pair a channel.
+    columns = plan.group_sum(attention.permute(0, 3, 1, 2).reshape(b, n, h * n))  # (B, K, H*N)
+    k = columns.shape[1]
+    rows = columns.view(b, k, h, n).permute(0, 3, 2, 1).reshape(b, n, h * k)  # queries along dim 1
+    fused = plan.merge(rows, "size_weighted")  # (B, K, H*K)
+    return fused.view(b, k, h, k).transpose(1, 2)

@@ -1,0 +1,380 @@
+"""Vision-transformer classifiers: transformers' ViT and DeiT (CLS and distillation tokens protected).
+
+Tokens are reduced for good, layer by layer, and their sizes travel with them; every layer after the
+first merge uses proportional attention (``log(size)`` of each key added to the logits, passed as the
+additive float mask the layer already forwards to SDPA, so fused kernels stay usable). All through
+``diffusers.hooks``; no layer forward is re-implemented:
+
+* ``tome`` / ``tofu`` merge between attention and MLP, as ToMe does. The layer adds its MLP output to
+  an unmerged residual, so the hooks work around it: the metric (keys averaged over heads) is read from
+  ``k_proj``; ``layernorm_after`` receives the merged tokens ``m``; the MLP's output is unmerged to keep
+  the layer's own addition well-shaped, and the layer's output becomes ``m + mlp(norm(m))``, exactly
+  ToMe's, on the reduced tokens.
+* ``mctf`` merges at the start of the layer. The layer's attention on the unmerged tokens (one
+  ``q k^T``) gives the informativeness; the tokens are fused (weights: attention received times size),
+  the attention matrix is fused alongside (``core.fuse_attention``), and a registered transformers
+  attention function applies it to the merged tokens' values: no second ``q k^T``, and the merged
+  tokens' queries and keys are never projected.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers.hooks import ModelHook
+from torch.profiler import record_function
+
+from ..config import TokenFusionConfig
+from ..core import (
+    MergePlan,
+    alternating_partition,
+    bidirectional_matching,
+    bipartite_soft_matching,
+    fuse_attention,
+    layer_schedule,
+    mctf_scores,
+)
+from .hooks import register
+
+FAMILY = "vit"
+VIT_MODEL_HOOK = "tofu_diffusion_vit_model"
+VIT_LAYER_HOOK = "tofu_diffusion_vit_layer"
+VIT_KEY_HOOK = "tofu_diffusion_vit_key"
+VIT_NORM_HOOK = "tofu_diffusion_vit_norm"
+VIT_MLP_HOOK = "tofu_diffusion_vit_mlp"
+VIT_SKIP_HOOK = "tofu_diffusion_vit_skip_projection"
+FUSED_ATTENTION = "tofu_diffusion_fused"
+_PENDING_ATTR = "_tofu_diffusion_fused_attention"
+_ORIGINAL_ATTR = "_tofu_diffusion_original_attention"
+_LAYER_PARTS = ("attention", "layernorm_before", "layernorm_after", "mlp")
+
+
+def backbone_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The ViTModel/DeiTModel inside ``model`` (or ``model`` itself); None if it is not one."""
+    for candidate in (model, getattr(model, "vit", None), getattr(model, "deit", None)):
+        if candidate is None:
+            continue
+        layers = getattr(candidate, "layers", None)
+        embeddings = getattr(candidate, "embeddings", None)
+        if (isinstance(layers, torch.nn.ModuleList) and len(layers) and embeddings is not None
+                and hasattr(embeddings, "cls_token") and all(hasattr(layers[0], p) for p in _LAYER_PARTS)
+                and hasattr(layers[0].attention, "k_proj")):
+            return candidate
+    return None
+
+
+def is_timm_vit(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def num_protected(backbone: torch.nn.Module) -> int:
+    """CLS, plus DeiT's distillation token: they sit first and are never merged."""
+    return 2 if hasattr(backbone.embeddings, "distillation_token") else 1
+
+
+def num_tokens(backbone: torch.nn.Module) -> int:
+    patches = backbone.embeddings.patch_embeddings.num_patches
+    return patches + num_protected(backbone)
+
+
+class ViTRun:
+    """State shared by the hooks of one patched classifier during a forward pass."""
+
+    def __init__(self, config: TokenFusionConfig, schedule: list[int], protected: int):
+        self.config = config
+        self.schedule = schedule
+        self.protected = protected
+        self.sizes: Optional[torch.Tensor] = None  # (B, N) tokens each token stands for; None = all ones
+        self.token_counts: dict[str, tuple[int, int]] = {}
+
+    def begin(self) -> None:
+        self.sizes = None
+
+    def size_bias(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Proportional attention: log(size) of each key, as an additive (B, 1, 1, N) mask."""
+        if self.sizes is None or not self.config.proportional_attention:
+            return None
+        return self.sizes.log().to(hidden.dtype)[:, None, None, :]
+
+    def sizes_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.sizes is None:
+            return torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.float32)
+        return self.sizes
+
+    def protected_mask(self, n: int, device: torch.device) -> torch.Tensor:
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        mask[: self.protected] = True
+        return mask
+
+
+class ViTModelHook(ModelHook):
+    """On the backbone: every forward starts with unit sizes; a user attention mask cannot follow merges."""
+
+    def __init__(self, run: ViTRun):
+        super().__init__()
+        self.run = run
+
+    def pre_forward(self, module, *args, **kwargs):
+        if kwargs.get("attention_mask") is not None or (len(args) > 3 and args[3] is not None):
+            raise ValueError("token reduction cannot follow a user attention_mask through merges; "
+                             "remove the mask or the token reduction (tofu.remove(model))")
+        self.run.begin()
+        return args, kwargs
+
+
+class LayerState:
+    """What the hooks of one layer pass to each other within a forward pass."""
+
+    def __init__(self, name: str, index: int, run: ViTRun, removed: int, merge_mode: str):
+        self.name, self.index, self.run, self.removed, self.merge_mode = name, index, run, removed, merge_mode
+        self.metric: Optional[torch.Tensor] = None
+        self.plan: Optional[MergePlan] = None
+        self.merged: Optional[torch.Tensor] = None
+        self.mlp_out: Optional[torch.Tensor] = None
+        self.skip_projections = False
+
+    def clear(self) -> None:
+        self.metric = self.plan = self.merged = self.mlp_out = None
+        self.skip_projections = False
+
+
+def _with_mask(args: tuple, kwargs: dict, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[tuple, dict]:
+    """Replace the layer's (hidden_states, attention_mask) arguments."""
+    rest = args[2:] if len(args) > 2 else ()
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "attention_mask")}
+    return (hidden, mask) + tuple(rest), kwargs
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class LayerHook(ModelHook):
+    """On every layer: proportional attention in; for reducing layers, the reduced output out."""
+
+    def __init__(self, state: LayerState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        run, state = self.state.run, self.state
+        hidden = _hidden_of(args, kwargs)
+        state.clear()
+        n_in = hidden.shape[1]
+        if state.removed > 0 and run.config.method == "mctf":
+            hidden = self._fuse_at_start(module, hidden)
+        run.token_counts[state.name] = (n_in, hidden.shape[1] if state.plan is not None else n_in)
+        return _with_mask(args, kwargs, hidden, run.size_bias(hidden))
+
+    def _fuse_at_start(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+        """MCTF: attention on the unmerged tokens, then fuse the tokens and the attention matrix."""
+        run, state, attention = self.state.run, self.state, layer.attention
+        with record_function("tofu_diffusion::plan"):
+            b, n, _ = hidden.shape
+            normed = layer.layernorm_before(hidden)
+            heads, head_dim = attention.num_attention_heads, attention.head_dim
+            q = attention.q_proj(normed).view(b, n, heads, head_dim).transpose(1, 2)
+            k = attention.k_proj(normed).view(b, n, heads, head_dim).transpose(1, 2)
+            logits = (q @ k.transpose(-1, -2)) * attention.scaling
+            bias = run.size_bias(hidden)
+            if bias is not None:
+                logits = logits + bias
+            probs = logits.softmax(dim=-1, dtype=torch.float32)
+            received = probs.detach().mean(dim=(1, 2))  # (B, N) attention each token receives
+            sizes = run.sizes_for(hidden)
+            src, dst = alternating_partition(n, hidden.device)
+            cfg = run.config
+            scores = mctf_scores(hidden.detach(), src, dst, attention=received, sizes=sizes, tau_sim=cfg.tau_sim,
+                                 tau_info=cfg.tau_info, tau_size=cfg.tau_size,
+                                 protected=run.protected_mask(n, hidden.device))
+            plan = bidirectional_matching(scores, src, dst, n, state.removed, weights=received * sizes,
+                                          protected_rows=True)
+        if plan is None:
+            return hidden
+        with record_function("tofu_diffusion::merge"):
+            merged = plan.merge(hidden, state.merge_mode)
+            setattr(attention, _PENDING_ATTR, fuse_attention(probs, plan))
+            run.sizes = plan.merge_sizes(sizes)
+        state.plan, state.skip_projections = plan, True
+        return merged
+
+    def post_forward(self, module, output):
+        run, state = self.state.run, self.state
+        attention = module.attention
+        if hasattr(attention, _PENDING_ATTR):  # never leak a fused matrix into the next call
+            delattr(attention, _PENDING_ATTR)
+        if run.config.method != "mctf" and state.merged is not None:
+            # ToMe placement: the layer added unmerge(mlp) to the unmerged residual; what ToMe computes is
+            # merged + mlp(norm(merged)) on the reduced tokens.
+            dropout = getattr(module, "dropout", None)
+            update = dropout(state.mlp_out) if dropout is not None else state.mlp_out
+            output = state.merged + update
+            run.token_counts[state.name] = (state.plan.num_tokens, output.shape[1])
+        state.clear()
+        return output
+
+
+class KeyHook(ModelHook):
+    """On ``attention.k_proj``: keep the keys, averaged over heads, as ToMe's similarity metric."""
+
+    def __init__(self, state: LayerState, heads: int):
+        super().__init__()
+        self.state, self.heads = state, heads
+
+    def post_forward(self, module, output):
+        b, n, _ = output.shape
+        self.state.metric = output.detach().view(b, n, self.heads, -1).mean(dim=2)
+        return output
+
+
+class NormAfterHook(ModelHook):
+    """On ``layernorm_after``: match on the keys and hand the norm (and so the MLP) the merged tokens."""
+
+    def __init__(self, state: LayerState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        state, run = self.state, self.state.run
+        hidden = args[0]
+        n = hidden.shape[1]
+        with record_function("tofu_diffusion::plan"):
+            src, dst = alternating_partition(n, hidden.device)
+            sizes = run.sizes_for(hidden)
+            plan = bipartite_soft_matching(state.metric, src, dst, state.removed,
+                                           protected=run.protected_mask(n, hidden.device), keep_order=True,
+                                           weights=sizes)
+        if plan is None:
+            return args, kwargs
+        with record_function("tofu_diffusion::merge"):
+            state.plan, state.merged = plan, plan.merge(hidden, state.merge_mode)
+            run.sizes = plan.merge_sizes(sizes)
+        return (state.merged,) + tuple(args[1:]), kwargs
+
+
+class MlpHook(ModelHook):
+    """On ``mlp``: keep its reduced output, return it unmerged so the layer's own addition fits."""
+
+    def __init__(self, state: LayerState):
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        if self.state.plan is None:
+            return output
+        self.state.mlp_out = output
+        with record_function("tofu_diffusion::unmerge"):
+            return self.state.plan.unmerge(output)
+
+
+class SkipProjectionHook(ModelHook):
+    """MCTF: the fused attention replaces q k^T, so the merged tokens' queries and keys are not projected."""
+
+    def __init__(self, state: LayerState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, *args, **kwargs):
+        if not self.state.skip_projections:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden = args[0] if args else kwargs["input"]
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], module.out_features)
+
+
+def fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: MCTF's fused attention where one is pending, else the original."""
+    probs = getattr(module, _PENDING_ATTR, None)
+    if probs is None:
+        original = getattr(module, _ORIGINAL_ATTR)
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    delattr(module, _PENDING_ATTR)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+    out = probs @ value  # (B, H, K, D)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _register_attention_function() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FUSED_ATTENTION, fused_attention)
+
+
+def _original_attention(config) -> callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+
+    name = config._attn_implementation
+    return eager_attention_forward if name in (None, "eager") else ALL_ATTENTION_FUNCTIONS[name]
+
+
+def merge_mode_for(config: TokenFusionConfig, index: int, num_layers: int) -> str:
+    if config.merge_mode is not None:
+        return config.merge_mode
+    if config.method == "tofu":
+        switch = num_layers // 2 if config.switch_depth is None else config.switch_depth
+        return "prune" if index < switch else "mlerp"
+    return "size_weighted"  # tome: sizes as weights; mctf: attention received times size
+
+
+def attach(model: torch.nn.Module, config: TokenFusionConfig):
+    """Register the hooks on ``model``; returns (run, layer states, a function that undoes non-hook state)."""
+    backbone = backbone_of(model)
+    layers = backbone.layers
+    if config.layers is not None and max(config.layers) >= len(layers):
+        raise ValueError(f"layers {list(config.layers)} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    protected = num_protected(backbone)
+    schedule = layer_schedule(num_tokens(backbone), len(layers), r=config.r, ratio=config.ratio,
+                              protected=protected, layers=config.layers)
+    run = ViTRun(config, schedule, protected)
+    register(backbone, ViTModelHook(run), VIT_MODEL_HOOK)
+    states = []
+    for index, (layer, removed) in enumerate(zip(layers, schedule)):
+        state = LayerState(f"layers.{index}", index, run, removed, merge_mode_for(config, index, len(layers)))
+        register(layer, LayerHook(state), VIT_LAYER_HOOK)
+        if removed > 0 and config.method == "mctf":
+            for projection in (layer.attention.q_proj, layer.attention.k_proj):
+                register(projection, SkipProjectionHook(state), VIT_SKIP_HOOK)
+        elif removed > 0:
+            register(layer.attention.k_proj, KeyHook(state, layer.attention.num_attention_heads), VIT_KEY_HOOK)
+            register(layer.layernorm_after, NormAfterHook(state), VIT_NORM_HOOK)
+            register(layer.mlp, MlpHook(state), VIT_MLP_HOOK)
+        states.append(state)
+
+    undo = _no_undo
+    if config.method == "mctf" and any(schedule):
+        undo = _use_fused_attention(backbone, layers)
+    return run, states, undo
+
+
+def _no_undo() -> None:
+    pass
+
+
+def _use_fused_attention(backbone: torch.nn.Module, layers) -> callable:
+    """Switch the model to the fused-attention function; returns the function that switches back."""
+    _register_attention_function()
+    config = backbone.config
+    previous = config._attn_implementation
+    original = _original_attention(config)
+    for layer in layers:
+        setattr(layer.attention, _ORIGINAL_ATTR, original)
+    backbone.set_attn_implementation(FUSED_ATTENTION)
+
+    def undo():
+        backbone.set_attn_implementation(previous)
+        for layer in layers:
+            for attr in (_ORIGINAL_ATTR, _PENDING_ATTR):
+                if hasattr(layer.attention, attr):
+                    delattr(layer.attention, attr)
+
+    return undo
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    if is_timm_vit(model):
+        raise TypeError(
+            f"{type(model).__name__} is a timm model; tofu-diffusion reduces transformers' ViT/DeiT "
+            "(ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification[WithTeacher]). "
+            "Load the checkpoint with transformers instead, e.g. ViTForImageClassification.from_pretrained."
+        )
