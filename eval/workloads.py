@@ -56,7 +56,7 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
 
 def embedded(name: str, device: torch.device, steps: int, guidance_scale: float) -> Workload:
     from pipelines import load_embedded, load_shapes_classifier
-    from pipelines.shapes import CLASSES, generate
+    from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
     pipe = load_embedded(name).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -67,7 +67,7 @@ def embedded(name: str, device: torch.device, steps: int, guidance_scale: float)
                     generator=_generators(seeds)).images
 
     def real_images(n):
-        return generate(n, seed=123_456_789)[0].to(device)  # a seed the models were not trained on
+        return generate(n, seed=HELD_OUT_SEED)[0].to(device)
 
     def score(images, labels):
         with torch.no_grad():

@@ -43,3 +43,22 @@ def load_classifier(path: str) -> ShapesClassifier:
     model = ShapesClassifier()
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     return model.eval()
+
+
+def shapes_vit():
+    """tiny-vit: a transformers ``ViTForImageClassification`` of the shapes, patch 4 (64 tokens + CLS)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=192,
+        num_labels=len(CLASSES),
+        id2label=dict(enumerate(CLASSES)),
+        label2id={name: i for i, name in enumerate(CLASSES)},
+    )
+    return ViTForImageClassification(config)

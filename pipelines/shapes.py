@@ -13,6 +13,7 @@ import math
 import torch
 
 IMAGE_SIZE = 32
+HELD_OUT_SEED = 987_654_321  # evaluation images: training draws seed * 1e6 + step, never this one
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "diamond")
 
 

@@ -1,6 +1,7 @@
 """Train the bundled shapes models from a seed.
 
-    python -m pipelines.train_shapes classifier --steps 1500 --out pipelines/weights/shapes-classifier
+    python -m pipelines.train_shapes classifier --steps 3000 --out pipelines/weights/shapes-classifier
+    python -m pipelines.train_shapes vit --steps 4000 --out pipelines/weights/tiny-vit
     python -m pipelines.train_shapes unet --minutes 40 --out pipelines/weights/tiny-unet
     python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
 
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .classifier import ShapesClassifier, load_classifier
-from .shapes import CLASSES, generate
+from .classifier import ShapesClassifier, load_classifier, shapes_vit
+from .shapes import CLASSES, HELD_OUT_SEED, generate
 from .shapes_pipeline import (
     ClassTokens,
     ShapesDiTPipeline,
@@ -40,29 +41,45 @@ from .shapes_pipeline import (
 
 @torch.enable_grad()
 def train_classifier(args) -> None:
+    """The CNN (``classifier``) or tiny-vit (``vit``): AdamW, warm-up then cosine decay, fresh data each step."""
     torch.manual_seed(args.seed)
-    model = ShapesClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    vit = getattr(args, "what", "classifier") == "vit"
+    model = shapes_vit() if vit else ShapesClassifier()
+    model.train()
+    peak_lr = args.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.05 if vit else 1e-4)
+    warmup = max(1, args.steps // 20)
     log = []
+    start = time.time()
     for step in range(args.steps):
         images, labels = generate(args.batch, seed=args.seed * 1_000_000 + step)
         for group in opt.param_groups:  # cosine decay: the last steps settle the features FID relies on
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        loss = F.cross_entropy(model(images), labels)
+            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        logits = model(images).logits if vit else model(images)
+        loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()
+        if vit:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0:
             log.append({"step": step, "loss": loss.item()})
-            print(f"classifier step {step} loss {loss.item():.4f}", flush=True)
+            print(f"{'vit' if vit else 'classifier'} step {step} loss {loss.item():.4f} "
+                  f"({(time.time() - start) / 60:.1f} min)", flush=True)
     model.eval()
     with torch.no_grad():
-        images, labels = generate(2000, seed=987654321)  # held-out seed
-        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+        images, labels = generate(2000, seed=HELD_OUT_SEED)
+        logits = model(images).logits if vit else model(images)
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
     os.makedirs(args.out, exist_ok=True)
-    save_file(model.state_dict(), os.path.join(args.out, "model.safetensors"))
+    if vit:
+        model.save_pretrained(args.out)
+    else:
+        save_file(model.state_dict(), os.path.join(args.out, "model.safetensors"))
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
-        json.dump({"seed": args.seed, "steps": args.steps, "batch": args.batch, "final_loss": log[-1]["loss"],
+        json.dump({"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": peak_lr,
+                   "minutes": round((time.time() - start) / 60, 2), "threads": torch.get_num_threads(),
+                   "final_loss": sum(e["loss"] for e in log[-3:]) / len(log[-3:]),
                    "held_out_accuracy": accuracy, "log": log}, f, indent=1)
     print(f"held-out accuracy {accuracy:.4f}; saved to {args.out}")
 
@@ -151,11 +168,13 @@ def _save_generator(args, pipe, step, start, log) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("classifier")
-    c.add_argument("--steps", type=int, default=1500)
-    c.add_argument("--batch", type=int, default=64)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="pipelines/weights/shapes-classifier")
+    for kind, steps, lr, out in (("classifier", 3000, 2e-3, "shapes-classifier"), ("vit", 4000, 1e-3, "tiny-vit")):
+        c = sub.add_parser(kind)
+        c.add_argument("--steps", type=int, default=steps)
+        c.add_argument("--batch", type=int, default=64)
+        c.add_argument("--lr", type=float, default=lr)
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--out", default=f"pipelines/weights/{out}")
     for kind in ("unet", "dit"):
         u = sub.add_parser(kind)
         u.add_argument("--minutes", type=float, default=40)
@@ -171,7 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    (train_classifier if args.what == "classifier" else train_generator)(args)
+    (train_classifier if args.what in ("classifier", "vit") else train_generator)(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""ToMe / ToFu / MCTF on transformers' ViT and DeiT classifiers."""
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+import tofu_diffusion as tofu
+from tofu_diffusion.core import MergePlan, fuse_attention, layer_schedule, plan_from_pairs, requested_r
+
+SMALL = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+             intermediate_size=64, num_labels=6)
+CLASSIFIERS = [
+    (ViTForImageClassification, ViTConfig, 1),
+    (DeiTForImageClassification, DeiTConfig, 2),
+    (DeiTForImageClassificationWithTeacher, DeiTConfig, 2),
+]
+
+
+def _model(cls=ViTForImageClassification, config=ViTConfig):
+    torch.manual_seed(0)
+    return cls(config(**SMALL)).eval()
+
+
+def _images(n=3, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls,config,_", CLASSIFIERS)
+@pytest.mark.parametrize("method", tofu.METHODS)
+def test_r_zero_and_removal_are_bit_identical(cls, config, _, method):
+    model, x = _model(cls, config), _images()
+    base = model(x).logits
+    with tofu.fused(model, method=method, r=0):
+        assert torch.equal(model(x).logits, base)
+    handle = tofu.apply(model, method=method, r=6)
+    assert not torch.equal(model(x).logits, base)
+    assert handle.schedule == [6, 6, 6, 6]
+    tofu.remove(model)
+    assert torch.equal(model(x).logits, base)
+    assert model.config._attn_implementation == "sdpa"  # mctf's fused-attention switch is undone
+    assert not any("_diffusers_hook" in vars(m) or "_tofu_diffusion" in " ".join(vars(m)) for m in model.modules())
+
+
+@pytest.mark.parametrize("cls,config,protected", CLASSIFIERS)
+@pytest.mark.parametrize("method", tofu.METHODS)
+def test_sizes_sum_to_the_token_count_and_protected_tokens_stay_whole(cls, config, protected, method):
+    model, x = _model(cls, config), _images()
+    handle = tofu.apply(model, method=method, r=8)
+    run = handle.blocks[0].run
+    seen = []
+
+    def check(layer, args, kwargs):
+        hidden = args[0]
+        sizes = run.sizes_for(hidden)
+        seen.append(hidden.shape[1])
+        assert sizes.shape == hidden.shape[:2]
+        assert torch.allclose(sizes.sum(dim=1), torch.full((3,), 64.0 + protected))
+
+    for layer in model.base_model.layers:
+        layer.register_forward_pre_hook(check, with_kwargs=True)
+    model(x)
+    n0 = 64 + protected
+    assert seen == [n0, n0 - 8, n0 - 16, n0 - 24]
+    assert torch.allclose(run.sizes.sum(dim=1), torch.full((3,), float(n0)))
+    # CLS (and the distillation token) were never merged: size 1, still at the front
+    assert torch.equal(run.sizes[:, :protected], torch.ones(3, protected))
+    counts = handle.token_counts()
+    assert [counts[f"layers.{i}"] for i in range(4)] == [(n0 - 8 * i, n0 - 8 * (i + 1)) for i in range(4)]
+
+
+def test_proportional_attention_equals_the_explicit_softmax():
+    model = _model()
+    handle = tofu.apply(model, method="tome", r=8)
+    run, attention = handle.blocks[0].run, model.vit.layers[0].attention
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 32, generator=g)
+    run.sizes = torch.tensor([[1.0, 3.0, 1.0, 2.0, 5.0], [1.0, 1.0, 4.0, 1.0, 1.0]])
+    out, _ = attention(hidden, run.size_bias(hidden))
+    # explicit: softmax_j(q_i k_j / sqrt(d) + log s_j) = s_j exp(q_i k_j / sqrt(d)) / sum_k s_k exp(q_i k_k / sqrt(d))
+    q = attention.q_proj(hidden).view(2, 5, 2, 16).transpose(1, 2)
+    k = attention.k_proj(hidden).view(2, 5, 2, 16).transpose(1, 2)
+    v = attention.v_proj(hidden).view(2, 5, 2, 16).transpose(1, 2)
+    weights = run.sizes[:, None, None, :] * torch.exp(q @ k.transpose(-1, -2) / 4.0)
+    probs = weights / weights.sum(dim=-1, keepdim=True)
+    expected = attention.o_proj((probs @ v).transpose(1, 2).reshape(2, 5, 32))
+    assert torch.allclose(out, expected, atol=1e-5)
+    tofu.remove(model)
+
+
+def test_fused_attention_on_a_hand_checked_example():
+    # 4 tokens; token 2 joins token 1. Weights (attention received x size) 1, 1, 3, 1.
+    plan = plan_from_pairs(4, torch.tensor([[2]]), torch.tensor([[1]]), torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
+    attention = torch.tensor([[0.1, 0.2, 0.3, 0.4],
+                              [0.25, 0.25, 0.25, 0.25],
+                              [0.4, 0.3, 0.2, 0.1],
+                              [0.0, 0.5, 0.5, 0.0]]).view(1, 1, 4, 4)
+    fused = fuse_attention(attention, plan)[0, 0]
+    # columns 1 and 2 summed; rows 1 and 2 averaged with weights 1 and 3
+    expected = torch.tensor([[0.1, 0.5, 0.4],
+                             [(0.25 + 3 * 0.4) / 4, (0.5 + 3 * 0.5) / 4, (0.25 + 3 * 0.1) / 4],
+                             [0.0, 1.0, 0.0]])
+    assert torch.allclose(fused, expected)
+    assert torch.allclose(fused.sum(dim=-1), torch.ones(3))
+
+
+def test_fused_attention_rows_sum_to_one_in_the_model():
+    model, x = _model(DeiTForImageClassificationWithTeacher, DeiTConfig), _images()
+    rows = []
+    from tofu_diffusion.adapters import vit
+
+    original = vit.fused_attention
+
+    def spy(module, query, key, value, mask, **kwargs):
+        pending = getattr(module, vit._PENDING_ATTR, None)
+        if pending is not None:
+            rows.append(pending.sum(dim=-1))
+        return original(module, query, key, value, mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    with tofu.fused(model, method="mctf", r=8):
+        AttentionInterface.register(vit.FUSED_ATTENTION, spy)
+        try:
+            model(x)
+        finally:
+            AttentionInterface.register(vit.FUSED_ATTENTION, original)
+    assert len(rows) == 4 and all(torch.allclose(r, torch.ones_like(r), atol=1e-5) for r in rows)
+
+
+def test_schedule_forms_give_the_documented_token_counts():
+    assert requested_r(4, 3) == [4, 4, 4]
+    assert requested_r((8, 0.5), 5) == [4, 6, 8, 10, 12]  # ramp r(1 - i) .. r(1 + i)
+    assert requested_r((8, -1.0), 3) == [16, 8, 0]
+    assert requested_r([3, 1], 4) == [3, 1, 0, 0]
+    with pytest.raises(ValueError, match="lists 5 layers"):
+        requested_r([1] * 5, 4)
+    # MCTF's DeiT schedule: r = 16 in blocks 1..11 takes 197 tokens to 21
+    schedule = layer_schedule(197, 12, r=[0] + [16] * 11, protected=1)
+    assert schedule == [0] + [16] * 11 and 197 - sum(schedule) == 21
+    # capped at half the unprotected tokens of each layer
+    assert layer_schedule(17, 3, r=10, protected=1) == [8, 4, 2]
+    # a ratio of each layer's current tokens
+    assert layer_schedule(65, 3, ratio=0.25) == [16, 12, 9]
+    assert layer_schedule(65, 3, r=4, layers=[1]) == [0, 4, 0]
+
+
+@pytest.mark.parametrize("r,expected", [(4, [4, 4, 4, 4]), ((4, 1.0), [0, 2, 5, 8]), ([8, 0, 2], [8, 0, 2, 0])])
+def test_model_token_counts_follow_the_schedule(r, expected):
+    model, x = _model(), _images()
+    with tofu.fused(model, method="tofu", r=r) as handle:
+        model(x)
+        assert handle.schedule == expected
+        n = 65
+        for i, removed in enumerate(expected):
+            assert handle.token_counts()[f"layers.{i}"] == (n, n - removed)
+            n -= removed
+
+
+def test_vit_model_without_head_and_bad_input():
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(**SMALL), add_pooling_layer=False).eval()
+    x = _images()
+    base = model(x).last_hidden_state
+    with tofu.fused(model, method="mctf", r=8):
+        assert model(x).last_hidden_state.shape == (3, 65 - 32, 32)
+    assert torch.equal(model(x).last_hidden_state, base)
+    with pytest.raises(ValueError, match="out of range"):
+        tofu.apply(model, method="tome", r=4, layers=[7])
+    with pytest.raises(ValueError, match="r must be"):
+        tofu.apply(model, method="tome", r=-2)
+    from pipelines.tiny import dit_transformer
+
+    with pytest.raises(ValueError, match="ViT/DeiT classifiers"):
+        tofu.apply(dit_transformer(), r=4)
+
+
+def test_gradients_flow_through_every_method():
+    model, x = _model(), _images()
+    model.train()
+    for method in tofu.METHODS:
+        with torch.enable_grad(), tofu.fused(model, method=method, r=8):
+            model.zero_grad()
+            model(x).logits.square().mean().backward()
+            grad = model.vit.layers[0].attention.q_proj.weight.grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_mctf_projects_no_query_or_key_for_merged_tokens():
+    model, x = _model(), _images()
+    calls = []
+    projection = model.vit.layers[1].attention.q_proj
+    projection.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    with tofu.fused(model, method="mctf", r=8):
+        model(x)
+    # the one-step-ahead attention projects the 57 unmerged tokens; the merged 49 are skipped (zeros)
+    assert calls == [57, 49]
+    assert math.isfinite(float(model(x).logits.sum()))
