@@ -204,3 +204,27 @@ def test_mctf_projects_no_query_or_key_for_merged_tokens():
     # the one-step-ahead attention projects the 57 unmerged tokens; the merged 49 are skipped (zeros)
     assert calls == [57, 49]
     assert math.isfinite(float(model(x).logits.sum()))
+
+
+def test_consistency_loss_decreases_over_a_few_steps():
+    from tofu_diffusion.training import consistency_loss
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**SMALL)).train()
+    images, labels = _images(16, seed=3), torch.arange(16) % 6
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    student = tofu.TokenFusionConfig(method="mctf", r=8)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(15):
+            loss, parts = consistency_loss(model, images, labels, student, teacher_max_r=4, generator=g)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            assert 0 <= parts["teacher_r"] < 4 and parts["mse"] >= 0
+    assert losses[-1] < 0.5 * losses[0]
+    assert tofu.handle_of(model) is None  # the passes leave the model unpatched
+    with pytest.raises(ValueError, match="reduces nothing"):
+        consistency_loss(model, images, labels, tofu.TokenFusionConfig(method="mctf", ratio=0.0))
