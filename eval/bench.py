@@ -23,11 +23,10 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 import tofu_diffusion as tofu
 from tofu_diffusion.adapters import hooks as _hooks
+from eval.flops import count_flops
 from eval.timing import interleaved_median
 from eval.variants import Variant, tomesd, use_variant
 
@@ -121,16 +120,6 @@ WORKLOADS = {
 }
 
 
-# torch's counter has no formula for the CPU flash-attention kernel, so attention would count as free
-# on CPU and the ideal speedup would be understated. Its inputs and output match the other SDPA kernels.
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_SDPA is not None and _CPU_SDPA not in flop_counter.flop_registry:
-
-    @flop_counter.register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 def _count_flops(fn) -> int:
     """FLOPs of one call, without the planning (matching) work: that is the reducer's overhead."""
     original = _hooks.BlockState._compute_plan
@@ -141,9 +130,7 @@ def _count_flops(fn) -> int:
 
     _hooks.BlockState._compute_plan = unplanned
     try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
+        return count_flops(fn)
     finally:
         _hooks.BlockState._compute_plan = original
 

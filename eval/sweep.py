@@ -17,9 +17,7 @@ results as one process).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import json
 import math
 import os
 import time
@@ -29,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tofu_diffusion as tofu
-from eval import metrics, workloads
+from eval import metrics, report, workloads
 from eval.timing import interleaved_median
 from eval.variants import use_variant
 
@@ -277,16 +275,18 @@ COLUMNS = ("method", "ratio", "seconds_per_image", "denoiser_ms_per_step", "spee
 
 
 def write_outputs(out: str, result: dict, images: dict, settings, grid: int) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result["rows"])
+    report.write_json_csv(out, result, COLUMNS)
     for method, ratio in settings:
         save_grid(images[(method, ratio)][:grid], os.path.join(out, f"samples_{method}_{ratio:g}.png"))
-    plot_quality_vs_speed(result, os.path.join(out, "quality_vs_speed.png"))
+    rows, floor = result["rows"], result.get("noise_floor_fid")
+    title = f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)"
+    if rows[0]["fid"] is not None:
+        band = (rows[0]["fid"], rows[0]["fid"] + floor, "baseline + noise floor") if floor is not None else None
+        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "fid", "ratio",
+                             "speedup over the baseline (x)", "FID (lower is better)", title, band)
+    else:  # no reference set: fidelity to the unreduced images instead
+        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "psnr", "ratio",
+                             "speedup over the baseline (x)", "PSNR vs baseline (dB, higher is better)", title)
 
 
 def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int = 96) -> None:
@@ -303,39 +303,6 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int =
     picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     scale = max(1, min_side // h)
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
-
-
-def plot_quality_vs_speed(result: dict, path: str) -> None:
-    """FID (or, without a reference set, 100 - PSNR) against speedup, one line per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise RuntimeError("the quality/speed plot needs matplotlib: pip install -e '.[eval]'") from error
-    rows = result["rows"]
-    use_fid = rows[0]["fid"] is not None
-    quality = (lambda row: row["fid"]) if use_fid else (lambda row: -row["psnr"])
-    base = rows[0]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        line = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"])
-        ax.plot([r["speedup"] for r in line], [quality(r) for r in line], marker="o", label=method)
-        for r in line[1:]:
-            ax.annotate(f"{r['ratio']:g}", (r["speedup"], quality(r)), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.scatter([base["speedup"]], [quality(base)], marker="*", s=200, color="black", zorder=5, label="baseline")
-    if use_fid and result.get("noise_floor_fid") is not None:
-        ax.axhspan(base["fid"], base["fid"] + result["noise_floor_fid"], color="grey", alpha=0.2,
-                   label="baseline + noise floor")
-    ax.set_xlabel("speedup over the baseline (x)")
-    ax.set_ylabel("FID (lower is better)" if use_fid else "-PSNR vs baseline (dB, lower is better)")
-    ax.set_title(f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def format_table(result: dict) -> str:

@@ -45,6 +45,13 @@ def load_classifier(path: str) -> ShapesClassifier:
     return model.eval()
 
 
+def shapes_vit_processor():
+    """Images to tiny-vit's input: 32x32, scaled to [-1, 1] like the generated data."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
 def shapes_vit():
     """tiny-vit: a transformers ``ViTForImageClassification`` of the shapes, patch 4 (64 tokens + CLS)."""
     from transformers import ViTConfig, ViTForImageClassification

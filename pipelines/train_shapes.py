@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .classifier import ShapesClassifier, load_classifier, shapes_vit
+from .classifier import ShapesClassifier, load_classifier, shapes_vit, shapes_vit_processor
 from .shapes import CLASSES, HELD_OUT_SEED, generate
 from .shapes_pipeline import (
     ClassTokens,
@@ -74,6 +74,7 @@ def train_classifier(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     if vit:
         model.save_pretrained(args.out)
+        shapes_vit_processor().save_pretrained(args.out)  # so --data ImageFolder evaluation works too
     else:
         save_file(model.state_dict(), os.path.join(args.out, "model.safetensors"))
     with open(os.path.join(args.out, "training_log.json"), "w") as f:

@@ -1,0 +1,193 @@
+"""Accuracy against throughput of ToMe / ToFu / MCTF on a ViT/DeiT image classifier.
+
+    python -m eval.classify --model tiny-vit --methods none tome tofu mctf --r 4 8 --out results/classify
+
+For every (method, r): top-1 accuracy, images per second (interleaved repeats against the baseline in
+the same run, median), GFLOPs per image (torch.utils.flop_counter, matching included) and the tokens
+entering each layer. Writes ``results.json``, ``results.csv`` and ``accuracy_vs_throughput.png``.
+
+The embedded default ``tiny-vit`` is evaluated on held-out procedural shapes; a real checkpoint is
+``--model <hub id or folder> --data <ImageFolder>`` (one sub-folder per class, named as the model's labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Optional
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import tofu_diffusion as tofu
+from eval import report
+from eval.flops import count_flops
+from eval.timing import interleaved_median
+from eval.workloads import IMAGE_SUFFIXES
+
+COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "gflops", "tokens_per_layer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny-vit", help="tiny-vit (bundled) or a transformers hub id / local folder")
+    p.add_argument("--methods", nargs="+", default=["none", "tome", "tofu", "mctf"], choices=("none", *tofu.METHODS))
+    p.add_argument("--r", nargs="+", type=int, default=[2, 4, 8], help="tokens removed per layer")
+    p.add_argument("--data", help="ImageFolder of evaluation images (real checkpoints)")
+    p.add_argument("--num-images", type=int, default=2000, help="bundled model: held-out images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (median)")
+    p.add_argument("--out", default="results/classify")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = p.parse_args(argv)
+    if min(args.r) < 0:
+        p.error("--r values must be >= 0")
+    return args
+
+
+def embedded_or(name: str) -> str:
+    """The folder of the bundled ``tiny-vit``, or ``name`` itself (a hub id or folder)."""
+    if name == "tiny-vit":
+        from pipelines import embedded_path
+
+        return embedded_path("tiny-vit")
+    return name
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(embedded_or(name), dtype=dtype).to(device).eval()
+
+
+def load_data(args, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels): held-out shapes for tiny-vit, else an ImageFolder through the model's processor."""
+    if args.data is None:
+        if args.model != "tiny-vit":
+            raise ValueError(f"{args.model}: pass --data with an ImageFolder (one sub-folder per class)")
+        from pipelines.shapes import HELD_OUT_SEED, generate
+
+        return generate(args.num_images, seed=HELD_OUT_SEED)
+    from transformers import AutoImageProcessor
+
+    if not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data} is not a folder (expected one sub-folder of images per class)")
+    source = embedded_or(args.model)
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"{args.model} has no image processor (preprocessor_config.json) to prepare --data "
+                         "images; save one next to the model with ViTImageProcessor(...).save_pretrained") from error
+    label2id = {k.lower(): v for k, v in model.config.label2id.items()}
+    classes = sorted(d for d in os.listdir(args.data) if os.path.isdir(os.path.join(args.data, d)))
+    if not classes:
+        raise ValueError(f"--data {args.data} has no class sub-folders")
+    unknown = [c for c in classes if c.lower() not in label2id]
+    if unknown:
+        raise ValueError(f"class folders {unknown[:5]} are not labels of {args.model} "
+                         f"(e.g. {list(label2id)[:5]}); name the folders after model.config.id2label")
+    pixels, labels = [], []
+    for name in classes:
+        folder = os.path.join(args.data, name)
+        for file in sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES)):
+            image = Image.open(os.path.join(folder, file)).convert("RGB")
+            pixels.append(processor(images=image, return_tensors="pt")["pixel_values"][0])
+            labels.append(label2id[name.lower()])
+    return torch.stack(pixels), torch.tensor(labels)
+
+
+def accuracy(model, images, labels, batch_size, device, dtype) -> float:
+    hits = 0
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device, dtype)
+        hits += int((model(batch).logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum())
+    return hits / images.shape[0]
+
+
+def settings_of(args) -> list[tuple[str, int]]:
+    settings = [("none", 0)]
+    for method in args.methods:
+        if method != "none":
+            settings += [(method, r) for r in sorted(set(args.r)) if r > 0]
+    return settings
+
+
+def use(model, method: str, r: int) -> None:
+    if tofu.handle_of(model) is not None:
+        tofu.remove(model)
+    if method != "none":
+        tofu.apply(model, method=method, r=r)
+
+
+def tokens_per_layer(model, sample) -> list[int]:
+    """Tokens entering each layer, and the count after the last one."""
+    handle = tofu.handle_of(model)
+    if handle is None:
+        from tofu_diffusion.adapters.vit import backbone_of, num_tokens
+
+        backbone = backbone_of(model)
+        return [num_tokens(backbone)] * (len(backbone.layers) + 1)
+    model(sample)
+    counts = handle.token_counts()
+    ordered = [counts[f"layers.{i}"] for i in range(len(counts))]
+    return [n_in for n_in, _ in ordered] + [ordered[-1][1]]
+
+
+def evaluate(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = load_model(args.model, device, dtype)
+    images, labels = load_data(args, model)
+    settings = settings_of(args)
+    timing_batch = images[: args.batch_size].to(device, dtype)
+    one = images[:1].to(device, dtype)
+
+    names = [f"{m}_{r}" for m, r in settings]
+    setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
+    seconds = interleaved_median({n: (lambda: model(timing_batch)) for n in names}, setups,
+                                 repeats=args.repeats, device=device)
+    rows = []
+    for name, (method, r) in tqdm(list(zip(names, settings)), desc="evaluating"):
+        use(model, method, r)
+        rows.append({
+            "method": method, "r": r,
+            "accuracy": accuracy(model, images, labels, args.batch_size, device, dtype),
+            "images_per_second": timing_batch.shape[0] / seconds[name],
+            "speedup": seconds[names[0]] / seconds[name],
+            "gflops": count_flops(lambda: model(one)) / 1e9,
+            "tokens_per_layer": tokens_per_layer(model, one),
+        })
+    use(model, "none", 0)
+    return {"model": args.model, "num_images": int(images.shape[0]), "device": str(device),
+            "timing_batch": int(timing_batch.shape[0]), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    header = f"{'method':<7}{'r':>4}{'top-1':>8}{'img/s':>10}{'speedup':>9}{'GFLOPs':>9}  tokens per layer"
+    lines = [header, "-" * (len(header) + 20)]
+    for row in result["rows"]:
+        lines.append(f"{row['method']:<7}{row['r']:>4}{100 * row['accuracy']:>7.2f}%{row['images_per_second']:>10.0f}"
+                     f"{row['speedup']:>8.2f}x{row['gflops']:>9.4f}  {' '.join(map(str, row['tokens_per_layer']))}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Optional[dict]:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    result = evaluate(args)
+    report.write_json_csv(args.out, result, COLUMNS)
+    report.tradeoff_plot(os.path.join(args.out, "accuracy_vs_throughput.png"),
+                         [dict(r, accuracy=100 * r["accuracy"]) for r in result["rows"]],
+                         "images_per_second", "accuracy", "r", "images per second", "top-1 accuracy (%)",
+                         f"{result['model']}: accuracy vs throughput ({result['num_images']} images)")
+    print(f"\n{result['model']}: {result['num_images']} images, {result['device']}, timing batch {result['timing_batch']}")
+    print(format_table(result))
+    print(f"\nwrote {args.out}/results.json, results.csv, accuracy_vs_throughput.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Writing results: JSON, CSV, and a quality-against-speed plot (shared by the sweep and eval.classify)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional, Sequence
+
+
+def write_json_csv(out: str, result: dict, columns: Sequence[str]) -> None:
+    """``results.json`` (the whole result) and ``results.csv`` (its rows) under ``out``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"]:
+            writer.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()})
+
+
+def tradeoff_plot(path: str, rows: list[dict], x: str, y: str, label: str, xlabel: str, ylabel: str, title: str,
+                  band: Optional[tuple[float, float, str]] = None) -> None:
+    """One line per method from the baseline (the first row, marked with a star) through its settings.
+
+    ``label`` names the row field printed next to each point (the ratio or r); ``band`` (low, high, text)
+    shades a horizontal range, e.g. the baseline plus the noise floor.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError("plots need matplotlib: pip install -e '.[eval]'") from error
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        line = [base] + [r for r in rows[1:] if r["method"] == method]
+        ax.plot([r[x] for r in line], [r[y] for r in line], marker="o", label=method)
+        for r in line[1:]:
+            ax.annotate(f"{r[label]}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([base[x]], [base[y]], marker="*", s=200, color="black", zorder=5, label="baseline")
+    if band is not None:
+        ax.axhspan(band[0], band[1], color="grey", alpha=0.2, label=band[2])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""eval.classify end to end on a small ViT and an ImageFolder, as a user with a real checkpoint runs it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval import classify
+from pipelines.classifier import shapes_vit, shapes_vit_processor
+from pipelines.shapes import CLASSES, generate
+
+
+@pytest.fixture(scope="module")
+def vit_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    torch.manual_seed(0)
+    shapes_vit().save_pretrained(root / "model")
+    shapes_vit_processor().save_pretrained(root / "model")
+    images, labels = generate(12, seed=5)
+    for k, (image, label) in enumerate(zip(images, labels)):
+        folder = root / "data" / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{k}.png")
+    return str(root / "model"), str(root / "data")
+
+
+def test_classify_on_an_image_folder(vit_and_data, tmp_path):
+    model, data = vit_and_data
+    out = tmp_path / "out"
+    result = classify.main(["--model", model, "--data", data, "--methods", "none", "tome", "mctf", "--r", "4", "8",
+                            "--repeats", "1", "--batch-size", "6", "--out", str(out)])
+    rows = result["rows"]
+    assert [(r["method"], r["r"]) for r in rows] == [("none", 0), ("tome", 4), ("tome", 8), ("mctf", 4), ("mctf", 8)]
+    assert result["num_images"] == 12
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["tokens_per_layer"] == [65] * 7
+    for row in rows[1:]:
+        r = row["r"]
+        assert row["tokens_per_layer"] == [65 - r * i for i in range(7)]
+        assert row["gflops"] < base["gflops"] and 0 <= row["accuracy"] <= 1
+    tome4, tome8 = rows[1], rows[2]
+    assert tome8["gflops"] < tome4["gflops"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == rows
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("method,r,accuracy")
+    assert (out / "accuracy_vs_throughput.png").stat().st_size > 1000
+
+
+def test_classify_explains_bad_data(vit_and_data, tmp_path):
+    model, _ = vit_and_data
+    with pytest.raises(ValueError, match="not a folder"):
+        classify.main(["--model", model, "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    (tmp_path / "zebra").mkdir()
+    with pytest.raises(ValueError, match="not labels of"):
+        classify.main(["--model", model, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
