@@ -102,8 +102,12 @@ def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int
 def build_pipeline(kind: str):
     """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet) or ``"dit"`` (tiny-dit)."""
     if kind == "unet":
-        return ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
-    return ShapesDiTPipeline(shapes_dit(), flow_scheduler())
+        pipe = ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
+    else:
+        pipe = ShapesDiTPipeline(shapes_dit(), flow_scheduler())
+    for module in _components(pipe):  # as from_pretrained returns them: DiT drops labels in train mode
+        module.eval()
+    return pipe
 
 
 def _components(pipe) -> list[torch.nn.Module]:
@@ -114,6 +118,8 @@ def _components(pipe) -> list[torch.nn.Module]:
 def train_generator(args) -> None:
     torch.manual_seed(args.seed)
     pipe = build_pipeline(args.what)
+    if getattr(args, "init", None):  # continue from a saved pipeline (its EMA weights) with a fresh optimizer
+        pipe = type(pipe).from_pretrained(args.init)
     ema_pipe = copy.deepcopy(pipe)
     ema_pipe.set_progress_bar_config(disable=True)
     # The models stay in eval mode: they have no dropout, and DiT's train-mode label dropout would add to
@@ -124,7 +130,7 @@ def train_generator(args) -> None:
     start, step, log = time.time(), 0, []
     print(f"{args.what} parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
     while (time.time() - start) / 60 < args.minutes and step < args.max_steps:
-        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + step)
+        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step)
         x0 = to_latent(images) if args.what == "unet" else images
         # 10% "no class" labels teach the unconditional prediction classifier-free guidance needs.
         drop = torch.rand(args.batch, generator=g) < 0.1
@@ -186,6 +192,8 @@ def main(argv=None) -> None:
         u.add_argument("--ema", type=float, default=0.999)
         u.add_argument("--seed", type=int, default=0)
         u.add_argument("--snapshot-every", type=int, default=0, help="save (and score) the EMA every N steps")
+        u.add_argument("--init", help="start from this saved pipeline folder instead of random weights")
+        u.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
         u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
         u.add_argument("--out", default=f"pipelines/weights/tiny-{kind}")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -1,16 +1,18 @@
-"""The bundled shapes pipeline: folder round trip, seeded determinism, and token fusion on it."""
+"""The bundled shapes pipelines: folder round trip, seeded determinism, and token fusion on them."""
 
+import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 import tofu_diffusion as tofu
+from pipelines import load_embedded
 from pipelines.classifier import ShapesClassifier
-from pipelines.shapes_pipeline import ClassTokens, ShapesUNetPipeline, shapes_unet, to_image, to_latent
+from pipelines.shapes_pipeline import to_image, to_latent
+from pipelines.train_shapes import build_pipeline
 
 
-def _pipe():
+def _pipe(kind):
     torch.manual_seed(0)
-    pipe = ShapesUNetPipeline(shapes_unet(), ClassTokens(), FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000))
+    pipe = build_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -25,10 +27,12 @@ def test_latent_is_an_exact_rearrangement():
     assert torch.equal(to_image(to_latent(images)), images)
 
 
-def test_save_and_load_folder_round_trip(tmp_path):
-    pipe = _pipe()
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_save_and_load_folder_round_trip(tmp_path, kind):
+    pipe = _pipe(kind)
     pipe.save_pretrained(tmp_path)
-    loaded = ShapesUNetPipeline.from_pretrained(tmp_path)
+    loaded = load_embedded(str(tmp_path))
+    assert type(loaded) is type(pipe)
     loaded.set_progress_bar_config(disable=True)
     images = _sample(pipe)
     assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
@@ -36,15 +40,28 @@ def test_save_and_load_folder_round_trip(tmp_path):
     assert not torch.equal(_sample(pipe, seed=1), images)
 
 
-def test_token_fusion_on_the_shapes_unet():
-    pipe = _pipe()
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_token_fusion_on_the_shapes_generators(kind):
+    pipe = _pipe(kind)
     base = _sample(pipe)
     handle = tofu.apply(pipe, method="tofu", ratio=0.5)
     reduced = _sample(pipe)
     assert not torch.equal(reduced, base) and torch.equal(_sample(pipe), reduced)
-    assert {n for n, _ in handle.token_counts().values()} == {256}  # attention at full (16x16) resolution
+    assert {n for n, _ in handle.token_counts().values()} == {256}  # attention on 16x16 tokens
     tofu.remove(pipe)
     assert torch.equal(_sample(pipe), base)
+
+
+def test_per_image_generators_and_bad_labels():
+    pipe = _pipe("dit")
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    pair = pipe([1, 2], num_inference_steps=2, generator=gens).images
+    alone = pipe([2], num_inference_steps=2, generator=[torch.Generator().manual_seed(8)]).images
+    assert torch.allclose(pair[1:], alone, atol=1e-5)  # an image depends on its own seed only
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 6\)"):
+        pipe([6], num_inference_steps=2)
+    with pytest.raises(ValueError, match="one per image"):
+        pipe([1, 2], num_inference_steps=2, generator=gens[:1])
 
 
 def test_classifier_features_and_logits():

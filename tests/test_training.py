@@ -4,27 +4,46 @@ import json
 import os
 from argparse import Namespace
 
+import pytest
 import torch
 
-from pipelines.shapes_pipeline import ShapesUNetPipeline
-from pipelines.train_shapes import load_classifier, train_classifier, train_unet
+from pipelines import load_embedded
+from pipelines.classifier import load_classifier
+from pipelines.train_shapes import train_classifier, train_generator
+
+
+def _log(out):
+    with open(os.path.join(out, "training_log.json")) as f:
+        return json.load(f)
 
 
 def test_classifier_training_lowers_the_loss(tmp_path):
     out = str(tmp_path / "clf")
-    train_classifier(Namespace(steps=101, batch=32, seed=0, out=out))
-    log = json.load(open(os.path.join(out, "training_log.json")))
-    assert log["log"][-1]["loss"] < log["log"][0]["loss"] * 0.9
-    model = load_classifier(out)
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+    train_classifier(Namespace(what="classifier", steps=101, batch=32, lr=2e-3, seed=0, out=out))
+    log = _log(out)
+    assert log["log"][-1]["loss"] < log["log"][0]["loss"]
+    assert load_classifier(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
 
 
-def test_unet_training_lowers_the_loss_and_saves_a_pipeline(tmp_path):
-    out = str(tmp_path / "unet")
-    train_unet(Namespace(minutes=5, max_steps=101, batch=16, lr=1e-3, warmup=20, ema=0.99, seed=0,
-                         classifier=None, out=out))
-    log = json.load(open(os.path.join(out, "training_log.json")))
+def test_vit_training_saves_a_transformers_classifier(tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    out = str(tmp_path / "vit")
+    train_classifier(Namespace(what="vit", steps=101, batch=32, lr=1e-3, seed=0, out=out))
+    log = _log(out)
+    assert log["log"][-1]["loss"] < log["log"][0]["loss"]
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.id2label[0] == "disc"
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}
+
+
+@pytest.mark.parametrize("what", ["unet", "dit"])
+def test_generator_training_lowers_the_loss_and_saves_a_pipeline(tmp_path, what):
+    out = str(tmp_path / what)
+    train_generator(Namespace(what=what, minutes=5, max_steps=101, batch=16, lr=1e-3, warmup=20, ema=0.99, seed=0,
+                              snapshot_every=0, classifier=None, out=out))
+    log = _log(out)
     assert log["steps"] == 101 and log["log"][-1]["loss"] < log["log"][0]["loss"]
-    pipe = ShapesUNetPipeline.from_pretrained(out)
+    pipe = load_embedded(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe([1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 32, 32)
