@@ -118,7 +118,7 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
     """A diffusers pipeline from a hub id or local folder (``DiffusionPipeline.from_pretrained``)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     accepted = inspect.signature(pipe.__call__).parameters
     if "prompt" in accepted:

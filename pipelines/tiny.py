@@ -157,3 +157,54 @@ def demo_sd_unet(seed: int = 0) -> UNet2DConditionModel:
         attention_head_dim=2,  # diffusers' legacy name: this UNet's number of heads
         norm_num_groups=32,
     ).eval()
+
+
+_WORDS = ("a", "red", "blue", "green", "disc", "square", "triangle", "ring", "cross", "diamond", "on", "stripes")
+
+
+def tiny_tokenizer(folder) -> "CLIPTokenizer":
+    """A CLIP BPE tokenizer over a dozen words, written to ``folder`` (no download)."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
+    vocab.update({f"{w}</w>": i + 3 for i, w in enumerate(_WORDS)})
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), unk_token="<unk>",
+                         model_max_length=77)
+
+
+def _text_config() -> dict:
+    return {"vocab_size": len(_WORDS) + 3, "hidden_size": TEXT_DIM, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1}
+
+
+def sd_pipeline_with_text(folder, seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny Stable Diffusion pipeline with its own tokenizer and CLIP text encoder, as a hub folder has."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    pipe = sd_pipeline()
+    pipe.register_modules(tokenizer=tiny_tokenizer(folder), text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config())).eval())
+    return pipe
+
+
+def save_tiny_clip(folder, seed: int = 0) -> None:
+    """A tiny random CLIP model and processor saved in ``folder``, for CLIP-score plumbing."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+              "num_attention_heads": 4}
+    CLIPModel(CLIPConfig(text_config=_text_config(), vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tiny_tokenizer(folder))
+    processor.save_pretrained(folder)

@@ -74,30 +74,13 @@ def test_class_accuracy_counts_hits():
 
 
 def test_clip_score_with_a_local_clip_model(tmp_path):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from pipelines.tiny import save_tiny_clip
 
-    # a tiny random CLIP saved in the format a user would point --clip-model at
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 77},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
-                       "num_hidden_layers": 2, "num_attention_heads": 4},
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(tmp_path)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3, "disc</w>": 4}
-    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import CLIPImageProcessor
-
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
-
+    save_tiny_clip(tmp_path)  # a tiny random CLIP in the format a user would point --clip-model at
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     score = metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"])
     assert math.isfinite(score) and 0 <= score <= 100
     assert metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"]) == score
+    assert metrics.clip_score(str(tmp_path), images, ["a blue cross", "a ring"]) != score
     with pytest.raises(RuntimeError, match="--clip-model"):
         metrics.clip_score(str(tmp_path / "nowhere"), images, ["a", "b"])

@@ -91,3 +91,38 @@ def test_two_processes_give_the_results_of_one(unet_folder, tmp_path):
     quality = ("fid", "class_accuracy", "psnr", "ssim")
     assert [{k: r[k] for k in quality} for r in two["rows"]] == [{k: r[k] for k in quality} for r in one["rows"]]
     assert two["noise_floor_fid"] == one["noise_floor_fid"]
+
+
+class MeanColour(torch.nn.Module):
+    """A user-given FID feature network (--feature-module): per-channel means and deviations."""
+
+    num_features = 6
+
+    def forward(self, images):
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+def test_sweep_on_a_text_to_image_checkpoint_folder(tmp_path):
+    """The real-checkpoint path: from_pretrained(folder), prompts, a reference folder, a feature module, CLIP."""
+    from PIL import Image
+
+    from pipelines.tiny import save_tiny_clip, sd_pipeline_with_text
+
+    sd_pipeline_with_text(tmp_path / "tok").save_pretrained(tmp_path / "sd")
+    save_tiny_clip(tmp_path / "clip")
+    (tmp_path / "prompts.txt").write_text("a red disc\na blue square on stripes\n")
+    (tmp_path / "real").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(6):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(tmp_path / "real" / f"{k}.png")
+    result = sweep.main(["--model", str(tmp_path / "sd"), "--prompts", str(tmp_path / "prompts.txt"),
+                         "--reference-dir", str(tmp_path / "real"), "--feature-module", "test_sweep:MeanColour",
+                         "--clip-model", str(tmp_path / "clip"), "--resolution", "32", "--methods", "tome",
+                         "--ratios", "0", "0.5", "--guidance-scale", "3.0", "--out", str(tmp_path / "out"),
+                         "--num-images", "4", "--batch-size", "2", "--steps", "2", "--repeats", "1"])
+    base, reduced = result["rows"]
+    assert base["class_accuracy"] is None and 0 <= base["clip_score"] <= 100
+    assert reduced["psnr"] < 100 and reduced["fid"] >= 0 and result["noise_floor_fid"] > 0
+    with pytest.raises(ValueError, match="--prompts"):
+        sweep.main(["--model", str(tmp_path / "sd"), "--out", str(tmp_path / "x"), *SMALL])

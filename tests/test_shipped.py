@@ -1,0 +1,52 @@
+"""The shipped models load from their folders and do their jobs on held-out data."""
+
+import pytest
+import torch
+
+import tofu_diffusion as tofu
+from eval.flops import count_flops
+from pipelines import load_embedded, load_shapes_classifier
+from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_shapes_classifier()
+
+
+def test_shipped_classifier_recognises_held_out_shapes(classifier):
+    images, labels = generate(600, seed=HELD_OUT_SEED)
+    accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.95
+
+
+@pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit"])
+def test_shipped_generators_draw_the_requested_class(name, classifier):
+    pipe = load_embedded(name)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(len(CLASSES)).repeat_interleave(5)
+    images = pipe(labels, num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
+    accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 2 / len(CLASSES)  # chance is 1/6
+
+
+def test_shipped_vit_keeps_its_accuracy_at_a_small_r_with_fewer_flops():
+    from transformers import AutoModelForImageClassification
+
+    from pipelines import embedded_path
+
+    model = AutoModelForImageClassification.from_pretrained(embedded_path("tiny-vit")).eval()
+    images, labels = generate(1000, seed=HELD_OUT_SEED)
+
+    def accuracy():
+        return (model(images).logits.argmax(1) == labels).float().mean().item()
+
+    def flops():
+        return count_flops(lambda: model(images[:1]))
+
+    base_accuracy, base_flops = accuracy(), flops()
+    assert base_accuracy > 0.9
+    for method in tofu.METHODS:
+        with tofu.fused(model, method=method, r=2):
+            assert abs(accuracy() - base_accuracy) <= 0.01, method
+            assert flops() < 0.9 * base_flops
