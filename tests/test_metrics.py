@@ -74,13 +74,22 @@ def test_class_accuracy_counts_hits():
 
 
 def test_clip_score_with_a_local_clip_model(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
     from pipelines.tiny import save_tiny_clip
 
-    save_tiny_clip(tmp_path)  # a tiny random CLIP in the format a user would point --clip-model at
+    save_tiny_clip(tmp_path, seed=1)  # a tiny random CLIP in the format a user would point --clip-model at
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    score = metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"])
-    assert math.isfinite(score) and 0 <= score <= 100
-    assert metrics.clip_score(str(tmp_path), images, ["a red disc", "a disc"]) == score
-    assert metrics.clip_score(str(tmp_path), images, ["a blue cross", "a ring"]) != score
+    prompts = ["a red disc", "a disc"]
+    score = metrics.clip_score(str(tmp_path), images, prompts)
+    # the definition: 100 * mean over pairs of max(cos(image embedding, text embedding), 0), on uint8 images
+    model, processor = CLIPModel.from_pretrained(tmp_path), CLIPProcessor.from_pretrained(tmp_path)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    inputs = processor(text=prompts, images=list(pixels), return_tensors="pt", padding=True)
+    image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image, text)
+    assert (cosine > 0).all()
+    assert score == pytest.approx(100 * cosine.mean().item(), rel=1e-4)
     with pytest.raises(RuntimeError, match="--clip-model"):
         metrics.clip_score(str(tmp_path / "nowhere"), images, ["a", "b"])
