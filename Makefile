@@ -3,7 +3,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: install demo test clean
+.PHONY: install demo classify test clean
+
+# The main job on the bundled model, sized to finish in a few minutes on 2 CPU cores.
+DEMO_ARGS ?= --model tiny-unet --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 --num-images 64 --steps 10 --out results/sweep
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m eval.demo
+	$(BIN)/python -m eval.sweep $(DEMO_ARGS)
+
+classify: install
+	$(BIN)/python -m eval.classify --model tiny-vit --out results/classify
 
 test: install
 	$(BIN)/python -m pytest tests

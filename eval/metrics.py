@@ -75,6 +75,8 @@ class FID:
     def __init__(self, metric: FrechetInceptionDistance, real: torch.Tensor, batch_size: int = 256):
         if metric.reset_real_features:
             raise ValueError("FID needs a metric built with reset_real_features=False to keep the real features")
+        if int(metric.real_features_num_samples) != 0:
+            raise ValueError("this FID metric already holds real features; pass a freshly built one")
         if real.shape[0] < 2:
             raise ValueError(f"FID needs at least 2 real images; got {real.shape[0]}")
         self.metric, self.batch_size = metric, batch_size

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (bundled: 2.0)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (bundled: 4.0)")
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     p.add_argument("--num-reference", type=int, default=2048, help="real images for FID (bundled models)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median)")
@@ -212,7 +212,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     from pipelines import shapes_pipeline_class
 
     if shapes_pipeline_class(args.model) is not None:
-        work = workloads.embedded(args.model, device, args.steps, 2.0 if args.guidance_scale is None else args.guidance_scale)
+        work = workloads.embedded(args.model, device, args.steps, args.guidance_scale)
     else:
         work = workloads.checkpoint(args, device, dtype)
     settings = settings_of(args)
@@ -240,10 +240,14 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     real = work.real_images(max(args.num_reference, args.num_images)) if work.real_images else None
     fid = None
     if real is not None:
-        scorer = metrics.FID(work.fid_metric.to(device), real.to(device))
+        scorer = metrics.FID(work.fid_metric().to(device), real.to(device))
         fid = lambda fake: scorer(from_uint8(fake).to(device))  # noqa: E731
     baseline = from_uint8(images[("none", 0.0)])
-    noise_floor = fid(floor_images) if fid else None
+    noise_floor = None
+    if work.fid_metric is not None:
+        # The same model and settings, other seeds: how far FID moves by chance alone.
+        against_baseline = metrics.FID(work.fid_metric().to(device), baseline.to(device))
+        noise_floor = against_baseline(from_uint8(floor_images).to(device))
     rows = []
     for method, ratio in tqdm(settings, desc="scoring", disable=not sharding.is_main):
         name, fake = setting_name(method, ratio), from_uint8(images[(method, ratio)])

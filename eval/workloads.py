@@ -36,7 +36,7 @@ class Workload:
     conditions: list  # one per image index (class label or prompt), cycled
     draw: Callable[[list[int], list], torch.Tensor]  # (seeds, conditions) -> images in [-1, 1]
     real_images: Optional[Callable[[int], torch.Tensor]]  # n -> reference images in [-1, 1]
-    fid_metric: Optional[object]  # torchmetrics FID (its features define what FID means here)
+    fid_metric: Optional[Callable[[], object]]  # a fresh torchmetrics FID (its features define what FID means)
     score: Callable[[torch.Tensor, list], dict] = field(default=lambda images, conditions: {})
 
     def condition(self, index: int):
@@ -54,7 +54,7 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def embedded(name: str, device: torch.device, steps: int, guidance_scale: float) -> Workload:
+def embedded(name: str, device: torch.device, steps: int, guidance_scale: Optional[float] = None) -> Workload:
     from pipelines import load_embedded, load_shapes_classifier
     from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
@@ -62,9 +62,10 @@ def embedded(name: str, device: torch.device, steps: int, guidance_scale: float)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_shapes_classifier().to(device)
 
+    options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+
     def draw(seeds, labels):
-        return pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=_generators(seeds)).images
+        return pipe(labels, num_inference_steps=steps, generator=_generators(seeds), **options).images
 
     def real_images(n):
         return generate(n, seed=HELD_OUT_SEED)[0].to(device)
@@ -75,7 +76,8 @@ def embedded(name: str, device: torch.device, steps: int, guidance_scale: float)
             return {"class_accuracy": metrics.class_accuracy(classifier, images.to(device), wanted)}
 
     extractor = metrics.FeatureExtractor(classifier, classifier.feature_dim)
-    return Workload(name, pipe, list(range(len(CLASSES))), draw, real_images, metrics.feature_fid(extractor), score)
+    return Workload(name, pipe, list(range(len(CLASSES))), draw, real_images,
+                    lambda: metrics.feature_fid(extractor), score)
 
 
 def load_prompts(path: str) -> list[str]:
@@ -145,9 +147,15 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
     real_images = fid_metric = None
     if args.reference_dir:
         if args.feature_module:
-            fid_metric = metrics.feature_fid(_feature_module(args.feature_module))
+            extractor = _feature_module(args.feature_module)
+
+            def fid_metric():
+                return metrics.feature_fid(extractor)
         else:
-            fid_metric = metrics.inception_fid(args.inception_weights)
+            metrics.inception_fid(args.inception_weights)  # fail early, before any image is drawn
+
+            def fid_metric():
+                return metrics.inception_fid(args.inception_weights)
 
         def real_images(n):
             size = args.resolution or pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 1)

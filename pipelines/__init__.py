@@ -52,8 +52,10 @@ def load_embedded(name_or_path: str):
     if cls is None:
         raise ValueError(f"{name_or_path!r} is neither a bundled model ({', '.join(EMBEDDED_GENERATORS)}) nor a "
                          "folder saved from a shapes pipeline")
+    import torch
+
     path = embedded_path(name_or_path) if name_or_path in EMBEDDED_GENERATORS else name_or_path
-    return cls.from_pretrained(path)
+    return cls.from_pretrained(path, dtype=torch.float32)  # the bundled weights are stored in float16
 
 
 def load_shapes_classifier():

@@ -32,6 +32,10 @@ class ShapesClassifier(nn.Module):
         """(N, 3, H, W) in [-1, 1] -> (N, 128) penultimate features."""
         return self.body(images)
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 128, H/4, W/4): the features before global pooling."""
+        return self.body[:-2](images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 

@@ -30,6 +30,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from .shapes import CLASSES, IMAGE_SIZE
 
 PATCH = 2  # tiny-unet: pixels per latent position along each side
+# Strong guidance: the small generators follow their class far more often with it (measured 2 -> 5:
+# 21% -> 44% class accuracy for tiny-dit early in training).
+DEFAULT_GUIDANCE = 4.0
 
 
 def to_latent(images: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class _ShapesPipeline(DiffusionPipeline):
         self,
         class_labels: Sequence[int] | torch.Tensor,
         num_inference_steps: int = 20,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         generator: Optional[torch.Generator | list[torch.Generator]] = None,
         output_type: str = "pt",
     ) -> ImagePipelineOutput:
