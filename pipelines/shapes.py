@@ -40,12 +40,10 @@ def _shape_masks(kind: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
     return masks.gather(1, kind.view(-1, 1, 1, 1).expand(-1, 1, *u.shape[1:])).squeeze(1)
 
 
-def _backgrounds(g: torch.Generator, n: int, x: torch.Tensor, y: torch.Tensor, plain: bool) -> torch.Tensor:
+def _backgrounds(g: torch.Generator, n: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1]: gradient, stripes, checker or noise, each between two random colours."""
     h, w = x.shape[-2:]
     kind = torch.randint(4, (n,), generator=g)
-    if plain:
-        kind = torch.zeros_like(kind)  # gradients only
     a, b = _colours(g, n), _colours(g, n)
     angle = _uniform(g, n, 0, math.pi).view(n, 1, 1)
     along = x * torch.cos(angle) + y * torch.sin(angle)  # (N, H, W) in about [-1.4, 1.4]
@@ -62,12 +60,8 @@ def _backgrounds(g: torch.Generator, n: int, x: torch.Tensor, y: torch.Tensor, p
     return a.view(n, 3, 1, 1) * (1 - mix) + b.view(n, 3, 1, 1) * mix
 
 
-def generate(count: int, seed: int = 0, size: int = IMAGE_SIZE, easy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` images (N, 3, size, size) in [-1, 1] and their class labels (N,).
-
-    ``easy`` draws gradient backgrounds only and centres every shape: the start of a curriculum (a ViT
-    trained from scratch on the full variety stays at chance for thousands of steps).
-    """
+def generate(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images (N, 3, size, size) in [-1, 1] and their class labels (N,)."""
     g = torch.Generator().manual_seed(seed)
     n = count
     labels = torch.randint(len(CLASSES), (n,), generator=g)
@@ -75,12 +69,11 @@ def generate(count: int, seed: int = 0, size: int = IMAGE_SIZE, easy: bool = Fal
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     x, y = x.expand(n, size, size), y.expand(n, size, size)
 
-    image = _backgrounds(g, n, x, y, easy)
+    image = _backgrounds(g, n, x, y)
     # The shape: centre, radius, rotation; its own coordinates u, v.
     radius = _uniform(g, n, 0.45, 0.8).view(n, 1, 1)
-    spread = 0.0 if easy else 1.0
-    cx = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius) * spread
-    cy = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius) * spread
+    cx = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius)
+    cy = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius)
     # Small tilts only: a square turned by 45 degrees would be a diamond.
     theta = _uniform(g, n, -0.35, 0.35).view(n, 1, 1)
     dx, dy = (x - cx) / radius, (y - cy) / radius
