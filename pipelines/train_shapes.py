@@ -49,6 +49,8 @@ def train_classifier(args) -> None:
     torch.manual_seed(args.seed)
     vit = getattr(args, "what", "classifier") == "vit"
     model = shapes_vit() if vit else ShapesClassifier()
+    if vit and getattr(args, "init", None):  # continue a run from its saved weights (fresh optimizer)
+        model = type(model).from_pretrained(args.init)
     model.train()
     peak_lr = args.lr
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.05 if vit else 1e-4)
@@ -66,7 +68,7 @@ def train_classifier(args) -> None:
     log = []
     start = time.time()
     for step in range(args.steps):
-        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + step)
+        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step)
         for group in opt.param_groups:  # cosine decay: the last steps settle the features FID relies on
             group["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         if teacher is None:
@@ -212,8 +214,10 @@ def main(argv=None) -> None:
         c.add_argument("--batch", type=int, default=64)
         c.add_argument("--lr", type=float, default=lr)
         c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
         c.add_argument("--out", default=f"pipelines/weights/{out}")
         if kind == "vit":
+            c.add_argument("--init", help="start from this saved tiny-vit folder instead of random weights")
             c.add_argument("--teacher", default="pipelines/weights/shapes-classifier",
                            help="CNN whose soft predictions the ViT also learns from ('' for labels only)")
     for kind in ("unet", "dit"):
