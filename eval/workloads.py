@@ -14,6 +14,7 @@ whatever the batch or process that draws it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -147,19 +148,12 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
     real_images = fid_metric = None
     if args.reference_dir:
         if args.feature_module:
-            extractor = _feature_module(args.feature_module)
-
-            def fid_metric():
-                return metrics.feature_fid(extractor)
+            fid_metric = functools.partial(metrics.feature_fid, _feature_module(args.feature_module))
         else:
             metrics.inception_fid(args.inception_weights)  # fail early, before any image is drawn
-
-            def fid_metric():
-                return metrics.inception_fid(args.inception_weights)
-
-        def real_images(n):
-            size = args.resolution or pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 1)
-            return load_image_folder(args.reference_dir, size, limit=max(n, args.num_reference))
+            fid_metric = functools.partial(metrics.inception_fid, args.inception_weights)
+        size = args.resolution or pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 1)
+        real_images = functools.partial(load_image_folder, args.reference_dir, size)  # n -> at most n images
 
     def score(images, conds):
         if key == "prompt" and args.clip_model:

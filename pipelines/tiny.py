@@ -162,7 +162,7 @@ def demo_sd_unet(seed: int = 0) -> UNet2DConditionModel:
 _WORDS = ("a", "red", "blue", "green", "disc", "square", "triangle", "ring", "cross", "diamond", "on", "stripes")
 
 
-def tiny_tokenizer(folder) -> "CLIPTokenizer":
+def tiny_tokenizer(folder):
     """A CLIP BPE tokenizer over a dozen words, written to ``folder`` (no download)."""
     import json
     import os

@@ -1,6 +1,5 @@
 """Metric plumbing on tiny inputs: FID, PSNR/SSIM, class accuracy, CLIP score, and their clear errors."""
 
-import math
 
 import pytest
 import torch

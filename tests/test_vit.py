@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import tofu_diffusion as tofu
-from tofu_diffusion.core import MergePlan, fuse_attention, layer_schedule, plan_from_pairs, requested_r
+from tofu_diffusion.core import fuse_attention, layer_schedule, plan_from_pairs, requested_r
 
 SMALL = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
              intermediate_size=64, num_labels=6)
