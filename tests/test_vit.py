@@ -228,3 +228,9 @@ def test_consistency_loss_decreases_over_a_few_steps():
     assert tofu.handle_of(model) is None  # the passes leave the model unpatched
     with pytest.raises(ValueError, match="reduces nothing"):
         consistency_loss(model, images, labels, tofu.TokenFusionConfig(method="mctf", ratio=0.0))
+
+
+def test_timm_models_get_a_clear_error():
+    fake = type("VisionTransformer", (torch.nn.Module,), {"__module__": "timm.models.vision_transformer"})()
+    with pytest.raises(TypeError, match="timm model.*transformers"):
+        tofu.apply(fake, method="tome", r=4)
