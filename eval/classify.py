@@ -25,6 +25,7 @@ import tofu_diffusion as tofu
 from eval import report
 from eval.flops import count_flops
 from eval.timing import interleaved_median
+from eval.variants import use_variant
 from eval.workloads import IMAGE_SUFFIXES
 
 COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "gflops", "tokens_per_layer")
@@ -117,10 +118,8 @@ def settings_of(args) -> list[tuple[str, int]]:
 
 
 def use(model, method: str, r: int) -> None:
-    if tofu.handle_of(model) is not None:
-        tofu.remove(model)
-    if method != "none":
-        tofu.apply(model, method=method, r=r)
+    """Switch ``model`` to one setting ("none" is the unmodified model)."""
+    use_variant(model, None if method == "none" else tofu.TokenFusionConfig(method=method, r=r))
 
 
 def tokens_per_layer(model, sample) -> list[int]:

@@ -18,6 +18,15 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; the cap keeps averages and JSON finite
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 (0..255), as a saved image would be."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
 class FeatureExtractor(nn.Module):
     """Adapts a feature network to torchmetrics' FID: images in [-1, 1] in, (N, D) features out.
 
@@ -156,6 +165,6 @@ def clip_score(model_path: str, images: torch.Tensor, prompts: list[str], batch_
         raise RuntimeError(f"cannot load the CLIP model {model_path!r} ({error}); pass a local folder saved with "
                            "CLIPModel.save_pretrained / CLIPProcessor.save_pretrained via --clip-model") from error
     for start in range(0, images.shape[0], batch_size):
-        chunk = ((images[start:start + batch_size].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        chunk = to_uint8(images[start:start + batch_size])
         metric.update(chunk, prompts[start:start + batch_size])
     return float(metric.compute())

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import tofu_diffusion as tofu
 from eval import metrics, report, workloads
-from eval.timing import interleaved_median
+from eval.timing import interleaved_median, synchronize
 from eval.variants import use_variant
 
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this far away
@@ -93,16 +93,12 @@ class DenoiserClock:
         self.device, self.seconds, self.calls, self._start = device, 0.0, 0, 0.0
         self._handles = [denoiser.register_forward_pre_hook(self._pre), denoiser.register_forward_hook(self._post)]
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _pre(self, *_):
-        self._sync()
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def _post(self, *_):
-        self._sync()
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
         self.calls += 1
 
@@ -112,15 +108,6 @@ class DenoiserClock:
     def close(self):
         for h in self._handles:
             h.remove()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8, as a saved image would be: every metric sees what a user would save."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1
 
 
 class Sharding:
@@ -165,7 +152,8 @@ def draw_images(work: workloads.Workload, indices: list[int], seed: int, batch_s
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         images = work.draw([seed + i for i in chunk], [work.condition(i) for i in chunk])
-        out.extend(zip(chunk, to_uint8(images)))
+        # uint8 on CPU, as a saved image would be: every metric sees what a user would save
+        out.extend(zip(chunk, metrics.to_uint8(images).cpu()))
         bar.update(len(chunk))
     return out
 
@@ -241,16 +229,16 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     fid = None
     if real is not None:
         scorer = metrics.FID(work.fid_metric().to(device), real.to(device))
-        fid = lambda fake: scorer(from_uint8(fake).to(device))  # noqa: E731
-    baseline = from_uint8(images[("none", 0.0)])
+        fid = lambda fake: scorer(metrics.from_uint8(fake).to(device))  # noqa: E731
+    baseline = metrics.from_uint8(images[("none", 0.0)])
     noise_floor = None
     if work.fid_metric is not None:
         # The same model and settings, other seeds: how far FID moves by chance alone.
         against_baseline = metrics.FID(work.fid_metric().to(device), baseline.to(device))
-        noise_floor = against_baseline(from_uint8(floor_images).to(device))
+        noise_floor = against_baseline(metrics.from_uint8(floor_images).to(device))
     rows = []
     for method, ratio in tqdm(settings, desc="scoring", disable=not sharding.is_main):
-        name, fake = setting_name(method, ratio), from_uint8(images[(method, ratio)])
+        name, fake = setting_name(method, ratio), metrics.from_uint8(images[(method, ratio)])
         seconds = sum(t[0][name] for t in timings) / len(timings)
         base_seconds = sum(t[0]["baseline"] for t in timings) / len(timings)
         scores = work.score(fake.to(device), conditions)

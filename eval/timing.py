@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,11 +30,11 @@ def interleaved_median(
     for round_ in range(warmup + repeats):
         for name, fn in variants.items():
             setup[name]()
-            _sync(device)
+            synchronize(device)
             reset_peak_memory(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
             if peak_memory is not None:

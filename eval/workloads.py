@@ -103,7 +103,7 @@ def load_image_folder(path: str, size: int, limit: Optional[int] = None) -> torc
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         tensors.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
-    return torch.stack(tensors).float() / 127.5 - 1
+    return metrics.from_uint8(torch.stack(tensors))
 
 
 def _feature_module(spec: str) -> metrics.FeatureExtractor:

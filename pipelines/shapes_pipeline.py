@@ -102,7 +102,8 @@ class _ShapesPipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError
+        config = self.denoiser.config
+        return (config.in_channels, config.sample_size, config.sample_size)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -168,10 +169,6 @@ class ShapesUNetPipeline(_ShapesPipeline):
     def null_class(self) -> int:
         return self.class_tokens.config.num_classes
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
     def velocity(self, x, t, labels):
         return self.unet(x, t, self.class_tokens(labels).to(x.dtype)).sample
 
@@ -193,10 +190,6 @@ class ShapesDiTPipeline(_ShapesPipeline):
     @property
     def null_class(self) -> int:
         return self.transformer.config.num_embeds_ada_norm
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.transformer.config.sample_size
-        return (self.transformer.config.in_channels, size, size)
 
     def velocity(self, x, t, labels):
         return self.transformer(x, timestep=t, class_labels=labels).sample

@@ -157,8 +157,12 @@ class TokenFusionConfig:
             raise ValueError(f"{usage}; got {r!r}")
 
     # ------------------------------------------------------------------ method presets
-    def merge_mode_for(self, depth: int, num_blocks: int) -> str:
-        """Merge mode of the ``depth``-th reduced block out of ``num_blocks``."""
+    def merge_mode_for(self, depth: int, num_blocks: int, tome_mode: str = "mean") -> str:
+        """Merge mode of the ``depth``-th reduced block out of ``num_blocks``.
+
+        ``tome_mode`` is what ``tome`` averages with: tomesd's plain ``mean`` on diffusion models,
+        ToMe's ``size_weighted`` on classifiers, where sizes travel with the tokens.
+        """
         if self.merge_mode is not None:
             return self.merge_mode
         if self.method == "tofu":
@@ -166,7 +170,7 @@ class TokenFusionConfig:
             return "prune" if depth < switch else "mlerp"
         if self.method == "mctf":
             return "size_weighted"
-        return "mean"
+        return tome_mode
 
     @classmethod
     def from_kwargs(cls, config: Optional["TokenFusionConfig"] = None, **kwargs) -> "TokenFusionConfig":

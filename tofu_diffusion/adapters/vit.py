@@ -35,7 +35,7 @@ from ..core import (
     layer_schedule,
     mctf_scores,
 )
-from .hooks import register
+from .hooks import hidden_states_of, register
 
 FAMILY = "vit"
 VIT_MODEL_HOOK = "tofu_diffusion_vit_model"
@@ -81,9 +81,8 @@ def num_tokens(backbone: torch.nn.Module) -> int:
 class ViTRun:
     """State shared by the hooks of one patched classifier during a forward pass."""
 
-    def __init__(self, config: TokenFusionConfig, schedule: list[int], protected: int):
+    def __init__(self, config: TokenFusionConfig, protected: int):
         self.config = config
-        self.schedule = schedule
         self.protected = protected
         self.sizes: Optional[torch.Tensor] = None  # (B, N) tokens each token stands for; None = all ones
         self.token_counts: dict[str, tuple[int, int]] = {}
@@ -126,8 +125,8 @@ class ViTModelHook(ModelHook):
 class LayerState:
     """What the hooks of one layer pass to each other within a forward pass."""
 
-    def __init__(self, name: str, index: int, run: ViTRun, removed: int, merge_mode: str):
-        self.name, self.index, self.run, self.removed, self.merge_mode = name, index, run, removed, merge_mode
+    def __init__(self, name: str, run: ViTRun, removed: int, merge_mode: str):
+        self.name, self.run, self.removed, self.merge_mode = name, run, removed, merge_mode
         self.metric: Optional[torch.Tensor] = None
         self.plan: Optional[MergePlan] = None
         self.merged: Optional[torch.Tensor] = None
@@ -146,10 +145,6 @@ def _with_mask(args: tuple, kwargs: dict, hidden: torch.Tensor, mask: Optional[t
     return (hidden, mask) + tuple(rest), kwargs
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 class LayerHook(ModelHook):
     """On every layer: proportional attention in; for reducing layers, the reduced output out."""
 
@@ -159,7 +154,7 @@ class LayerHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         run, state = self.state.run, self.state
-        hidden = _hidden_of(args, kwargs)
+        hidden = hidden_states_of(args, kwargs)
         state.clear()
         n_in = hidden.shape[1]
         if state.removed > 0 and run.config.method == "mctf":
@@ -308,15 +303,6 @@ def _original_attention(config) -> callable:
     return eager_attention_forward if name in (None, "eager") else ALL_ATTENTION_FUNCTIONS[name]
 
 
-def merge_mode_for(config: TokenFusionConfig, index: int, num_layers: int) -> str:
-    if config.merge_mode is not None:
-        return config.merge_mode
-    if config.method == "tofu":
-        switch = num_layers // 2 if config.switch_depth is None else config.switch_depth
-        return "prune" if index < switch else "mlerp"
-    return "size_weighted"  # tome: sizes as weights; mctf: attention received times size
-
-
 def attach(model: torch.nn.Module, config: TokenFusionConfig):
     """Register the hooks on ``model``; returns (run, layer states, a function that undoes non-hook state)."""
     backbone = backbone_of(model)
@@ -326,11 +312,13 @@ def attach(model: torch.nn.Module, config: TokenFusionConfig):
     protected = num_protected(backbone)
     schedule = layer_schedule(num_tokens(backbone), len(layers), r=config.r, ratio=config.ratio,
                               protected=protected, layers=config.layers)
-    run = ViTRun(config, schedule, protected)
+    run = ViTRun(config, protected)
     register(backbone, ViTModelHook(run), VIT_MODEL_HOOK)
     states = []
     for index, (layer, removed) in enumerate(zip(layers, schedule)):
-        state = LayerState(f"layers.{index}", index, run, removed, merge_mode_for(config, index, len(layers)))
+        # tome weighs by size; mctf by attention received times size (the plan's weights)
+        mode = config.merge_mode_for(index, len(layers), tome_mode="size_weighted")
+        state = LayerState(f"layers.{index}", run, removed, mode)
         register(layer, LayerHook(state), VIT_LAYER_HOOK)
         if removed > 0 and config.method == "mctf":
             for projection in (layer.attention.q_proj, layer.attention.k_proj):
