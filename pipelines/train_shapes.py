@@ -154,7 +154,7 @@ def train_generator(args) -> None:
     params = [p for m in _components(pipe) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
-    start, step, log = time.time(), 0, []
+    start, step, log, best = time.time(), 0, [], -1.0
     print(f"{args.what} parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
     while (time.time() - start) / 60 < args.minutes and step < args.max_steps:
         images, labels = generate(args.batch, seed=args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step)
@@ -167,7 +167,7 @@ def train_generator(args) -> None:
         xt = (1 - t) * x0 + t * noise
         loss = F.mse_loss(pipe.velocity(xt, t.flatten() * 1000, labels), noise - x0)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = _generator_lr(args, step)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,9 +180,18 @@ def train_generator(args) -> None:
             print(f"{args.what} step {step} loss {loss.item():.4f} ({(time.time() - start) / 60:.1f} min)", flush=True)
         step += 1
         if args.snapshot_every and step % args.snapshot_every == 0:
-            _save_generator(args, ema_pipe, step, start, log)
-    _save_generator(args, ema_pipe, step, start, log)
+            best = _save_generator(args, ema_pipe, step, start, log, best)
+    _save_generator(args, ema_pipe, step, start, log, best)
     print(f"saved to {args.out}")
+
+
+def _generator_lr(args, step: int) -> float:
+    """Warm-up, then constant; with ``--cosine``, a cosine decay to 10% by ``--max-steps``."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.cosine:
+        progress = min(1.0, step / args.max_steps)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def save_half(pipe, folder: str) -> None:
@@ -190,9 +199,13 @@ def save_half(pipe, folder: str) -> None:
     copy.deepcopy(pipe).to(torch.float16).save_pretrained(folder, safe_serialization=True)
 
 
-def _save_generator(args, pipe, step, start, log) -> None:
-    """Save the EMA pipeline and its training log (with the classifier's accuracy on its samples)."""
-    save_half(pipe, args.out)
+def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
+    """Save the EMA pipeline and its training log (with the classifier's accuracy on its samples).
+
+    With ``--keep-best`` a snapshot replaces ``--out`` only when the classifier's accuracy on its samples
+    improved (the last one goes to ``<out>-last``), so a long run never overwrites a better model.
+    Returns the best accuracy so far.
+    """
     result = {"what": args.what, "seed": args.seed, "steps": step, "batch": args.batch, "lr": args.lr,
               "minutes": round((time.time() - start) / 60, 2), "threads": torch.get_num_threads(),
               "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, min(5, len(log))), "log": log}
@@ -200,8 +213,14 @@ def _save_generator(args, pipe, step, start, log) -> None:
         result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), 32, seed=1, steps=20)
         print(f"step {step}: classifier accuracy on samples {result['class_accuracy']:.3f} "
               f"(chance {1 / len(CLASSES):.3f})", flush=True)
-    with open(os.path.join(args.out, "training_log.json"), "w") as f:
+    accuracy = result.get("class_accuracy", 0.0)
+    folder = args.out
+    if args.keep_best and args.classifier and accuracy <= best:
+        folder = args.out.rstrip("/") + "-last"
+    save_half(pipe, folder)
+    with open(os.path.join(folder, "training_log.json"), "w") as f:
         json.dump(result, f, indent=1)
+    return max(best, accuracy) if folder == args.out else best
 
 
 def main(argv=None) -> None:
@@ -229,6 +248,8 @@ def main(argv=None) -> None:
         u.add_argument("--ema", type=float, default=0.999)
         u.add_argument("--seed", type=int, default=0)
         u.add_argument("--snapshot-every", type=int, default=0, help="save (and score) the EMA every N steps")
+        u.add_argument("--keep-best", action="store_true", help="a snapshot replaces --out only if it scores better")
+        u.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% by --max-steps")
         u.add_argument("--init", help="start from this saved pipeline folder instead of random weights")
         u.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
         u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
