@@ -210,3 +210,18 @@ def test_reduction_cost_model():
     r_attn = next(r for r in range(1, 4096) if reduction_pays(4096, 320, r, 1024, ("self_attention",)))
     r_block = next(r for r in range(1, 4096) if reduction_pays(4096, 320, r, 1024, full))
     assert r_block < r_attn < 0.06 * 4096
+
+
+@pytest.mark.parametrize("h,w,q", [(16, 16, 16), (12, 20, 16), (7, 9, 16), (3, 50, 8), (4, 4, 64)])
+def test_stratified_grid_queries_cover_the_grid(h, w, q):
+    from tofu_diffusion.core import stratified_grid_queries
+
+    index, weight = stratified_grid_queries(h, w, q, torch.Generator().manual_seed(0))
+    assert torch.isclose(weight.sum(), torch.tensor(1.0))
+    assert index.unique().numel() == index.numel() <= h * w
+    rows, cols = index // w, index % w
+    assert min(q, h * w) / 2 <= index.numel() <= 2 * q
+    # spread over the image in both directions, not along one column or row
+    assert rows.max() - rows.min() >= (h - 1) / 2 and cols.max() - cols.min() >= (w - 1) / 2
+    again, _ = stratified_grid_queries(h, w, q, torch.Generator().manual_seed(0))
+    assert torch.equal(index, again)

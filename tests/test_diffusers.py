@@ -385,13 +385,42 @@ def test_unprofitable_blocks_are_skipped_with_a_debug_log(caplog):
 
 def test_informativeness_estimate_equals_explicit_attention():
     from tofu_diffusion.adapters.hooks import estimate_attention_received
-    from tofu_diffusion.core import attention_received
+    from tofu_diffusion.core import attention_received, stratified_grid_queries
 
     attn = sd_unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1
     hidden = torch.randn(2, 256, 32, generator=torch.Generator().manual_seed(0))
     # 8 heads x 2 queries < 32 channels: the queries are projected to the input space
-    fast = estimate_attention_received(attn, hidden, num_queries=2)
-    explicit = attention_received(attn.to_q(hidden[:, ::128]), attn.to_k(hidden), attn.heads)
+    fast = estimate_attention_received(attn, hidden, 2, (16, 16), torch.Generator().manual_seed(3))
+    index, weight = stratified_grid_queries(16, 16, 2, torch.Generator().manual_seed(3))
+    explicit = attention_received(attn.to_q(hidden[:, index]), attn.to_k(hidden), attn.heads, query_weights=weight)
     assert torch.allclose(fast, explicit, atol=1e-6)
-    slow = estimate_attention_received(attn, hidden, num_queries=256)  # more queries than pays: keys projected
+    # one query per token: the exact mean attention (keys projected: more queries than pays)
+    slow = estimate_attention_received(attn, hidden, 256, (16, 16), torch.Generator().manual_seed(3))
     assert torch.allclose(slow, attention_received(attn.to_q(hidden), attn.to_k(hidden), attn.heads), atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (12, 20), (7, 9)])
+def test_informativeness_estimate_is_unbiased_over_the_image(grid):
+    """Against the exact mean attention on inputs whose attention depends on where the query is: the
+    mean of the estimate over seeds converges to the exact value, and a single estimate is close."""
+    from tofu_diffusion.adapters.hooks import estimate_attention_received
+    from tofu_diffusion.core import attention_received
+
+    h, w = grid
+    attn = sd_unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    g = torch.Generator().manual_seed(1)
+    # Tokens carry a smooth function of their column: queries in one column see a different image.
+    cols = torch.arange(w).float().repeat(h) / w
+    hidden = torch.randn(1, h * w, 32, generator=g) + 3 * torch.outer(cols, torch.randn(32, generator=g)).unsqueeze(0)
+    exact = attention_received(attn.to_q(hidden), attn.to_k(hidden), attn.heads)
+    draws = torch.stack([estimate_attention_received(attn, hidden, 16, grid, torch.Generator().manual_seed(s))
+                         for s in range(300)])
+    scale = exact.abs().mean()
+    bias = (draws.mean(0) - exact).abs().mean() / scale
+    error = (draws - exact).abs().mean() / scale
+    assert bias < 0.03, bias
+    assert error < 0.25, error
+    # The old estimate (a 1-D stride over row-major tokens) was far off whenever the stride fit the width.
+    strided = attention_received(attn.to_q(hidden[:, :: (h * w) // 16]), attn.to_k(hidden), attn.heads)
+    if w == 16:
+        assert (strided - exact).abs().mean() / scale > 2 * error

@@ -32,7 +32,9 @@ from ..core import (
     bipartite_soft_matching,
     grid_partition,
     mctf_scores,
+    mean_over_queries,
     reduction_pays,
+    stratified_grid_queries,
 )
 
 logger = logging.getLogger("tofu_diffusion")
@@ -187,15 +189,23 @@ class BlockState:
                     # norm) is not available yet; a plain layer norm of the block input is the same up
                     # to a per-channel scale and shift, close enough to rank informativeness.
                     attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
-                info = estimate_attention_received(attention, attention_input, cfg.info_queries)
+                info = estimate_attention_received(attention, attention_input, cfg.info_queries, (h, w),
+                                                   self.run.generator)
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
         return bipartite_soft_matching(x, src, dst, r)
 
 
-def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor, num_queries: int) -> torch.Tensor:
+def estimate_attention_received(
+    attention: torch.nn.Module,
+    hidden: torch.Tensor,
+    num_queries: int,
+    grid: tuple[int, int],
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Attention each token receives in ``attention`` (a diffusers ``Attention``): (B, N), estimated
-    from ``num_queries`` evenly spaced queries.
+    from ``num_queries`` queries stratified over the ``grid`` (one per cell, at a random position drawn
+    from ``generator``), weighted by their cell's share: an unbiased estimate of the mean over all queries.
 
     Keys of all N tokens would cost a full N x C x C projection, which the reduced block never needs.
     For head h, ``q . (W_k x + b) = (W_k^T q) . x + q . b``, and the second term is the same for every
@@ -212,22 +222,24 @@ def estimate_attention_received(attention: torch.nn.Module, hidden: torch.Tensor
     with torch.no_grad():
         b, n, c = hidden.shape
         heads = attention.heads
-        query = attention.to_q(hidden[:, :: max(1, n // num_queries)])
+        index, weight = stratified_grid_queries(grid[0], grid[1], num_queries, generator)
+        query = attention.to_q(hidden[:, index.to(hidden.device)])
+        nq = query.shape[1]
         head_dim = query.shape[-1] // heads
         norm_q, norm_k = getattr(attention, "norm_q", None), getattr(attention, "norm_k", None)
         if norm_q is not None:
             query = norm_q(query.view(b, -1, heads, head_dim)).flatten(2)
         # (H x Nq x C x N logits against N x C x C for the keys: cheaper while H x Nq < C.)
-        if norm_k is None and isinstance(attention.to_k, torch.nn.Linear) and heads * query.shape[1] < c:
+        if norm_k is None and isinstance(attention.to_k, torch.nn.Linear) and heads * nq < c:
             w_k = attention.to_k.weight.view(heads, head_dim, c)
-            q = query.view(b, -1, heads, head_dim).float() * head_dim**-0.5
+            q = query.view(b, nq, heads, head_dim).float() * head_dim**-0.5
             q_in = torch.einsum("bqhd,hdc->bhqc", q, w_k.float()).reshape(b, -1, c)  # (B, H*Nq, C)
             logits = torch.bmm(q_in, hidden.float().transpose(1, 2))  # (B, H*Nq, N): one matmul
-            return logits.softmax(dim=-1).mean(dim=1)
+            return mean_over_queries(logits.softmax(dim=-1).view(b, heads, nq, n), weight)
         key = attention.to_k(hidden)
         if norm_k is not None:
             key = norm_k(key.view(b, n, heads, head_dim)).flatten(2)
-        return attention_received(query, key, heads)
+        return attention_received(query, key, heads, query_weights=weight)
 
 
 # ---------------------------------------------------------------------------------------------- hooks

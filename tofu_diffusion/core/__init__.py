@@ -2,8 +2,15 @@
 
 from .cost import reduction_pays
 from .destinations import DESTINATIONS, alternating_partition, grid_partition, max_grid_ratio
-from .matching import attention_received, bidirectional_matching, bipartite_soft_matching, mctf_scores
+from .matching import (
+    attention_received,
+    bidirectional_matching,
+    bipartite_soft_matching,
+    mctf_scores,
+    mean_over_queries,
+)
 from .plan import MERGE_MODES, MergePlan, fuse_attention, mlerp, plan_from_pairs
+from .sampling import stratified_grid_queries
 from .schedule import layer_schedule, requested_r
 
 __all__ = [
@@ -19,8 +26,10 @@ __all__ = [
     "layer_schedule",
     "max_grid_ratio",
     "mctf_scores",
+    "mean_over_queries",
     "mlerp",
     "plan_from_pairs",
     "reduction_pays",
     "requested_r",
+    "stratified_grid_queries",
 ]

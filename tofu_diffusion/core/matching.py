@@ -168,12 +168,13 @@ def attention_received(
     key: torch.Tensor,
     num_heads: int,
     key_bias: Optional[torch.Tensor] = None,
+    query_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention each key token receives, averaged over heads and queries: (B, Nq, C), (B, Nk, C) -> (B, Nk).
 
     ``key_bias`` (B, Nk), e.g. ``log(size)``, is added to the logits (proportional attention).
-    Pass a subset of the queries to estimate it cheaply: the mean over queries is an unbiased
-    estimate of the mean over all of them.
+    ``query_weights`` (Nq,), summing to 1, weigh the queries (a stratified sample of them, see
+    :func:`stratified_grid_queries`); None is the plain mean.
     """
     b, nq, c = query.shape
     head_dim = c // num_heads
@@ -183,4 +184,12 @@ def attention_received(
     logits = q @ k.transpose(-1, -2)
     if key_bias is not None:
         logits = logits + key_bias.float()[:, None, None, :]
-    return logits.softmax(dim=-1).mean(dim=(1, 2))
+    return mean_over_queries(logits.softmax(dim=-1), query_weights)
+
+
+def mean_over_queries(probs: torch.Tensor, query_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, Nq, Nk) attention probabilities -> (B, Nk): mean over heads, (weighted) mean over queries."""
+    if query_weights is None:
+        return probs.mean(dim=(1, 2))
+    w = query_weights.to(device=probs.device, dtype=probs.dtype)
+    return torch.einsum("bhqk,q->bk", probs, w) / probs.shape[1]
