@@ -188,7 +188,7 @@ def train_generator(args) -> None:
 def _generator_lr(args, step: int) -> float:
     """Warm-up, then constant; with ``--cosine``, a cosine decay to 10% by ``--max-steps``."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup)
-    if args.cosine:
+    if getattr(args, "cosine", False):
         progress = min(1.0, step / args.max_steps)
         lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     return lr
@@ -215,7 +215,7 @@ def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
               f"(chance {1 / len(CLASSES):.3f})", flush=True)
     accuracy = result.get("class_accuracy", 0.0)
     folder = args.out
-    if args.keep_best and args.classifier and accuracy <= best:
+    if getattr(args, "keep_best", False) and args.classifier and accuracy <= best:
         folder = args.out.rstrip("/") + "-last"
     save_half(pipe, folder)
     with open(os.path.join(folder, "training_log.json"), "w") as f:

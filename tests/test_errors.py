@@ -13,7 +13,7 @@ from pipelines.tiny import sd_pipeline, sd_unet
         ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
         ({"ratio": -0.1}, r"ratio must be in \[0, 1\)"),
         ({"ratio": 0.8}, r"caps it at 0.750.*stride=\(4, 4\)"),
-        ({"method": "tomesd"}, r"unknown method 'tomesd'; choose one of \('tome', 'tofu', 'mctf'\)"),
+        ({"method": "tomesd"}, r"unknown method 'tomesd'; choose one of \('tome', 'tofu', 'mctf', 'todo'\)"),
         ({"merge_mode": "max"}, r"unknown merge_mode 'max'"),
         ({"tau_info": -1.0}, r"tau_info must be >= 0"),
         ({"destination": "center"}, r"unknown destination 'center'"),

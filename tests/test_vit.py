@@ -35,7 +35,7 @@ def _images(n=3, seed=0):
 
 
 @pytest.mark.parametrize("cls,config,_", CLASSIFIERS)
-@pytest.mark.parametrize("method", tofu.METHODS)
+@pytest.mark.parametrize("method", tofu.CLASSIFIER_METHODS)
 def test_r_zero_and_removal_are_bit_identical(cls, config, _, method):
     model, x = _model(cls, config), _images()
     base = model(x).logits
@@ -51,7 +51,7 @@ def test_r_zero_and_removal_are_bit_identical(cls, config, _, method):
 
 
 @pytest.mark.parametrize("cls,config,protected", CLASSIFIERS)
-@pytest.mark.parametrize("method", tofu.METHODS)
+@pytest.mark.parametrize("method", tofu.CLASSIFIER_METHODS)
 def test_sizes_sum_to_the_token_count_and_protected_tokens_stay_whole(cls, config, protected, method):
     model, x = _model(cls, config), _images()
     handle = tofu.apply(model, method=method, r=8)
@@ -186,7 +186,7 @@ def test_vit_model_without_head_and_bad_input():
 def test_gradients_flow_through_every_method():
     model, x = _model(), _images()
     model.train()
-    for method in tofu.METHODS:
+    for method in tofu.CLASSIFIER_METHODS:
         with torch.enable_grad(), tofu.fused(model, method=method, r=8):
             model.zero_grad()
             model(x).logits.square().mean().backward()

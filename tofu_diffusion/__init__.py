@@ -1,9 +1,9 @@
 """tofu-diffusion: ToMe, ToFu and MCTF token reduction for diffusers denoisers, as diffusers hooks."""
 
 from .api import TokenFusionHandle, apply, fused, handle_of, remove
-from .config import METHODS, TokenFusionConfig
+from .config import CLASSIFIER_METHODS, METHODS, TokenFusionConfig
 from .core import MERGE_MODES
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "MERGE_MODES", "TokenFusionConfig", "TokenFusionHandle", "apply", "fused", "handle_of", "remove"]
+__all__ = ["CLASSIFIER_METHODS", "METHODS", "MERGE_MODES", "TokenFusionConfig", "TokenFusionHandle", "apply", "fused", "handle_of", "remove"]

@@ -13,6 +13,7 @@ from .adapters.base import timestep_reader
 from .adapters.hooks import (
     BlockHook,
     BlockState,
+    KeyValueDownsampleHook,
     GridHook,
     GridRecord,
     MergeHook,
@@ -20,6 +21,7 @@ from .adapters.hooks import (
     RunState,
     WholeBlockHook,
     BLOCK_HOOK,
+    DOWNSAMPLE_HOOK,
     WHOLE_BLOCK_HOOK,
     GRID_HOOK,
     MERGE_HOOK,
@@ -58,6 +60,13 @@ class TokenFusionHandle:
             return dict(self._counts())
         return {b.name: b.last_tokens for b in self.blocks if b.last_tokens is not None}
 
+    def last_plans(self) -> dict:
+        """Diffusion models: each reduced block's merge plan of its latest call (None where nothing was
+        merged; ``todo`` merges nothing). ``plan.assignment`` maps every token to its group."""
+        if self.family == vit.FAMILY:
+            raise ValueError("classifiers reduce tokens for good; their plans are not kept (see token_counts())")
+        return {b.name: b.last_plan for b in self.blocks}
+
     @property
     def schedule(self) -> Optional[list[int]]:
         """Classifiers: the tokens each layer removes (after capping)."""
@@ -69,7 +78,7 @@ class TokenFusionHandle:
     def __repr__(self) -> str:
         return (
             f"TokenFusionHandle({type(self.model).__name__}, family={self.family}, method={self.config.method}, "
-            f"ratio={self.config.ratio}, blocks={len(self.blocks)})"
+            f"ratio={self.config.ratio}, schedule={self.config.schedule}, blocks={len(self.blocks)})"
         )
 
 
@@ -99,6 +108,9 @@ def _reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tup
 
 def _attach(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
     """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+    if config.method == "todo":
+        register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
+        return
     if config.merge_scope == "block":
         attention = getattr(block, "attn1", None) if config.method == "mctf" else None
         register(block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
@@ -130,11 +142,33 @@ def _select(sites: list[Site], config: TokenFusionConfig, default_levels: set[in
     return chosen
 
 
+def _pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
+    """The eligible blocks selected by ``blocks`` (indices, negative from the end, or a slice)."""
+    if blocks is None:
+        return sites
+    if isinstance(blocks, slice):
+        return sites[blocks]
+    bad = [i for i in blocks if not -len(sites) <= i < len(sites)]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range: {model_name} has {len(sites)} eligible blocks "
+                         f"(indices 0..{len(sites) - 1}, or negative from the end)")
+    wanted = {i % len(sites) for i in blocks}
+    return [site for i, site in enumerate(sites) if i in wanted]
+
+
+def _num_train_timesteps(model_or_pipeline) -> int:
+    """The scale of the timesteps the denoiser receives (progress = 1 - t / T): the pipeline scheduler's."""
+    scheduler = getattr(model_or_pipeline, "scheduler", None)
+    value = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    return int(value) if value else 1000
+
+
 def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> TokenFusionHandle:
     """Attach token fusion to a diffusers pipeline or denoiser. Returns a handle.
 
     ``config`` is a :class:`TokenFusionConfig`; keyword ``options`` build one or override its fields.
-    Applying again replaces the previous configuration cleanly.
+    Levers left unset come from the config's preset for the model's family (``TokenFusionConfig.resolve``);
+    ``handle.config`` is the resolved config. Applying again replaces the previous configuration cleanly.
     """
     config = TokenFusionConfig.from_kwargs(config, **options)
     if isinstance(model_or_pipeline, torch.nn.Module):
@@ -146,6 +180,7 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
                          "ratio (and levels / max_downsample to choose blocks)")
     model = denoiser_of(model_or_pipeline)
     adapter = adapter_for(model)
+    config = config.resolve(adapter.family)
     if getattr(model, _HANDLE_ATTR, None) is not None:
         logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
         remove(model)
@@ -155,8 +190,11 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     if not all_sites:
         raise ValueError(f"{model_name} has no transformer block to reduce (no BasicTransformerBlock found)")
     sites = _select(all_sites, config, adapter.default_levels(all_sites), model_name)
+    sites = _pick_blocks(sites, config.blocks, model_name)
+    if not sites:
+        raise ValueError(f"blocks={config.blocks!r} selects none of the eligible blocks of {model_name}")
 
-    run = RunState(config)
+    run = RunState(config, _num_train_timesteps(model_or_pipeline))
     grids: dict[int, GridRecord] = {}
     blocks = []
     try:
@@ -180,6 +218,10 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
 
 def _apply_classifier(model: torch.nn.Module, config: TokenFusionConfig) -> TokenFusionHandle:
     """ViT/DeiT: tokens reduced for good, layer by layer (see ``adapters.vit``)."""
+    config = config.resolve(vit.FAMILY)
+    if config.method == "todo" or config.schedule is not None or config.blocks is not None:
+        raise ValueError("todo, schedule and blocks are for diffusion denoisers; classifiers take method "
+                         "tome/tofu/mctf with ratio or r, and layers")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
         remove(model)

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Union
 
 from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
 
-METHODS = ("tome", "tofu", "mctf")
+METHODS = ("tome", "tofu", "mctf", "todo")
+CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
+
+# A ratio schedule over denoising progress: ((progress, ratio), ...), each ratio holding from its progress
+# on; progress = 1 - timestep / num_train_timesteps (0 at pure noise, 1 at the clean image).
+Schedule = Sequence[tuple[float, float]]
+Blocks = Union[Sequence[int], slice]
+
+
+def _as_float(value, name: str) -> float:
+    """Python, NumPy and 0-d torch numbers alike (a bool is not a ratio)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
+        return float(value.item())
+    raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 @dataclass
@@ -17,9 +35,24 @@ class TokenFusionConfig:
 
     Args:
         method: ``"tome"`` (ToMe/tomesd: bipartite matching, mean merge), ``"tofu"`` (ToMe matching;
-            prune in blocks before ``switch_depth``, MLERP after) or ``"mctf"`` (multi-criteria
-            score, bidirectional matching, fusion weighted by attention received times size).
-        ratio: share of each reduced block's tokens removed, in [0, 1). 0 is exactly the original model.
+            prune in blocks before ``switch_depth``, MLERP after), ``"mctf"`` (multi-criteria
+            score, bidirectional matching, fusion weighted by attention received times size) or
+            ``"todo"`` (ToDo: queries keep every token, keys and values are downsampled on the 2-D grid;
+            nothing to unmerge). None: the preset's.
+        ratio: share of each reduced block's tokens removed (``todo``: of its keys and values), in [0, 1),
+            at every step and in every eligible block. 0 is exactly the original model. None (and no
+            ``schedule``): the preset's schedule and blocks.
+        schedule: the ratio as a function of denoising progress: ``((progress, ratio), ...)`` with
+            increasing progress in [0, 1]; each ratio holds from its progress on (0 before the first).
+            Progress is ``1 - timestep / num_train_timesteps`` (0 at pure noise, 1 at the clean image), read
+            from the timestep the denoiser receives. Give ``ratio`` or ``schedule``, not both.
+        blocks: diffusion models: which of the eligible blocks (execution order, after ``levels``) are
+            reduced: indices (negative ones count from the end) or a ``slice``, e.g. ``slice(1, -1)``
+            for all but the first and the last. None: all, or the preset's when neither ``ratio`` nor
+            ``schedule`` is given.
+        preset: the named defaults (``tofu_diffusion.presets``) that fill ``method``, the schedule and the
+            blocks when they are not given: ``"quality"`` (default: faster with no visible loss),
+            ``"balanced"`` or ``"fast"``; chosen per model family from measured sweeps.
         merge_mode: override the method's merge mode for every block: ``"mean"``, ``"size_weighted"``,
             ``"mlerp"`` or ``"prune"``.
         stride: ``(sy, sx)`` cell of the 2-D token grid that holds one destination token.
@@ -59,8 +92,11 @@ class TokenFusionConfig:
             weighs as much as the tokens it stands for.
     """
 
-    method: str = "tome"
-    ratio: float = 0.5
+    method: Optional[str] = None
+    ratio: Optional[float] = None
+    schedule: Optional[Schedule] = None
+    blocks: Optional[Blocks] = None
+    preset: str = "quality"
     merge_mode: Optional[str] = None
     stride: tuple[int, int] = (2, 2)
     destination: str = "random"
@@ -92,13 +128,31 @@ class TokenFusionConfig:
             self.layers = tuple(int(layer) for layer in self.layers)
         if self.r is not None and not isinstance(self.r, (int, tuple)):
             self.r = list(self.r)
+        if self.ratio is not None:
+            self.ratio = _as_float(self.ratio, "ratio")
+        if self.schedule is not None:
+            self.schedule = tuple((_as_float(p, "schedule progress"), _as_float(r, "schedule ratio"))
+                                  for p, r in self.schedule)
+        if self.blocks is not None and not isinstance(self.blocks, slice):
+            self.blocks = tuple(int(b) for b in self.blocks)
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1) (the share of tokens removed), got {self.ratio!r}")
+        if self.ratio is not None and self.schedule is not None:
+            raise ValueError("give ratio (the same at every step) or schedule (a ratio per denoising progress), not both")
+        for ratio in self.ratios():
+            self._check_ratio(ratio)
+        if self.schedule is not None:
+            progress = [p for p, _ in self.schedule]
+            if not progress or any(not 0.0 <= p <= 1.0 for p in progress) or progress != sorted(set(progress)):
+                raise ValueError(f"schedule must be ((progress, ratio), ...) with increasing progress in [0, 1], "
+                                 f"e.g. ((0.0, 0.0), (0.5, 0.75)); got {self.schedule!r}")
+        from .presets import PRESETS  # the presets are configs' defaults, validated against this class
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {tuple(PRESETS)}")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
             raise ValueError(f"unknown merge_mode {self.merge_mode!r}; choose one of {MERGE_MODES} or None")
         if len(self.stride) != 2 or min(self.stride) < 1:
@@ -108,13 +162,6 @@ class TokenFusionConfig:
         cell = self.stride[0] * self.stride[1]
         if not 0 <= self.destination_position < cell:
             raise ValueError(f"destination_position must be in [0, {cell}) for a {self.stride} stride")
-        cap = max_grid_ratio(self.stride)
-        if self.ratio > cap:
-            raise ValueError(
-                f"ratio {self.ratio} removes more tokens than a {self.stride[0]}x{self.stride[1]} stride allows "
-                f"(one destination per cell caps it at {cap:.3f}); lower the ratio or use a larger stride, "
-                f"e.g. stride=(4, 4)"
-            )
         for name in ("tau_sim", "tau_info", "tau_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 switches the criterion off), got {getattr(self, name)}")
@@ -139,6 +186,62 @@ class TokenFusionConfig:
             raise ValueError(
                 "nothing to reduce: set at least one of merge_self_attention, merge_cross_attention, merge_feed_forward"
             )
+
+    def ratios(self) -> list[float]:
+        """Every ratio this config can use (the constant one, or each of the schedule's)."""
+        if self.schedule is not None:
+            return [r for _, r in self.schedule]
+        return [] if self.ratio is None else [self.ratio]
+
+    def _check_ratio(self, ratio: float) -> None:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1) (the share of tokens removed), got {ratio!r}")
+        cap = max_grid_ratio(self.stride)
+        if self.method != "todo" and ratio > cap:
+            raise ValueError(
+                f"ratio {ratio} removes more tokens than a {self.stride[0]}x{self.stride[1]} stride allows "
+                f"(one destination per cell caps it at {cap:.3f}); lower the ratio or use a larger stride, "
+                f"e.g. stride=(4, 4)"
+            )
+
+    def ratio_at(self, progress: Optional[float]) -> float:
+        """The ratio at a denoising progress in [0, 1] (None: unknown, the constant ratio or the schedule's start)."""
+        if self.schedule is None:
+            return self.ratio if self.ratio is not None else 0.0
+        if progress is None:
+            progress = 0.0
+        current = 0.0
+        for start, ratio in self.schedule:
+            if progress + 1e-9 >= start:
+                current = ratio
+        return current
+
+    @property
+    def max_ratio(self) -> float:
+        return max(self.ratios(), default=0.0)
+
+    def resolve(self, family: str) -> "TokenFusionConfig":
+        """A config with every lever decided: what was not given comes from the preset for ``family``.
+
+        An explicit ``ratio`` or ``schedule`` is used as given, on every eligible block unless ``blocks``
+        says otherwise: the preset then only supplies ``method`` if that was not given.
+        """
+        from .presets import preset_options
+
+        preset = preset_options(self.preset, family)
+        explicit = self.ratio is not None or self.schedule is not None
+        updates = {}
+        if self.method is None:
+            updates["method"] = preset.get("method", "tome")
+        if not explicit:
+            updates["ratio"] = preset.get("ratio")
+            updates["schedule"] = preset.get("schedule")
+            if self.blocks is None:
+                updates["blocks"] = preset.get("blocks")
+            for name, value in preset.items():
+                if name not in ("method", "ratio", "schedule", "blocks") and getattr(self, name) == _DEFAULTS[name]:
+                    updates[name] = value
+        return replace(self, **updates)
 
     def _validate_r(self) -> None:
         r = self.r
@@ -165,6 +268,8 @@ class TokenFusionConfig:
         """
         if self.merge_mode is not None:
             return self.merge_mode
+        if self.method == "todo":
+            return "prune"  # nothing is merged: keys/values are subsampled
         if self.method == "tofu":
             switch = num_blocks // 2 if self.switch_depth is None else self.switch_depth
             return "prune" if depth < switch else "mlerp"
@@ -182,3 +287,6 @@ class TokenFusionConfig:
         if config is None:
             return cls(**kwargs)
         return replace(config, **kwargs) if kwargs else config
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TokenFusionConfig)}

@@ -44,6 +44,7 @@ GRID_HOOK = "tofu_diffusion_grid"
 BLOCK_HOOK = "tofu_diffusion_block"
 MERGE_HOOK = "tofu_diffusion_merge"
 WHOLE_BLOCK_HOOK = "tofu_diffusion_whole_block"
+DOWNSAMPLE_HOOK = "tofu_diffusion_downsample"
 HOOK_PREFIX = "tofu_diffusion"  # every hook this library registers (here and in the classifier adapter)
 
 
@@ -74,8 +75,10 @@ class GridRecord:
 class RunState:
     """State shared by all hooks of one patched denoiser."""
 
-    def __init__(self, config: TokenFusionConfig):
+    def __init__(self, config: TokenFusionConfig, num_train_timesteps: int = 1000):
         self.config = config
+        self.num_train_timesteps = num_train_timesteps
+        self.ratio = config.ratio_at(None)  # this step's ratio (the schedule's value at its progress)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._fixed_partitions: dict = {}
@@ -95,6 +98,8 @@ class RunState:
         new_run = value is None or self._last_timestep is None or value >= self._last_timestep
         self.step_index = 0 if new_run and value is not None else self.step_index + 1
         self._last_timestep = value
+        progress = None if value is None else min(1.0, max(0.0, 1.0 - value / self.num_train_timesteps))
+        self.ratio = self.config.ratio_at(progress)
 
     @property
     def reuse_plans(self) -> bool:
@@ -127,7 +132,7 @@ class BlockState:
     sublayers: tuple[str, ...] = ("self_attention",)  # what runs on the reduced tokens, for the cost model
     plans_computed: int = 0
     _skipped: set = field(default_factory=set, repr=False)
-    _reusable: Optional[MergePlan] = field(default=None, repr=False)
+    _reusable: Optional[tuple] = field(default=None, repr=False)  # (plan, ratio, (B, N)) of the latest planning
     _input: Optional[torch.Tensor] = field(default=None, repr=False)
     _plan: Optional[MergePlan] = field(default=None, repr=False)
     _planned: bool = field(default=False, repr=False)
@@ -146,17 +151,32 @@ class BlockState:
                 raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
             previous = self._reusable
             b, n = self._input.shape[:2]
-            if self.run.reuse_plans and previous is not None and (previous.batch_size, previous.num_tokens) == (b, n):
-                self._plan = previous
+            if self.run.reuse_plans and previous is not None and previous[1:] == (self.run.ratio, (b, n)):
+                self._plan = previous[0]
             else:
                 # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
                 with record_function("tofu_diffusion::plan"):
                     self._plan = self._compute_plan(attention, attention_input)
-                self.plans_computed += 1
-                self._reusable = self._plan
+                if self._plan is not None:
+                    self.plans_computed += 1
+                self._reusable = (self._plan, self.run.ratio, (b, n))
             self._planned = True
             self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
         return self._plan
+
+    @property
+    def last_plan(self) -> Optional[MergePlan]:
+        """The plan of the latest call (None when it reduced nothing)."""
+        return None if self._reusable is None else self._reusable[0]
+
+    def checked_grid(self, n: int) -> tuple[int, int]:
+        h, w = self.grid.height, self.grid.width
+        if h is None or h * w != n:
+            raise ValueError(
+                f"{self.name}: the block has {n} tokens but its token grid is {h}x{w}; "
+                f"token fusion cannot tile this input"
+            )
+        return h, w
 
     def _compute_plan(self, attention, attention_input) -> Optional[MergePlan]:
         cfg = self.run.config
@@ -164,21 +184,17 @@ class BlockState:
         if x.dim() != 3:
             raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
         n = x.shape[1]
-        r = int(n * cfg.ratio)
+        ratio = self.run.ratio
+        r = int(n * ratio)
         if r == 0:
             return None
-        h, w = self.grid.height, self.grid.width
-        if h is None or h * w != n:
-            raise ValueError(
-                f"{self.name}: the block has {n} tokens but its token grid is {h}x{w}; "
-                f"token fusion cannot tile this input"
-            )
+        h, w = self.checked_grid(n)
         num_dst = (h // cfg.stride[0]) * (w // cfg.stride[1])
         if num_dst and not reduction_pays(n, x.shape[-1], r, num_dst, self.sublayers):
             if (h, w) not in self._skipped:
                 self._skipped.add((h, w))
                 logger.debug("%s: not reduced at %dx%d tokens, ratio %s: matching would cost more than it saves",
-                             self.name, h, w, cfg.ratio)
+                             self.name, h, w, ratio)
             return None
         src, dst = self.run.partition(h, w, x.device)
         if cfg.method == "mctf":
@@ -336,6 +352,44 @@ class WholeBlockHook(ModelHook):
                 return hidden + plan.unmerge(out - merged)
         finally:
             self.state.end()
+
+
+class KeyValueDownsampleHook(ModelHook):
+    """ToDo on a self-attention: every query attends to keys and values of a downsampled token grid.
+
+    The attention's input is resized on its 2-D grid to ``sqrt(1 - ratio)`` of each side (nearest-exact,
+    as ToDo's reference) and passed as ``encoder_hidden_states``, which a diffusers ``Attention`` projects
+    to keys and values; queries and outputs keep all N tokens, so there is nothing to unmerge.
+    """
+
+    def __init__(self, state: BlockState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, *args, **kwargs):
+        hidden = hidden_states_of(args, kwargs)
+        b, n, c = hidden.shape
+        ratio = self.state.run.ratio
+        size = None
+        if ratio > 0:
+            h, w = self.state.checked_grid(n)
+            keep = (1.0 - ratio) ** 0.5
+            size = (max(1, round(h * keep)), max(1, round(w * keep)))
+        if size is None or size[0] * size[1] >= n:
+            self.state.last_tokens = (n, n)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError(f"{self.state.name}: self-attention was called with an attention_mask, which todo "
+                             f"cannot downsample; use another method for this model")
+        with record_function("tofu_diffusion::downsample"):
+            grid = hidden.transpose(1, 2).reshape(b, c, h, w)
+            keys = torch.nn.functional.interpolate(grid, size=size, mode="nearest-exact").flatten(2).transpose(1, 2)
+        self.state.last_tokens = (n, keys.shape[1])
+        if len(args) > 1:
+            args = (args[0], keys) + tuple(args[2:])
+        else:
+            kwargs = {**kwargs, "encoder_hidden_states": keys}
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

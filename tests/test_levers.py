@@ -1,0 +1,165 @@
+"""The quality levers: ratio schedules over denoising progress, block selection, presets, and todo."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tofu_diffusion as tofu
+from pipelines.tiny import dit_transformer, pixart_transformer, sd_unet, sdxl_unet
+from test_diffusers import _inputs, _run
+
+BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet, "dit": dit_transformer, "pixart": pixart_transformer}
+
+
+def _at(kind, t):
+    args, kwargs = _inputs(kind)
+    if "timestep" in kwargs:
+        kwargs = {**kwargs, "timestep": torch.tensor([t] * args[0].shape[0])}
+    else:
+        args = (args[0], torch.tensor([t] * args[0].shape[0])) + args[2:]
+    return args, kwargs
+
+
+# ------------------------------------------------------------------ schedules
+def test_ratio_at_follows_the_schedule():
+    config = tofu.TokenFusionConfig(schedule=[(0.2, 0.25), (0.6, 0.75)])
+    assert [config.ratio_at(p) for p in (0.0, 0.19, 0.2, 0.5, 0.6, 1.0)] == [0.0, 0.0, 0.25, 0.25, 0.75, 0.75]
+    assert tofu.TokenFusionConfig(ratio=0.5).ratio_at(0.0) == tofu.TokenFusionConfig(ratio=0.5).ratio_at(1.0) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_schedule_reduces_only_late_steps(kind):
+    model = BUILDERS[kind]()
+    early, late = _at(kind, 900), _at(kind, 100)  # progress 0.1 and 0.9 of 1000 training timesteps
+    base_early, base_late = _run(model, *early), _run(model, *late)
+    handle = tofu.apply(model, method="tome", schedule=[(0.0, 0.0), (0.5, 0.75)])
+    assert torch.equal(_run(model, *early), base_early)  # no reduction while the layout forms: exact
+    assert all(n_in == n_out for n_in, n_out in handle.token_counts().values())
+    assert not torch.allclose(_run(model, *late), base_late)
+    assert all(n_out == n_in - int(0.75 * n_in) for n_in, n_out in handle.token_counts().values())
+    tofu.remove(model)
+
+
+def test_explicit_ratio_means_every_step_and_every_eligible_block():
+    model = dit_transformer()
+    handle = tofu.apply(model, ratio=0.5)
+    assert handle.config.schedule is None and len(handle.blocks) == 4
+    for t in (999, 500, 1):
+        _run(model, *_at("dit", t))
+        assert set(handle.token_counts().values()) == {(64, 32)}
+    tofu.remove(model)
+
+
+def test_no_options_is_the_family_preset():
+    from tofu_diffusion.presets import PRESETS
+
+    dit, unet = dit_transformer(), sd_unet()
+    dit_handle, unet_handle = tofu.apply(dit), tofu.apply(unet)
+    for handle, family in ((dit_handle, "dit"), (unet_handle, "unet")):
+        preset = PRESETS["quality"][family]
+        assert handle.config.method == preset["method"]
+        assert handle.config.schedule == preset.get("schedule")
+    assert [b.name for b in dit_handle.blocks] == [f"transformer_blocks.{i}" for i in range(4)][PRESETS["quality"]["dit"]["blocks"]]
+    fast = tofu.apply(dit, preset="fast")
+    assert fast.config.ratio == PRESETS["fast"]["dit"]["ratio"]
+    with pytest.raises(ValueError, match="unknown preset 'fastest'"):
+        tofu.apply(dit, preset="fastest")
+    tofu.remove(dit)
+    tofu.remove(unet)
+
+
+def test_num_train_timesteps_come_from_the_pipeline():
+    from pipelines.tiny import dit_pipeline
+
+    pipe = dit_pipeline()
+    pipe.scheduler.register_to_config(num_train_timesteps=500)
+    handle = tofu.apply(pipe, schedule=[(0.0, 0.0), (0.5, 0.5)])
+    _run(pipe.transformer, *_at("dit", 400))  # progress 0.2 of 500 timesteps: not yet reduced
+    assert all(a == b for a, b in handle.token_counts().values())
+    _run(pipe.transformer, *_at("dit", 200))  # progress 0.6
+    assert all(a > b for a, b in handle.token_counts().values())
+    tofu.remove(pipe)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"ratio": 0.5, "schedule": [(0.0, 0.5)]}, "not both"),
+    ({"schedule": [(0.5, 0.5), (0.2, 0.75)]}, "increasing progress"),
+    ({"schedule": [(0.0, 1.0)]}, r"ratio must be in \[0, 1\)"),
+    ({"schedule": [(0.0, 0.8)]}, "stride allows"),
+    ({"ratio": True}, "must be a number"),
+])
+def test_schedule_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        tofu.TokenFusionConfig(**options)
+
+
+def test_numpy_and_torch_ratios_are_accepted():
+    for ratio in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5):
+        assert tofu.TokenFusionConfig(ratio=ratio).ratio == 0.5
+
+
+# ------------------------------------------------------------------ blocks
+def test_blocks_select_among_the_eligible_ones():
+    model = dit_transformer()
+    args, kwargs = _inputs("dit")
+    with tofu.fused(model, ratio=0.5, blocks=slice(1, -1)) as handle:
+        assert [b.name for b in handle.blocks] == ["transformer_blocks.1", "transformer_blocks.2"]
+        _run(model, args, kwargs)
+        assert set(handle.token_counts()) == {"transformer_blocks.1", "transformer_blocks.2"}
+    with tofu.fused(model, ratio=0.5, blocks=[0, -1]) as handle:
+        assert [b.name for b in handle.blocks] == ["transformer_blocks.0", "transformer_blocks.3"]
+    with pytest.raises(ValueError, match=r"blocks \[7\] out of range: DiTTransformer2DModel has 4 eligible"):
+        tofu.apply(model, ratio=0.5, blocks=[7])
+    with pytest.raises(ValueError, match="selects none"):
+        tofu.apply(model, ratio=0.5, blocks=slice(4, None))
+    assert tofu.handle_of(model) is None
+
+
+# ------------------------------------------------------------------ todo
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_todo_ratio_zero_exact_and_shapes_kept(kind):
+    model = BUILDERS[kind]()
+    args, kwargs = _inputs(kind)
+    base = _run(model, args, kwargs)
+    with tofu.fused(model, method="todo", ratio=0.0):
+        assert torch.equal(_run(model, args, kwargs), base)
+    with tofu.fused(model, method="todo", ratio=0.75) as handle:
+        out = _run(model, args, kwargs)
+        counts = handle.token_counts()
+    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
+    # queries keep every token; keys/values are a quarter of them (2x2 downsampling)
+    assert counts and all(keys == n // 4 for n, keys in counts.values())
+    assert torch.equal(_run(model, args, kwargs), base)
+
+
+def test_todo_is_attention_on_strided_keys_and_values():
+    """One self-attention with todo against the formula: softmax(q k'^T / sqrt(d)) v' with k', v' from the
+    2x2-downsampled grid (nearest-exact: the odd rows and columns)."""
+    model = dit_transformer()
+    block = model.transformer_blocks[0]
+    attn = block.attn1
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    got = {}
+    attn.register_forward_hook(lambda m, a, k, o: got.setdefault("out", o), with_kwargs=True)
+    handle = tofu.apply(model, method="todo", ratio=0.75)
+    state = handle.blocks[0]
+    state.grid.height, state.grid.width = 8, 8
+    out = attn(x)
+    tofu.remove(model)
+    grid = x.view(2, 8, 8, -1)[:, 1::2, 1::2].reshape(2, 16, -1)
+    h, d = attn.heads, attn.to_q.out_features // attn.heads
+    q = attn.to_q(x).view(2, 64, h, d).transpose(1, 2)
+    k = attn.to_k(grid).view(2, 16, h, d).transpose(1, 2)
+    v = attn.to_v(grid).view(2, 16, h, d).transpose(1, 2)
+    expected = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 64, h * d))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_todo_refused_on_classifiers():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=8))
+    with pytest.raises(ValueError, match="todo, schedule and blocks are for diffusion denoisers"):
+        tofu.apply(vit, method="todo", ratio=0.5)
