@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch is installed first, pinned, so no dependency can pull another build (and its CUDA packages).
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,eval]"
+	$(PIP) -e ".[dev,eval,peers]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -20,9 +20,24 @@ def write_json_csv(out: str, result: dict, columns: Sequence[str]) -> None:
             writer.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()})
 
 
+def mark_pareto(rows: list[dict], speed: str, quality: str, lower_is_better: bool) -> None:
+    """Set ``row["pareto"]``: True when no other row is at least as fast and as good, and better in one."""
+    def good(row):
+        value = row[quality]
+        return -value if lower_is_better else value
+
+    for row in rows:
+        row["pareto"] = not any(
+            other is not row and other[speed] >= row[speed] and good(other) >= good(row)
+            and (other[speed] > row[speed] or good(other) > good(row))
+            for other in rows
+        )
+
+
 def tradeoff_plot(path: str, rows: list[dict], x: str, y: str, label: str, xlabel: str, ylabel: str, title: str,
                   band: Optional[tuple[float, float, str]] = None) -> None:
-    """One line per method from the baseline (the first row, marked with a star) through its settings.
+    """One line per series (``row["series"]``, else its method) from the baseline (the first row, marked
+    with a star) through its settings; rows flagged ``pareto`` are joined by a dashed front.
 
     ``label`` names the row field printed next to each point (the ratio or r); ``band`` (low, high, text)
     shades a horizontal range, e.g. the baseline plus the noise floor.
@@ -36,11 +51,21 @@ def tradeoff_plot(path: str, rows: list[dict], x: str, y: str, label: str, xlabe
         raise RuntimeError("plots need matplotlib: pip install -e '.[eval]'") from error
     base = rows[0]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        line = [base] + [r for r in rows[1:] if r["method"] == method]
-        ax.plot([r[x] for r in line], [r[y] for r in line], marker="o", label=method)
-        for r in line[1:]:
-            ax.annotate(f"{r[label]}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    def series(row):
+        return row.get("series", row["method"])
+
+    for name in dict.fromkeys(series(r) for r in rows[1:]):
+        members = [r for r in rows[1:] if series(r) == name]
+        joined = name not in ("presets", "variants")  # a ratio sweep is a line; presets/variants are points
+        line = ([base] + members) if joined else members
+        ax.plot([r[x] for r in line], [r[y] for r in line], marker="o", label=name,
+                linestyle="-" if joined else "none")
+        for r in members:
+            ax.annotate(f"{r[label]}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[x])
+    if len(front) > 1:
+        ax.plot([r[x] for r in front], [r[y] for r in front], linestyle="--", color="black", alpha=0.5,
+                label="Pareto front")
     ax.scatter([base[x]], [base[y]], marker="*", s=200, color="black", zorder=5, label="baseline")
     if band is not None:
         ax.axhspan(band[0], band[1], color="grey", alpha=0.2, label=band[2])

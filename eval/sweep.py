@@ -20,7 +20,9 @@ import argparse
 import functools
 import math
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 import tofu_diffusion as tofu
 from eval import metrics, report, workloads
 from eval.timing import interleaved_median, synchronize
-from eval.variants import use_variant
+from eval.variants import Variant, use_variant
 
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this far away
 
@@ -39,8 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny-unet",
                    help="tiny-unet, tiny-dit (bundled), or a diffusers pipeline's hub id / local folder")
-    p.add_argument("--methods", nargs="+", default=["tome", "tofu", "mctf"], choices=tofu.METHODS)
+    p.add_argument("--methods", nargs="+", default=["tome", "tofu", "mctf"], choices=tofu.METHODS + ("tomesd",),
+                   help="swept at every ratio; tomesd is the installed tomesd package (Stable Diffusion UNets)")
     p.add_argument("--ratios", nargs="+", type=float, default=[0, 0.25, 0.5, 0.75])
+    p.add_argument("--presets", nargs="*", default=[], choices=["default"] + list(tofu.PRESETS),
+                   help="rows for named presets (default: what tofu.apply(pipe) does with no options)")
+    p.add_argument("--variants", nargs="*", default=[], metavar="SPEC",
+                   help="extra rows, each a space-free list of TokenFusionConfig options, e.g. "
+                        "method=tome,schedule=0.5:0.75,blocks=1:-1 (schedule P:R[;P:R], blocks A:B or I;J)")
     p.add_argument("--merge-scope", default=None, choices=["block", "sublayers"], help="default: the library's")
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -70,20 +78,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def settings_of(args) -> list[tuple[str, float]]:
-    """The baseline ("none", 0) first, then every method at every nonzero ratio."""
-    return [("none", 0.0)] + [(m, r) for m in args.methods for r in sorted(set(args.ratios)) if r > 0]
+@dataclass
+class Setting:
+    """One row of the sweep: how the denoiser is modified, and how the row is labelled."""
+
+    name: str  # "baseline", "tome_0.5", "tomesd_0.5", "preset_quality", or a variant's spec
+    method: str  # "none", a tofu method, "tomesd", or "preset"
+    ratio: Optional[float]  # None where the ratio varies over steps (presets, schedules)
+    variant: Variant
+    series: str  # rows drawn as one line in the plot
+    label: str  # printed next to the point
+
+    @property
+    def file_key(self) -> str:
+        if self.method == "none":
+            return "none_0"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.name)
 
 
-def config_of(args, method: str, ratio: float) -> Optional[tofu.TokenFusionConfig]:
-    if ratio == 0:
-        return None
-    options = {"merge_scope": args.merge_scope} if args.merge_scope else {}
-    return tofu.TokenFusionConfig(method=method, ratio=ratio, **options)
+def parse_variant(spec: str) -> dict:
+    """``method=tome,schedule=0.5:0.75;0.8:0.5,blocks=1:-1,merge_mode=mlerp`` -> TokenFusionConfig options."""
+    fields = {f for f in tofu.TokenFusionConfig.__dataclass_fields__}
+    options = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"variant {spec!r}: {item!r} is not OPTION=VALUE with a TokenFusionConfig option")
+        if key == "schedule":
+            options[key] = [tuple(float(v) for v in point.split(":")) for point in value.split(";")]
+        elif key == "blocks":
+            if ":" in value:
+                start, stop = (int(v) if v else None for v in value.split(":"))
+                options[key] = slice(start, stop)
+            else:
+                options[key] = [int(v) for v in value.split(";")]
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    continue
+            options[key] = value
+    return options
 
 
-def setting_name(method: str, ratio: float) -> str:
-    return "baseline" if ratio == 0 else f"{method}_{ratio:g}"
+def settings_of(args) -> list[Setting]:
+    """The baseline first, then every method at every nonzero ratio, then presets and variants."""
+    common = {"merge_scope": args.merge_scope} if args.merge_scope else {}
+    settings = [Setting("baseline", "none", 0.0, None, "baseline", "")]
+    for method in args.methods:
+        for ratio in sorted(set(args.ratios)):
+            if ratio > 0:
+                variant = ("tomesd", ratio) if method == "tomesd" else \
+                    tofu.TokenFusionConfig(method=method, ratio=ratio, **common)
+                settings.append(Setting(f"{method}_{ratio:g}", method, ratio, variant, method, f"{ratio:g}"))
+    for preset in args.presets:
+        config = tofu.TokenFusionConfig(**common) if preset == "default" else tofu.TokenFusionConfig(preset=preset, **common)
+        settings.append(Setting(f"preset_{preset}", "preset", None, config, "presets", preset))
+    for spec in args.variants:
+        options = {**common, **parse_variant(spec)}
+        config = tofu.TokenFusionConfig(**options)
+        settings.append(Setting(spec, config.method or "preset", config.ratio, config, "variants", spec))
+    return settings
+
+
+def check_applicable(settings: list[Setting], denoiser: torch.nn.Module) -> None:
+    """tomesd patches Stable Diffusion UNets only: say so before anything is drawn."""
+    from diffusers import UNet2DConditionModel
+
+    if any(s.method == "tomesd" for s in settings):
+        from eval.variants import tomesd
+
+        if tomesd is None:
+            raise RuntimeError("--methods tomesd needs the tomesd package: pip install -e '.[peers]'")
+        if not isinstance(denoiser, UNet2DConditionModel):
+            raise ValueError(f"tomesd patches Stable Diffusion UNets (UNet2DConditionModel); this model's denoiser "
+                             f"is a {type(denoiser).__name__}: drop tomesd from --methods")
 
 
 class DenoiserClock:
@@ -169,9 +240,8 @@ def time_settings(work, args, settings, device) -> tuple[dict, dict, dict]:
     batch = args.timing_batch or args.batch_size
     indices = list(range(batch))
     seeds, conditions = [args.seed + i for i in indices], [work.condition(i) for i in indices]
-    names = [setting_name(m, r) for m, r in settings]
-    setups = {name: functools.partial(use_variant, work.denoiser, config_of(args, m, r))
-              for name, (m, r) in zip(names, settings)}
+    names = [setting.name for setting in settings]
+    setups = {setting.name: functools.partial(use_variant, work.denoiser, setting.variant) for setting in settings}
     clock = DenoiserClock(work.denoiser, device)
     step_ms: dict[str, list[float]] = {name: [] for name in names}
 
@@ -204,6 +274,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     else:
         work = workloads.checkpoint(args, device, dtype)
     settings = settings_of(args)
+    check_applicable(settings, work.denoiser)
     indices = list(range(args.num_images))
     mine = sharding.local(indices)
 
@@ -213,10 +284,10 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
 
     bar = tqdm(total=len(mine) * (len(settings) + 1), desc=f"drawing {work.name}", disable=not sharding.is_main)
     images = {}
-    for method, ratio in settings:
-        use_variant(work.denoiser, config_of(args, method, ratio))
-        bar.set_postfix_str(setting_name(method, ratio))
-        images[(method, ratio)] = collect(sharding, draw_images(work, mine, args.seed, args.batch_size, bar))
+    for setting in settings:
+        use_variant(work.denoiser, setting.variant)
+        bar.set_postfix_str(setting.name)
+        images[setting.name] = collect(sharding, draw_images(work, mine, args.seed, args.batch_size, bar))
     use_variant(work.denoiser, None)
     bar.set_postfix_str("noise floor")
     floor_images = collect(sharding, draw_images(work, mine, args.seed + NOISE_FLOOR_SEED_OFFSET, args.batch_size, bar))
@@ -226,34 +297,44 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
 
     conditions = [work.condition(i) for i in indices]
     real = work.real_images(max(args.num_reference, args.num_images)) if work.real_images else None
-    fid = None
+    fid = kid = None
     if real is not None:
         scorer = metrics.FID(work.fid_metric().to(device), real.to(device))
         fid = lambda fake: scorer(metrics.from_uint8(fake).to(device))  # noqa: E731
-    baseline = metrics.from_uint8(images[("none", 0.0)])
+        if work.kid_metric is not None:
+            kid_scorer = metrics.KID(work.kid_metric().to(device), real.to(device))
+            kid = lambda fake: kid_scorer(metrics.from_uint8(fake).to(device))  # noqa: E731
+    baseline = metrics.from_uint8(images["baseline"])
     noise_floor = None
     if work.fid_metric is not None:
         # The same model and settings, other seeds: how far FID moves by chance alone.
         against_baseline = metrics.FID(work.fid_metric().to(device), baseline.to(device))
         noise_floor = against_baseline(metrics.from_uint8(floor_images).to(device))
     rows = []
-    for method, ratio in tqdm(settings, desc="scoring", disable=not sharding.is_main):
-        name, fake = setting_name(method, ratio), metrics.from_uint8(images[(method, ratio)])
+    for setting in tqdm(settings, desc="scoring", disable=not sharding.is_main):
+        name, fake = setting.name, metrics.from_uint8(images[setting.name])
         seconds = sum(t[0][name] for t in timings) / len(timings)
         base_seconds = sum(t[0]["baseline"] for t in timings) / len(timings)
         scores = work.score(fake.to(device), conditions)
+        kid_mean, kid_std = kid(images[name]) if kid else (None, None)
+        config = setting.variant if isinstance(setting.variant, tofu.TokenFusionConfig) else None
+        resolved = config.resolve(tofu.family_of(work.denoiser)) if config is not None else None
         rows.append({
-            "method": method, "ratio": ratio,
+            "setting": name, "method": setting.method if resolved is None else resolved.method,
+            "ratio": setting.ratio, "series": setting.series, "label": setting.label,
+            "schedule": format_schedule(resolved) if resolved is not None else None,
             "seconds_per_image": seconds,
             "denoiser_ms_per_step": sum(t[1][name] for t in timings) / len(timings),
             "speedup": base_seconds / seconds,
-            "fid": fid(images[(method, ratio)]) if fid else None,
+            "fid": fid(images[name]) if fid else None,
+            "kid": kid_mean, "kid_std": kid_std,
             "clip_score": scores.get("clip_score"),
             "class_accuracy": scores.get("class_accuracy"),
             "psnr": float(metrics.psnr(fake, baseline).mean()),
             "ssim": float(metrics.ssim(fake, baseline).mean()),
             "peak_memory_mb": max(t[2][name] for t in timings),
         })
+    report.mark_pareto(rows, "speedup", "fid" if fid else "psnr", lower_is_better=bool(fid))
     result = {"model": work.name, "num_images": args.num_images, "steps": args.steps, "device": str(device),
               "processes": len(timings), "noise_floor_fid": noise_floor, "rows": rows}
     write_outputs(args.out, result, images, settings, args.grid)
@@ -262,22 +343,34 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 
-COLUMNS = ("method", "ratio", "seconds_per_image", "denoiser_ms_per_step", "speedup", "fid", "clip_score",
-           "class_accuracy", "psnr", "ssim", "peak_memory_mb")
+COLUMNS = ("setting", "method", "ratio", "schedule", "seconds_per_image", "denoiser_ms_per_step", "speedup", "fid",
+           "kid", "kid_std", "clip_score", "class_accuracy", "psnr", "ssim", "peak_memory_mb", "pareto")
+
+
+def format_schedule(config: tofu.TokenFusionConfig) -> str:
+    """How a resolved config reduces: ``0.5`` or ``0@0 0.75@0.5`` (ratio@progress), plus its blocks."""
+    if config.schedule is None:
+        text = f"{config.ratio:g}"
+    else:
+        text = " ".join(f"{r:g}@{p:g}" for p, r in config.schedule)
+    if config.blocks is not None:
+        blocks = config.blocks
+        text += f" blocks {blocks.start}:{blocks.stop}" if isinstance(blocks, slice) else f" blocks {list(blocks)}"
+    return text
 
 
 def write_outputs(out: str, result: dict, images: dict, settings, grid: int) -> None:
     report.write_json_csv(out, result, COLUMNS)
-    for method, ratio in settings:
-        save_grid(images[(method, ratio)][:grid], os.path.join(out, f"samples_{method}_{ratio:g}.png"))
+    for setting in settings:
+        save_grid(images[setting.name][:grid], os.path.join(out, f"samples_{setting.file_key}.png"))
     rows, floor = result["rows"], result.get("noise_floor_fid")
     title = f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)"
     if rows[0]["fid"] is not None:
         band = (rows[0]["fid"], rows[0]["fid"] + floor, "baseline + noise floor") if floor is not None else None
-        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "fid", "ratio",
+        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "fid", "label",
                              "speedup over the baseline (x)", "FID (lower is better)", title, band)
     else:  # no reference set: fidelity to the unreduced images instead
-        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "psnr", "ratio",
+        report.tradeoff_plot(os.path.join(out, "quality_vs_speed.png"), rows, "speedup", "psnr", "label",
                              "speedup over the baseline (x)", "PSNR vs baseline (dB, higher is better)", title)
 
 
@@ -302,16 +395,22 @@ def format_table(result: dict) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
-    header = f"{'method':<8}{'ratio':>6}{'s/image':>10}{'speedup':>9}{'FID':>9}{condition:>11}{'PSNR':>8}{'SSIM':>7}{'mem MB':>9}"
+    width = max(12, *(len(r["setting"]) + 2 for r in result["rows"]))
+    header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>9}{'FID':>8}{'KID x1e3':>14}"
+              f"{condition:>10}{'PSNR':>7}{'SSIM':>7}{'mem MB':>8} pareto")
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
         score = r["class_accuracy"] if r["class_accuracy"] is not None else r["clip_score"]
-        lines.append(f"{r['method']:<8}{r['ratio']:>6.2f}{r['seconds_per_image']:>10.4f}{r['speedup']:>8.2f}x"
-                     f"{cell(r['fid'], '.2f'):>9}{cell(score, '.3f'):>11}{cell(r['psnr'], '.1f'):>8}"
-                     f"{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>9.0f}")
+        kid = "n/a" if r["kid"] is None else f"{1e3 * r['kid']:.2f}+-{1e3 * r['kid_std']:.2f}"
+        reduces = r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")
+        lines.append(f"{r['setting']:<{width}}{r['method']:<8}{reduces:<24}{r['seconds_per_image']:>9.4f}"
+                     f"{r['speedup']:>8.2f}x{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
+                     f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>8.0f}"
+                     f" {'*' if r['pareto'] else ''}")
     floor = result.get("noise_floor_fid")
     lines.append(f"noise floor: FID of the baseline against itself with other seeds = {cell(floor, '.2f')} "
                  "(FID differences smaller than this are not real)")
+    lines.append("pareto *: no other row is both faster and better (FID; PSNR where there is no reference set)")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ class Workload:
     real_images: Optional[Callable[[int], torch.Tensor]]  # n -> reference images in [-1, 1]
     fid_metric: Optional[Callable[[], object]]  # a fresh torchmetrics FID (its features define what FID means)
     score: Callable[[torch.Tensor, list], dict] = field(default=lambda images, conditions: {})
+    kid_metric: Optional[Callable[[], object]] = None  # a fresh torchmetrics KID on the same features as FID
 
     def condition(self, index: int):
         return self.conditions[index % len(self.conditions)]
@@ -78,7 +79,7 @@ def embedded(name: str, device: torch.device, steps: int, guidance_scale: Option
 
     extractor = metrics.FeatureExtractor(classifier, classifier.feature_dim)
     return Workload(name, pipe, list(range(len(CLASSES))), draw, real_images,
-                    lambda: metrics.feature_fid(extractor), score)
+                    lambda: metrics.feature_fid(extractor), score, lambda: metrics.feature_kid(extractor))
 
 
 def load_prompts(path: str) -> list[str]:
@@ -145,13 +146,16 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
         return images.float() * 2 - 1
 
-    real_images = fid_metric = None
+    real_images = fid_metric = kid_metric = None
     if args.reference_dir:
         if args.feature_module:
-            fid_metric = functools.partial(metrics.feature_fid, _feature_module(args.feature_module))
+            extractor = _feature_module(args.feature_module)
+            fid_metric = functools.partial(metrics.feature_fid, extractor)
+            kid_metric = functools.partial(metrics.feature_kid, extractor)
         else:
             metrics.inception_fid(args.inception_weights)  # fail early, before any image is drawn
             fid_metric = functools.partial(metrics.inception_fid, args.inception_weights)
+            kid_metric = functools.partial(metrics.inception_kid, args.inception_weights)
         size = args.resolution or pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 1)
         real_images = functools.partial(load_image_folder, args.reference_dir, size)  # n -> at most n images
 
@@ -160,4 +164,4 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
             return {"clip_score": metrics.clip_score(args.clip_model, images, conds)}
         return {}
 
-    return Workload(args.model, pipe, conditions, draw, real_images, fid_metric, score)
+    return Workload(args.model, pipe, conditions, draw, real_images, fid_metric, score, kid_metric)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import tofu_diffusion as tofu
 from eval import sweep, workloads
 from pipelines.train_shapes import build_pipeline
 
@@ -126,3 +127,55 @@ def test_sweep_on_a_text_to_image_checkpoint_folder(tmp_path):
     assert reduced["psnr"] < 100 and reduced["fid"] >= 0 and result["noise_floor_fid"] > 0
     with pytest.raises(ValueError, match="--prompts"):
         sweep.main(["--model", str(tmp_path / "sd"), "--out", str(tmp_path / "x"), *SMALL])
+
+
+def test_sweep_rows_for_peers_presets_and_variants(unet_folder, tmp_path):
+    out = tmp_path / "peers"
+    result = sweep.main(["--model", unet_folder, "--methods", "tome", "todo", "tomesd", "--ratios", "0", "0.5",
+                         "--presets", "default", "--variants", "method=tome,schedule=0.5:0.75", "--out", str(out),
+                         *SMALL])
+    rows = result["rows"]
+    assert [r["setting"] for r in rows] == ["baseline", "tome_0.5", "todo_0.5", "tomesd_0.5", "preset_default",
+                                            "method=tome,schedule=0.5:0.75"]
+    default = rows[4]
+    assert default["method"] == tofu.PRESETS["quality"]["unet"]["method"] and default["ratio"] is None
+    assert rows[5]["schedule"] == "0.75@0.5"
+    for row in rows:
+        assert row["kid"] is not None and row["kid_std"] >= 0
+    for row in rows[1:]:
+        assert row["psnr"] < 100.0  # every setting changed the images (tomesd and todo included)
+    # a row is on the front exactly when no other row is at least as fast and as good, and better in one
+    for row in rows:
+        dominated = any(o["speedup"] >= row["speedup"] and o["fid"] <= row["fid"] and
+                        (o["speedup"] > row["speedup"] or o["fid"] < row["fid"]) for o in rows if o is not row)
+        assert row["pareto"] == (not dominated)
+    assert (out / "samples_tomesd_0.5.png").exists() and (out / "samples_preset_default.png").exists()
+
+
+def test_tomesd_on_a_dit_is_a_clear_error(tmp_path):
+    folder = tmp_path / "dit"
+    torch.manual_seed(0)
+    build_pipeline("dit").save_pretrained(folder)
+    with pytest.raises(ValueError, match="tomesd patches Stable Diffusion UNets .* DiTTransformer2DModel"):
+        sweep.main(["--model", str(folder), "--methods", "tomesd", "--ratios", "0", "0.5", "--out",
+                    str(tmp_path / "out"), *SMALL])
+
+
+def test_pareto_marks():
+    from eval.report import mark_pareto
+
+    rows = [{"speedup": 1.0, "fid": 1.0}, {"speedup": 1.5, "fid": 2.0}, {"speedup": 1.4, "fid": 2.5},
+            {"speedup": 1.5, "fid": 2.0}, {"speedup": 2.0, "fid": 9.0}]
+    mark_pareto(rows, "speedup", "fid", lower_is_better=True)
+    assert [r["pareto"] for r in rows] == [True, True, False, True, True]  # ties dominate neither
+    mark_pareto(rows, "speedup", "fid", lower_is_better=False)
+    assert [r["pareto"] for r in rows] == [False, False, False, False, True]
+
+
+def test_variant_specs_parse():
+    options = sweep.parse_variant("method=tofu,schedule=0:0;0.5:0.75,blocks=1:-1,merge_mode=mlerp,seed=3")
+    assert options == {"method": "tofu", "schedule": [(0.0, 0.0), (0.5, 0.75)], "blocks": slice(1, -1),
+                       "merge_mode": "mlerp", "seed": 3}
+    assert sweep.parse_variant("blocks=0;2")["blocks"] == [0, 2]
+    with pytest.raises(ValueError, match="not OPTION=VALUE"):
+        sweep.parse_variant("speed=fast")

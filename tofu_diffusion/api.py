@@ -98,6 +98,13 @@ def denoiser_of(model_or_pipeline) -> torch.nn.Module:
     )
 
 
+def family_of(model_or_pipeline) -> str:
+    """The adapter family of a pipeline's denoiser or a model: "unet", "dit" or "vit" (presets are per family)."""
+    if isinstance(model_or_pipeline, torch.nn.Module) and vit.backbone_of(model_or_pipeline) is not None:
+        return vit.FAMILY
+    return adapter_for(denoiser_of(model_or_pipeline)).family
+
+
 def _reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
     """The sublayers of ``block`` that will run on reduced tokens."""
     return tuple(
