@@ -60,12 +60,13 @@ class TokenFusionHandle:
             return dict(self._counts())
         return {b.name: b.last_tokens for b in self.blocks if b.last_tokens is not None}
 
-    def last_plans(self) -> dict:
-        """Diffusion models: each reduced block's merge plan of its latest call (None where nothing was
-        merged; ``todo`` merges nothing). ``plan.assignment`` maps every token to its group."""
+    def last_plans(self) -> dict[str, tuple]:
+        """Diffusion models: ``{block: (plan, (rows, cols))}``, each reduced block's merge plan of its latest
+        call and the token grid it was computed on (plan None where nothing was merged; ``todo`` merges
+        nothing). ``plan.assignment`` (B, N) maps every token, row-major on the grid, to its group."""
         if self.family == vit.FAMILY:
             raise ValueError("classifiers reduce tokens for good; their plans are not kept (see token_counts())")
-        return {b.name: b.last_plan for b in self.blocks}
+        return {b.name: (b.last_plan, (b.grid.height, b.grid.width)) for b in self.blocks}
 
     @property
     def schedule(self) -> Optional[list[int]]:
