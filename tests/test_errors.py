@@ -72,3 +72,41 @@ def test_grid_smaller_than_stride_at_runtime():
     with pytest.raises(ValueError, match="smaller than the 2x2 merge stride"):
         model(x, 1, torch.randn(1, 7, 32))
     tofu.remove(model)
+
+
+def test_rejected_apply_keeps_the_current_patch_and_stale_handles_are_refused():
+    from pipelines.tiny import dit_transformer
+
+    model = dit_transformer()
+    first = tofu.apply(model, method="tome", ratio=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        tofu.apply(model, ratio=0.5, blocks=[9])
+    assert tofu.handle_of(model) is first  # the rejected call left the patch alone
+    second = tofu.apply(model, method="tofu", ratio=0.25)
+    with pytest.raises(ValueError, match="this handle is stale"):
+        first.remove()
+    assert tofu.handle_of(model) is second
+    second.remove()
+    assert tofu.handle_of(model) is None
+
+
+def test_nothing_to_reduce_is_said():
+    from pipelines.tiny import dit_transformer
+
+    model = dit_transformer()
+    with pytest.raises(ValueError, match="exist in none of DiTTransformer2DModel's blocks"):
+        tofu.apply(model, ratio=0.5, merge_scope="sublayers", merge_self_attention=False,
+                   merge_cross_attention=True)
+    assert tofu.handle_of(model) is None
+
+
+def test_a_ratio_that_removes_no_token_warns_once(caplog):
+    import torch
+    from pipelines.tiny import dit_transformer
+
+    model = dit_transformer()  # 64 tokens per block: ratio 0.01 removes none
+    x = torch.randn(1, 4, 16, 16)
+    with caplog.at_level("WARNING", logger="tofu_diffusion"), tofu.fused(model, ratio=0.01):
+        model(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
+        model(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
+    assert caplog.text.count("removes no token") == 1

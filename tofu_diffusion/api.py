@@ -74,6 +74,10 @@ class TokenFusionHandle:
         return [b.removed for b in self.blocks] if self.family == vit.FAMILY else None
 
     def remove(self) -> None:
+        """Remove this patch; a stale handle (token fusion was applied again since) is refused."""
+        if getattr(self.model, _HANDLE_ATTR, None) is not self:
+            raise ValueError("this handle is stale: token fusion was removed or applied again since; remove the "
+                             "current patch with tofu.remove(model) or the handle the latest apply returned")
         remove(self.model)
 
     def __repr__(self) -> str:
@@ -189,11 +193,8 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     model = denoiser_of(model_or_pipeline)
     adapter = adapter_for(model)
     config = config.resolve(adapter.family)
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
-        remove(model)
-
     model_name = type(model).__name__
+    # Everything that can reject the request is checked before an existing patch is touched.
     all_sites = adapter.sites(model)
     if not all_sites:
         raise ValueError(f"{model_name} has no transformer block to reduce (no BasicTransformerBlock found)")
@@ -201,6 +202,13 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     sites = _pick_blocks(sites, config.blocks, model_name)
     if not sites:
         raise ValueError(f"blocks={config.blocks!r} selects none of the eligible blocks of {model_name}")
+    if config.method != "todo" and not any(_reduced_sublayers(site.block, config) for site in sites):
+        raise ValueError(f"nothing to reduce: the selected sublayers (merge_self_attention / merge_cross_attention / "
+                         f"merge_feed_forward) exist in none of {model_name}'s blocks (e.g. DiT blocks have no "
+                         f"cross-attention); select another sublayer or use merge_scope='block'")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        logger.info("token fusion was already applied to %s; replacing it", model_name)
+        remove(model)
 
     run = RunState(config, _num_train_timesteps(model_or_pipeline))
     grids: dict[int, GridRecord] = {}

@@ -82,6 +82,7 @@ class RunState:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._fixed_partitions: dict = {}
+        self.warned_too_few = False  # "ratio removes no token" is said once per patch
         self.step_index = 0  # denoiser calls since the current sampling run started
         self._last_timestep: Optional[float] = None
 
@@ -187,6 +188,10 @@ class BlockState:
         ratio = self.run.ratio
         r = int(n * ratio)
         if r == 0:
+            if ratio > 0 and not self.run.warned_too_few:
+                self.run.warned_too_few = True
+                logger.warning("%s: ratio %s of %d tokens removes no token; these calls run unreduced (raise the "
+                               "ratio or reduce blocks with more tokens)", self.name, ratio, n)
             return None
         h, w = self.checked_grid(n)
         num_dst = (h // cfg.stride[0]) * (w // cfg.stride[1])
