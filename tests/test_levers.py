@@ -163,3 +163,20 @@ def test_todo_refused_on_classifiers():
                                                intermediate_size=64, image_size=32, patch_size=8))
     with pytest.raises(ValueError, match="todo, schedule and blocks are for diffusion denoisers"):
         tofu.apply(vit, method="todo", ratio=0.5)
+
+
+def test_mctf_informativeness_defaults_per_family_and_is_wired_on_denoisers():
+    model = sd_unet()
+    args, kwargs = _inputs("sd")
+    with tofu.fused(model, method="mctf", ratio=0.5) as handle:
+        assert handle.config.tau_info == 0.0  # denoisers: the criterion is off by default
+        plain = _run(model, args, kwargs)
+    with tofu.fused(model, method="mctf", ratio=0.5, tau_info=20.0) as handle:
+        assert handle.config.tau_info == 20.0
+        informed = _run(model, args, kwargs)
+    assert not torch.allclose(plain, informed)  # the estimate reaches the matching
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=8))
+    assert tofu.apply(vit, method="mctf", r=2).config.tau_info == 20.0  # MCTF's own value on classifiers

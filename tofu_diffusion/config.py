@@ -74,7 +74,10 @@ class TokenFusionConfig:
             ``method="tome", destination="fixed"`` it reproduces tomesd 0.1.3 exactly).
         switch_depth: ``tofu``: index (among the reduced blocks, in execution order) of the first
             block that merges with MLERP instead of pruning. None: half of the reduced blocks.
-        tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off.
+        tau_sim / tau_info / tau_size: ``mctf`` temperatures; 0 switches a criterion off. ``tau_info`` None:
+            the family's default (``presets.METHOD_DEFAULTS``): MCTF's 20 on classifiers, where attention
+            received marks what the class token reads; 0 on denoisers, where every token's own output
+            matters (dense prediction) and the criterion only merges dissimilar tokens (see the README).
         info_queries: ``mctf`` on diffusion models: the attention each token receives is estimated
             from this many evenly spaced queries (their mean is an unbiased estimate of the mean over
             all queries; with tau_info = 20 the criterion is soft, so a few queries are enough).
@@ -109,7 +112,7 @@ class TokenFusionConfig:
     merge_scope: str = "block"
     switch_depth: Optional[int] = None
     tau_sim: float = 1.0
-    tau_info: float = 20.0
+    tau_info: Optional[float] = None
     tau_size: float = 40.0
     info_queries: int = 16
     plan_reuse_steps: int = 1
@@ -163,7 +166,7 @@ class TokenFusionConfig:
         if not 0 <= self.destination_position < cell:
             raise ValueError(f"destination_position must be in [0, {cell}) for a {self.stride} stride")
         for name in ("tau_sim", "tau_info", "tau_size"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 switches the criterion off), got {getattr(self, name)}")
         if self.max_downsample is not None and self.max_downsample < 1:
             raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
@@ -226,11 +229,12 @@ class TokenFusionConfig:
         An explicit ``ratio`` or ``schedule`` is used as given, on every eligible block unless ``blocks``
         says otherwise: the preset then only supplies ``method`` if that was not given.
         """
-        from .presets import preset_options
+        from .presets import METHOD_DEFAULTS, preset_options
 
         preset = preset_options(self.preset, family)
         explicit = self.ratio is not None or self.schedule is not None
-        updates = {}
+        updates = {name: value for name, value in METHOD_DEFAULTS.get(family, METHOD_DEFAULTS["dit"]).items()
+                   if getattr(self, name) is None}
         if self.method is None:
             updates["method"] = preset.get("method", "tome")
         if not explicit:

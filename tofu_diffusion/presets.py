@@ -36,6 +36,14 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# Method parameters whose best value differs between classifiers and denoisers (None in the config).
+METHOD_DEFAULTS: dict[str, dict] = {
+    "vit": {"tau_info": 20.0},
+    "unet": {"tau_info": 0.0},
+    "dit": {"tau_info": 0.0},
+}
+
+
 def preset_options(name: str, family: str) -> dict:
     """The options of preset ``name`` for a model ``family`` (SD3/Flux adapters fall back to "dit")."""
     if name not in PRESETS:
