@@ -5,8 +5,9 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: install demo classify test clean
 
-# The main job on the bundled model, sized to finish in a few minutes on 2 CPU cores.
-DEMO_ARGS ?= --model tiny-unet --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 --num-images 128 --steps 20 --out results/sweep
+# The main job on both bundled generators: every method at ratio 0.5, the default and the "fast" preset,
+# tomesd on the UNet; sized to finish in about ten minutes on 2 CPU cores.
+DEMO_ARGS ?= --ratios 0 0.5 --presets default fast --num-images 128 --steps 20
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m eval.sweep $(DEMO_ARGS)
+	$(BIN)/python -m eval.sweep --model tiny-unet --methods tome tofu mctf todo tomesd $(DEMO_ARGS) --out results/sweep_tiny-unet
+	$(BIN)/python -m eval.sweep --model tiny-dit --methods tome tofu mctf todo $(DEMO_ARGS) --out results/sweep_tiny-dit
 
 classify: install
 	$(BIN)/python -m eval.classify --model tiny-vit --out results/classify

@@ -60,7 +60,11 @@ def test_no_options_is_the_family_preset():
         preset = PRESETS["quality"][family]
         assert handle.config.method == preset["method"]
         assert handle.config.schedule == preset.get("schedule")
-    assert [b.name for b in dit_handle.blocks] == [f"transformer_blocks.{i}" for i in range(4)][PRESETS["quality"]["dit"]["blocks"]]
+    chosen = PRESETS["quality"]["dit"].get("blocks", slice(None))
+    assert [b.name for b in dit_handle.blocks] == [f"transformer_blocks.{i}" for i in range(4)][chosen]
+    # the preset's blocks apply only with the preset's schedule: an explicit ratio reduces every block
+    spared = tofu.apply(dit, schedule=[(0.5, 0.5)], preset="quality")
+    assert len(spared.blocks) == 4
     fast = tofu.apply(dit, preset="fast")
     assert fast.config.ratio == PRESETS["fast"]["dit"]["ratio"]
     with pytest.raises(ValueError, match="unknown preset 'fastest'"):

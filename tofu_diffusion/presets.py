@@ -7,27 +7,29 @@ README (the sweep on the bundled tiny-unet and tiny-dit).
 
 Why these shapes: the layout of an image forms in the first denoising steps and reducing tokens there
 changes what is drawn; late steps refine detail that neighbouring tokens share, so they take a high
-ratio at little cost. On a DiT the first and last blocks read and write pixels (patch embedding and
-the final projection follow them) and are the most sensitive to merging.
+ratio at little cost. Sparing a DiT's first and last blocks (``blocks=slice(1, -1)``) also helps, but
+at equal speed less than reducing fewer steps, so the presets reduce every eligible block.
 """
 
 from __future__ import annotations
 
 # family -> options; "unet": SD 1.x/2.x and SDXL UNets; "dit": DiT and PixArt; "vit": classifiers.
 PRESETS: dict[str, dict[str, dict]] = {
-    # Faster with no visible loss: reduction only once the layout is set.
+    # Faster with no visible loss: reduction only once the layout is set, then the highest ratio.
+    # On the exploration sweeps the trajectory dominated the block choice at equal speed: on tiny-dit,
+    # tome 0.75 in the last 30% of steps on every block beat 0.75 in the last 50% on the middle blocks.
     "quality": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75))},
-        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75)), "blocks": slice(1, -1)},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.4, 0.75))},
+        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
         "vit": {"method": "tome", "ratio": 0.5},
     },
     # More speed for a small, measurable loss.
     "balanced": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.25, 0.5), (0.5, 0.75))},
-        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75))},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.5), (0.4, 0.75))},
+        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.5), (0.6, 0.75))},
         "vit": {"method": "tome", "ratio": 0.5},
     },
-    # The most speed: the highest ratio the 2x2 stride allows at every step (the old default's shape).
+    # The most speed: the highest ratio the 2x2 stride allows at every step.
     "fast": {
         "unet": {"method": "tome", "ratio": 0.75},
         "dit": {"method": "tome", "ratio": 0.75},
