@@ -310,6 +310,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
         # The same model and settings, other seeds: how far FID moves by chance alone.
         against_baseline = metrics.FID(work.fid_metric().to(device), baseline.to(device))
         noise_floor = against_baseline(metrics.from_uint8(floor_images).to(device))
+    family = tofu.family_of(work.denoiser)
     rows = []
     for setting in tqdm(settings, desc="scoring", disable=not sharding.is_main):
         name, fake = setting.name, metrics.from_uint8(images[setting.name])
@@ -318,7 +319,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
         scores = work.score(fake.to(device), conditions)
         kid_mean, kid_std = kid(images[name]) if kid else (None, None)
         config = setting.variant if isinstance(setting.variant, tofu.TokenFusionConfig) else None
-        resolved = config.resolve(tofu.family_of(work.denoiser)) if config is not None else None
+        resolved = config.resolve(family) if config is not None else None
         rows.append({
             "setting": name, "method": setting.method if resolved is None else resolved.method,
             "ratio": setting.ratio, "series": setting.series, "label": setting.label,

@@ -219,10 +219,6 @@ class TokenFusionConfig:
                 current = ratio
         return current
 
-    @property
-    def max_ratio(self) -> float:
-        return max(self.ratios(), default=0.0)
-
     def resolve(self, family: str) -> "TokenFusionConfig":
         """A config with every lever decided: what was not given comes from the preset for ``family``.
 
@@ -242,9 +238,6 @@ class TokenFusionConfig:
             updates["schedule"] = preset.get("schedule")
             if self.blocks is None:
                 updates["blocks"] = preset.get("blocks")
-            for name, value in preset.items():
-                if name not in ("method", "ratio", "schedule", "blocks") and getattr(self, name) == _DEFAULTS[name]:
-                    updates[name] = value
         return replace(self, **updates)
 
     def _validate_r(self) -> None:
@@ -291,6 +284,3 @@ class TokenFusionConfig:
         if config is None:
             return cls(**kwargs)
         return replace(config, **kwargs) if kwargs else config
-
-
-_DEFAULTS = {f.name: f.default for f in fields(TokenFusionConfig)}

@@ -1,7 +1,7 @@
 """Named defaults: what ``apply`` does with the levers a user left unset, per model family.
 
 A preset fills ``method``, the ratio ``schedule`` over denoising progress and the reduced ``blocks``
-(and may set other options) only where the user gave none of them; an explicit ``ratio`` or ``schedule``
+only where the user gave none of them; an explicit ``ratio`` or ``schedule``
 is always used as given (see ``TokenFusionConfig.resolve``). The figures behind each choice are in the
 README (the sweep on the bundled tiny-unet and tiny-dit).
 
