@@ -148,7 +148,7 @@ def test_todo_is_attention_on_strided_keys_and_values():
     attn.register_forward_hook(lambda m, a, k, o: got.setdefault("out", o), with_kwargs=True)
     handle = tofu.apply(model, method="todo", ratio=0.75)
     state = handle.blocks[0]
-    state.grid.height, state.grid.width = 8, 8
+    state.grid.set(8, 8)
     out = attn(x)
     tofu.remove(model)
     grid = x.view(2, 8, 8, -1)[:, 1::2, 1::2].reshape(2, 16, -1)

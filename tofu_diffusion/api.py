@@ -66,7 +66,7 @@ class TokenFusionHandle:
         nothing). ``plan.assignment`` (B, N) maps every token, row-major on the grid, to its group."""
         if self.family == vit.FAMILY:
             raise ValueError("classifiers reduce tokens for good; their plans are not kept (see token_counts())")
-        return {b.name: (b.last_plan, (b.grid.height, b.grid.width)) for b in self.blocks}
+        return {b.name: (b.last_plan, b.grid.latest) for b in self.blocks}
 
     @property
     def schedule(self) -> Optional[list[int]]:

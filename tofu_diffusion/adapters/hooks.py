@@ -1,10 +1,11 @@
 """diffusers hooks that reduce the tokens of transformer blocks.
 
-All are registered through ``diffusers.hooks.HookRegistry``, so removal restores the original forwards
-exactly and no block forward is re-implemented:
+All are registered through ``diffusers.hooks.HookRegistry`` and no block forward is re-implemented;
+``unregister_all`` takes out exactly these hooks, in any order of registration with other hooks:
 
-* ``RootHook`` on the denoiser: reseeds the destination generator from the step's timestep, so a
-  seeded pipeline call is repeatable and no RNG state leaks between calls.
+* ``RootHook`` on the denoiser: derives the step's random key from (seed, timestep), so a seeded
+  pipeline call is repeatable, a recomputed forward (gradient checkpointing) makes the same plans, and
+  no RNG state leaks between calls.
 * ``GridHook`` on the module whose input defines the token grid (a UNet's ``Transformer2DModel``, or
   a patchified transformer itself): records the grid of the current call.
 * ``merge_scope="block"``: ``WholeBlockHook`` on each reduced block runs the block's own forward on
@@ -17,6 +18,7 @@ exactly and no block forward is re-implemented:
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -25,6 +27,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
 from ..config import TokenFusionConfig
+from ..core.destinations import Key
 from ..core import (
     MergePlan,
     attention_received,
@@ -32,6 +35,7 @@ from ..core import (
     bipartite_soft_matching,
     grid_partition,
     mctf_scores,
+    mix_key,
     mean_over_queries,
     reduction_pays,
     stratified_grid_queries,
@@ -64,53 +68,111 @@ def _replace_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor) -> tu
     return args, {**kwargs, "hidden_states": value}
 
 
-@dataclass
 class GridRecord:
-    """The token grid (rows, cols) of the latest call of a grid-owning module."""
+    """The token grid (rows, cols) of a grid-owning module's current call, per caller."""
 
-    height: Optional[int] = None
-    width: Optional[int] = None
+    def __init__(self):
+        self._grids: dict[int, tuple[int, int]] = {}
+        self.latest: tuple[Optional[int], Optional[int]] = (None, None)  # of any caller, for reports
+
+    def set(self, height: int, width: int) -> None:
+        self._grids[caller()] = self.latest = (height, width)
+
+    def get(self) -> tuple[Optional[int], Optional[int]]:
+        return self._grids.get(caller(), self.latest)  # latest: see RunState.step
+
+
+def caller() -> int:
+    """Whose call this is: the thread (eager), or 0 inside a ``torch.compile`` graph, where the thread
+    cannot be read (a compiled model's per-call state is shared: one call at a time)."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+def _step_key(timestep) -> Key:
+    """An integer key of the step's timestep (x1000, rounded), read where it lives: no host sync."""
+    if timestep is None:
+        return 0
+    if isinstance(timestep, torch.Tensor):
+        return (timestep.flatten()[0].float() * 1000).round().long()
+    return int(round(float(timestep) * 1000))
+
+
+_COMPILE_NEEDS_CONSTANT_RATIO = (
+    "token fusion with a ratio schedule (or plan_reuse_steps > 1) reads each step's timestep on the host, which "
+    "torch.compile(fullgraph=True) cannot capture; compile with a constant ratio=..., or without fullgraph=True"
+)
+
+
+@dataclass
+class StepState:
+    """What one caller's current denoising step decided: its ratio and the key of its random draws."""
+
+    ratio: float
+    key: Key = 0
+    index: int = 0  # steps since this caller's sampling run started
+    timestep: Optional[float] = None
 
 
 class RunState:
-    """State shared by all hooks of one patched denoiser."""
+    """State shared by all hooks of one patched denoiser; per-call parts are kept per caller (thread),
+    so concurrent calls of one model never see each other's steps or plans."""
 
     def __init__(self, config: TokenFusionConfig, num_train_timesteps: int = 1000):
         self.config = config
         self.num_train_timesteps = num_train_timesteps
-        self.ratio = config.ratio_at(None)  # this step's ratio (the schedule's value at its progress)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(config.seed)
-        self._fixed_partitions: dict = {}
         self.warned_too_few = False  # "ratio removes no token" is said once per patch
-        self.step_index = 0  # denoiser calls since the current sampling run started
-        self._last_timestep: Optional[float] = None
+        self._fixed_partitions: dict = {}
+        self._steps: dict[int, StepState] = {}
+        self._latest: Optional[StepState] = None
+
+    def step(self) -> StepState:
+        """The calling thread's current step. A thread that started no call of its own (autograd's
+        backward threads recomputing a checkpointed block on a GPU) sees the latest step of any caller."""
+        state = self._steps.get(caller(), self._latest)
+        if state is None:
+            state = self._latest = self._steps[caller()] = StepState(self.config.ratio_at(None), mix_key(self.config.seed))
+        return state
+
+    @property
+    def ratio(self) -> float:
+        return self.step().ratio
 
     def begin_step(self, timestep) -> None:
-        """Derive this step's destination seed from (seed, timestep): same call, same destinations."""
-        key = 0
+        """Derive this step's key from (seed, timestep): same call, same destinations.
+
+        Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
+        hot path free of syncs (and ``torch.compile(fullgraph=True)`` free of graph breaks).
+        """
+        step = self._steps.get(caller())
+        if step is None:
+            step = self._steps[caller()] = StepState(self.config.ratio_at(None))
+        self._latest = step
+        step.key = mix_key(self.config.seed, _step_key(timestep))
+        cfg = self.config
+        if cfg.schedule is None and cfg.plan_reuse_steps == 1:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_COMPILE_NEEDS_CONSTANT_RATIO)
         value = None
         if timestep is not None:
             value = float(timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep)
-            key = int(round(value * 1000))
-        self.generator.manual_seed((self.config.seed * 1_000_003 + key) % (2**63))
         # Sampling runs go from high to low timesteps: a timestep that does not fall starts a new run,
         # so plan reuse never carries a plan from one pipeline call into the next.
-        new_run = value is None or self._last_timestep is None or value >= self._last_timestep
-        self.step_index = 0 if new_run and value is not None else self.step_index + 1
-        self._last_timestep = value
+        new_run = value is None or step.timestep is None or value >= step.timestep
+        step.index = 0 if new_run and value is not None else step.index + 1
+        step.timestep = value
         progress = None if value is None else min(1.0, max(0.0, 1.0 - value / self.num_train_timesteps))
-        self.ratio = self.config.ratio_at(progress)
+        step.ratio = cfg.ratio_at(progress)
 
     @property
     def reuse_plans(self) -> bool:
         """Whether blocks reuse their previous step's plan in this step (``plan_reuse_steps``)."""
-        return self.step_index % self.config.plan_reuse_steps != 0
+        return self.step().index % self.config.plan_reuse_steps != 0
 
-    def partition(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def partition(self, height: int, width: int, device: torch.device, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        if cfg.destination == "random":
-            return grid_partition(height, width, cfg.stride, generator=self.generator, device=device)
+        if cfg.destination == "random":  # a draw per (seed, step, block): repeatable, also when recomputed
+            return grid_partition(height, width, cfg.stride, device=device, key=mix_key(self.step().key, salt))
         # Fixed destinations depend only on the grid: computed once per (grid, device).
         key = (height, width, str(device))
         if key not in self._fixed_partitions:
@@ -118,6 +180,17 @@ class RunState:
                 height, width, cfg.stride, position=cfg.destination_position, device=device
             )
         return self._fixed_partitions[key]
+
+
+@dataclass
+class BlockCall:
+    """One caller's pass through a block: its input and plan, and the plan it may reuse next step."""
+
+    input: Optional[torch.Tensor] = None
+    plan: Optional[MergePlan] = None
+    planned: bool = False
+    merged: Optional[torch.Tensor] = None  # whole-block scope: the merged input, for the residual
+    reusable: Optional[tuple] = None  # (plan, ratio, (B, N)) of the latest planning
 
 
 @dataclass
@@ -132,46 +205,55 @@ class BlockState:
     last_tokens: Optional[tuple[int, int]] = None  # (tokens in, tokens after merge) of the latest call
     sublayers: tuple[str, ...] = ("self_attention",)  # what runs on the reduced tokens, for the cost model
     plans_computed: int = 0
+    last_plan: Optional[MergePlan] = None  # the plan of the latest call (None when it reduced nothing)
     _skipped: set = field(default_factory=set, repr=False)
-    _reusable: Optional[tuple] = field(default=None, repr=False)  # (plan, ratio, (B, N)) of the latest planning
-    _input: Optional[torch.Tensor] = field(default=None, repr=False)
-    _plan: Optional[MergePlan] = field(default=None, repr=False)
-    _planned: bool = field(default=False, repr=False)
+    _calls: dict = field(default_factory=dict, repr=False)  # caller -> BlockCall
+    _latest_call: Optional[BlockCall] = field(default=None, repr=False)
 
-    def begin(self, hidden_states: torch.Tensor) -> None:
-        self._input, self._plan, self._planned = hidden_states, None, False
+    def call(self) -> BlockCall:
+        """The calling thread's pass through this block (a new thread starts from the latest caller's
+        reusable plan, so a backward thread recomputing the block makes the forward's plan)."""
+        state = self._calls.get(caller())
+        if state is None:
+            latest = self._latest_call
+            state = self._calls[caller()] = BlockCall(reusable=None if latest is None else latest.reusable)
+        return state
+
+    def begin(self, hidden_states: torch.Tensor) -> BlockCall:
+        call = self._latest_call = self.call()
+        call.input, call.plan, call.planned, call.merged = hidden_states, None, False, None
+        return call
 
     def end(self) -> None:
         # Drop references so the block input and the plan can be freed between blocks.
-        self._input, self._plan, self._planned = None, None, False
+        call = self.call()
+        call.input, call.plan, call.planned, call.merged = None, None, False, None
 
     def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
         """The plan of this call, computed on first use; None when nothing is removed."""
-        if not self._planned:
-            if self._input is None:
+        call = self.call()
+        if not call.planned:
+            if call.input is None:
                 raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
-            previous = self._reusable
-            b, n = self._input.shape[:2]
-            if self.run.reuse_plans and previous is not None and previous[1:] == (self.run.ratio, (b, n)):
-                self._plan = previous[0]
+            previous = call.reusable
+            b, n = call.input.shape[:2]
+            ratio = self.run.ratio
+            if self.run.reuse_plans and previous is not None and previous[1:] == (ratio, (b, n)):
+                call.plan = previous[0]
             else:
                 # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
                 with record_function("tofu_diffusion::plan"):
-                    self._plan = self._compute_plan(attention, attention_input)
-                if self._plan is not None:
+                    call.plan = self._compute_plan(call.input, ratio, attention, attention_input)
+                if call.plan is not None:
                     self.plans_computed += 1
-                self._reusable = (self._plan, self.run.ratio, (b, n))
-            self._planned = True
-            self.last_tokens = (n, n if self._plan is None else self._plan.num_kept)
-        return self._plan
-
-    @property
-    def last_plan(self) -> Optional[MergePlan]:
-        """The plan of the latest call (None when it reduced nothing)."""
-        return None if self._reusable is None else self._reusable[0]
+                call.reusable = (call.plan, ratio, (b, n))
+            call.planned = True
+            self.last_plan = call.plan
+            self.last_tokens = (n, n if call.plan is None else call.plan.num_kept)
+        return call.plan
 
     def checked_grid(self, n: int) -> tuple[int, int]:
-        h, w = self.grid.height, self.grid.width
+        h, w = self.grid.get()
         if h is None or h * w != n:
             raise ValueError(
                 f"{self.name}: the block has {n} tokens but its token grid is {h}x{w}; "
@@ -179,13 +261,11 @@ class BlockState:
             )
         return h, w
 
-    def _compute_plan(self, attention, attention_input) -> Optional[MergePlan]:
+    def _compute_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
         cfg = self.run.config
-        x = self._input
         if x.dim() != 3:
             raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
         n = x.shape[1]
-        ratio = self.run.ratio
         r = int(n * ratio)
         if r == 0:
             if ratio > 0 and not self.run.warned_too_few:
@@ -201,7 +281,7 @@ class BlockState:
                 logger.debug("%s: not reduced at %dx%d tokens, ratio %s: matching would cost more than it saves",
                              self.name, h, w, ratio)
             return None
-        src, dst = self.run.partition(h, w, x.device)
+        src, dst = self.run.partition(h, w, x.device, salt=self.depth)
         if cfg.method == "mctf":
             info = None
             if attention is not None and cfg.tau_info > 0:
@@ -211,7 +291,7 @@ class BlockState:
                     # to a per-channel scale and shift, close enough to rank informativeness.
                     attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
                 info = estimate_attention_received(attention, attention_input, cfg.info_queries, (h, w),
-                                                   self.run.generator)
+                                                   key=mix_key(self.run.step().key, self.depth, 1))
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
         return bipartite_soft_matching(x, src, dst, r)
@@ -223,10 +303,12 @@ def estimate_attention_received(
     num_queries: int,
     grid: tuple[int, int],
     generator: Optional[torch.Generator] = None,
+    key: Optional[Key] = None,
 ) -> torch.Tensor:
     """Attention each token receives in ``attention`` (a diffusers ``Attention``): (B, N), estimated
     from ``num_queries`` queries stratified over the ``grid`` (one per cell, at a random position drawn
-    from ``generator``), weighted by their cell's share: an unbiased estimate of the mean over all queries.
+    from ``key`` or ``generator``), weighted by their cell's share: an unbiased estimate of the mean over
+    all queries.
 
     Keys of all N tokens would cost a full N x C x C projection, which the reduced block never needs.
     For head h, ``q . (W_k x + b) = (W_k^T q) . x + q . b``, and the second term is the same for every
@@ -243,7 +325,7 @@ def estimate_attention_received(
     with torch.no_grad():
         b, n, c = hidden.shape
         heads = attention.heads
-        index, weight = stratified_grid_queries(grid[0], grid[1], num_queries, generator)
+        index, weight = stratified_grid_queries(grid[0], grid[1], num_queries, generator, key=key)
         query = attention.to_q(hidden[:, index.to(hidden.device)])
         nq = query.shape[1]
         head_dim = query.shape[-1] // heads
@@ -257,10 +339,10 @@ def estimate_attention_received(
             q_in = torch.einsum("bqhd,hdc->bhqc", q, w_k.float()).reshape(b, -1, c)  # (B, H*Nq, C)
             logits = torch.bmm(q_in, hidden.float().transpose(1, 2))  # (B, H*Nq, N): one matmul
             return mean_over_queries(logits.softmax(dim=-1).view(b, heads, nq, n), weight)
-        key = attention.to_k(hidden)
+        keys = attention.to_k(hidden)
         if norm_k is not None:
-            key = norm_k(key.view(b, n, heads, head_dim)).flatten(2)
-        return attention_received(query, key, heads, query_weights=weight)
+            keys = norm_k(keys.view(b, n, heads, head_dim)).flatten(2)
+        return attention_received(query, keys, heads, query_weights=weight)
 
 
 # ---------------------------------------------------------------------------------------------- hooks
@@ -283,7 +365,7 @@ class GridHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs, ("hidden_states", "sample"))
-        self.record.height, self.record.width = self.grid_of(module, hidden)
+        self.record.set(*self.grid_of(module, hidden))
         return args, kwargs
 
 
@@ -301,6 +383,11 @@ class BlockHook(ModelHook):
         return output
 
 
+# The hooks below only transform inputs (pre_forward) and outputs (post_forward), with no new_forward:
+# diffusers then rewires them correctly when a hook registered before them is removed, and the
+# original forward always runs between them.
+
+
 class MergeHook(ModelHook):
     """``unmerge(original_forward(merge(x)))`` around one sublayer of a block."""
 
@@ -309,11 +396,11 @@ class MergeHook(ModelHook):
         self.state = state
         self.role = role  # "self_attention", "cross_attention" or "feed_forward"
 
-    def new_forward(self, module, *args, **kwargs):
+    def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs)
         plan = self.state.plan(module if self.role == "self_attention" else None, hidden)
         if plan is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return args, kwargs
         if hidden.shape[:2] != (plan.batch_size, plan.num_tokens):
             raise ValueError(
                 f"{self.state.name}.{self.role}: got {tuple(hidden.shape)} but the block has "
@@ -328,10 +415,14 @@ class MergeHook(ModelHook):
             )
         with record_function("tofu_diffusion::merge"):
             merged = plan.merge(hidden, self.state.merge_mode)
-        args, kwargs = _replace_hidden_states(args, kwargs, merged)
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        return _replace_hidden_states(args, kwargs, merged)
+
+    def post_forward(self, module, output):
+        plan = self.state.call().plan
+        if plan is None:
+            return output
         with record_function("tofu_diffusion::unmerge"):
-            return plan.unmerge(out)
+            return plan.unmerge(output)
 
 
 class WholeBlockHook(ModelHook):
@@ -342,21 +433,23 @@ class WholeBlockHook(ModelHook):
         self.state = state
         self.attention = attention  # the block's self-attention, for mctf's informativeness
 
-    def new_forward(self, module, *args, **kwargs):
-        hidden = hidden_states_of(args, kwargs)
-        self.state.begin(hidden)
-        try:
-            plan = self.state.plan(self.attention, None)
-            if plan is None:
-                return self.fn_ref.original_forward(*args, **kwargs)
-            with record_function("tofu_diffusion::merge"):
-                merged = plan.merge(hidden, self.state.merge_mode)
-            args, kwargs = _replace_hidden_states(args, kwargs, merged)
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            with record_function("tofu_diffusion::unmerge"):
-                return hidden + plan.unmerge(out - merged)
-        finally:
-            self.state.end()
+    def pre_forward(self, module, *args, **kwargs):
+        call = self.state.begin(hidden_states_of(args, kwargs))
+        plan = self.state.plan(self.attention, None)
+        if plan is None:
+            return args, kwargs
+        with record_function("tofu_diffusion::merge"):
+            call.merged = plan.merge(call.input, self.state.merge_mode)
+        return _replace_hidden_states(args, kwargs, call.merged)
+
+    def post_forward(self, module, output):
+        call = self.state.call()
+        plan, hidden, merged = call.plan, call.input, call.merged
+        self.state.end()
+        if plan is None:
+            return output
+        with record_function("tofu_diffusion::unmerge"):
+            return hidden + plan.unmerge(output - merged)
 
 
 class KeyValueDownsampleHook(ModelHook):
@@ -371,7 +464,7 @@ class KeyValueDownsampleHook(ModelHook):
         super().__init__()
         self.state = state
 
-    def new_forward(self, module, *args, **kwargs):
+    def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs)
         b, n, c = hidden.shape
         ratio = self.state.run.ratio
@@ -382,7 +475,7 @@ class KeyValueDownsampleHook(ModelHook):
             size = (max(1, round(h * keep)), max(1, round(w * keep)))
         if size is None or size[0] * size[1] >= n:
             self.state.last_tokens = (n, n)
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return args, kwargs
         if kwargs.get("attention_mask") is not None:
             raise ValueError(f"{self.state.name}: self-attention was called with an attention_mask, which todo "
                              f"cannot downsample; use another method for this model")
@@ -391,28 +484,80 @@ class KeyValueDownsampleHook(ModelHook):
             keys = torch.nn.functional.interpolate(grid, size=size, mode="nearest-exact").flatten(2).transpose(1, 2)
         self.state.last_tokens = (n, keys.shape[1])
         if len(args) > 1:
-            args = (args[0], keys) + tuple(args[2:])
-        else:
-            kwargs = {**kwargs, "encoder_hidden_states": keys}
-        return self.fn_ref.original_forward(*args, **kwargs)
+            return (args[0], keys) + tuple(args[2:]), kwargs
+        return args, {**kwargs, "encoder_hidden_states": keys}
+
+
+# ------------------------------------------------------------------------------ registration and removal
+class HookedForward:
+    """A module's ``forward`` while one of our hooks is its outermost: what diffusers installs (pre_forward,
+    the inner forward, post_forward), as an object. A function closure would keep pointing at the original
+    module's hooks in a ``copy.deepcopy`` of the model; this object is copied with the module, so a copy is
+    an independent patched model."""
+
+    def __init__(self, module: torch.nn.Module, fn_ref, wrapped):
+        self.module = module
+        self.fn_ref = fn_ref
+        self.__wrapped__ = wrapped  # inspect.signature follows it to the real signature
+
+    def __call__(self, *args, **kwargs):
+        fn_ref = self.fn_ref
+        args, kwargs = fn_ref.pre_forward(self.module, *args, **kwargs)
+        return fn_ref.post_forward(self.module, fn_ref.forward(*args, **kwargs))
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    wrapped = module.forward
+    registry.register_hook(hook, name)
+    hook.installed_forward = HookedForward(module, hook.fn_ref, wrapped)
+    module.forward = hook.installed_forward
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+def _unlink(module: torch.nn.Module, registry: HookRegistry, name: str) -> None:
+    """Take one of our hooks out of ``module``'s forward chain, wherever it sits in it.
+
+    ``HookRegistry.remove_hook`` assumes nothing wraps the registry from outside and that the next hook
+    has no ``new_forward``; neither holds with accelerate's hooks or diffusers' caches registered after
+    ours. Every reference to our installed forward (the module's ``forward``, the next hook's forward,
+    accelerate's ``_old_forward``, a wrapper's ``__wrapped__``) is pointed at what ours wrapped instead.
+    """
+    index = registry._hook_order.index(name)
+    fn_ref, hook = registry._fn_refs[index], registry.hooks[name]
+    inner = fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+    installed = getattr(hook, "installed_forward", None)
+    for later in registry._fn_refs[index + 1:]:
+        for attr in ("forward", "original_forward"):
+            if getattr(later, attr) is installed:
+                setattr(later, attr, inner)
+    for attr, value in list(vars(module).items()):
+        if value is installed:
+            setattr(module, attr, inner)
+    outer = vars(module).get("forward")
+    if outer is not None and getattr(outer, "__wrapped__", None) is installed:
+        outer.__wrapped__ = inner
+    hook.deinitalize_hook(module)
+    del registry.hooks[name]
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
 
 
 def unregister_all(model: torch.nn.Module) -> None:
-    """Remove every tofu-diffusion hook under ``model`` and drop registries left empty."""
+    """Remove every tofu-diffusion hook under ``model``, leaving other hooks (diffusers' caches,
+    accelerate's offload hooks) in place and working, and drop registries left empty."""
     for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = vars(module).get("_diffusers_hook")
         if registry is None:
             continue
-        for name in [n for n in registry.hooks if n.startswith(HOOK_PREFIX)]:
-            registry.remove_hook(name, recurse=False)
+        for name in [n for n in registry._hook_order if n.startswith(HOOK_PREFIX)]:
+            _unlink(module, registry, name)
         if not registry.hooks:
             # Leave the module exactly as constructed: no registry, no instance-level forward.
             del module._diffusers_hook
-            if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is type(module).forward:
+            forward = vars(module).get("forward")
+            if forward is not None and getattr(forward, "__func__", None) is type(module).forward:
                 del module.__dict__["forward"]
         elif hasattr(registry, "invalidate_child_registries_cache"):
             registry.invalidate_child_registries_cache()

@@ -1,7 +1,7 @@
 """Pure tensor token-reduction algorithms (imports only torch)."""
 
 from .cost import reduction_pays
-from .destinations import DESTINATIONS, alternating_partition, grid_partition, max_grid_ratio
+from .destinations import DESTINATIONS, alternating_partition, grid_partition, hashed, max_grid_ratio, mix_key
 from .matching import (
     attention_received,
     bidirectional_matching,
@@ -23,10 +23,12 @@ __all__ = [
     "bipartite_soft_matching",
     "fuse_attention",
     "grid_partition",
+    "hashed",
     "layer_schedule",
     "max_grid_ratio",
     "mctf_scores",
     "mean_over_queries",
+    "mix_key",
     "mlerp",
     "plan_from_pairs",
     "reduction_pays",

@@ -1,16 +1,46 @@
 """Destination choice: which tokens may receive merges (set B) and which may be merged away (set A).
 
-Both functions return ``(src_idx, dst_idx)``: 1-D long tensors of token indices, shared by the whole
-batch.
+Both partition functions return ``(src_idx, dst_idx)``: 1-D long tensors of token indices, shared by
+the whole batch.
+
+Random choices are drawn from a counter-based hash of an integer key (``mix_key`` / ``hashed``) rather
+than a ``torch.Generator``: the same key gives the same draw on any device, in a recomputed forward
+(gradient checkpointing) and inside ``torch.compile`` graphs, with no generator state and no host sync.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 DESTINATIONS = ("random", "fixed")
+_MASK = 0x7FFFFFFF  # keys and hashes stay below 2**31, so every product below fits in int64
+
+Key = Union[int, torch.Tensor]  # a non-negative int, or a 0-d int64 tensor (e.g. derived from a timestep)
+
+
+def _scramble(x: Key) -> Key:
+    """A 31-bit integer finaliser (xor-shift-multiply); works on Python ints and int64 tensors alike."""
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK
+    return x ^ (x >> 15)
+
+
+def mix_key(*parts: Key) -> Key:
+    """Combine integers (e.g. seed, step, block) into one key; a tensor part makes a tensor key."""
+    key = 0x3C6EF372
+    for part in parts:
+        key = _scramble((key ^ (part & _MASK)) & _MASK)
+    return key
+
+
+def hashed(key: Key, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` pseudo-random int64 values in [0, 2**31), a pure function of ``(key, position)``."""
+    if not isinstance(key, torch.Tensor):
+        key = torch.tensor(key & _MASK, dtype=torch.long)
+    counter = torch.arange(count, device=device, dtype=torch.long)
+    return _scramble((_scramble(key.to(device)) + counter * 0x9E3779B) & _MASK)
 
 
 def alternating_partition(num_tokens: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,12 +62,13 @@ def grid_partition(
     generator: Optional[torch.Generator] = None,
     position: int = 0,
     device: torch.device | str = "cpu",
+    key: Optional[Key] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One destination per ``sy x sx`` cell of a ``height x width`` token grid (row-major tokens).
 
-    With a ``generator`` the destination sits at a random position in each cell; without one at the
-    fixed ``position`` (0 = top-left, row-major inside the cell). Rows/columns left over when the
-    stride does not divide the grid hold only sources, as in tomesd.
+    With a ``key`` (hashed, see ``hashed``) or a ``generator`` the destination sits at a random position
+    in each cell; without either at the fixed ``position`` (0 = top-left, row-major inside the cell).
+    Rows/columns left over when the stride does not divide the grid hold only sources, as in tomesd.
     """
     sy, sx = stride
     cells_y, cells_x = height // sy, width // sx
@@ -46,7 +77,9 @@ def grid_partition(
             f"a {height}x{width} token grid is smaller than the {sy}x{sx} merge stride, so no destination "
             f"tokens can be placed; use a smaller stride or do not reduce this resolution level"
         )
-    if generator is not None:
+    if key is not None:
+        offset = (hashed(key, cells_y * cells_x, device) % (sy * sx)).view(cells_y, cells_x)
+    elif generator is not None:
         # Drawn on the generator's device so seeded CPU generators work for models on any device.
         offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device)
         offset = offset.to(device)

@@ -13,10 +13,12 @@ from typing import Optional
 
 import torch
 
+from .destinations import Key, hashed
 
-def _bounds(length: int, parts: int) -> torch.Tensor:
+
+def _bounds(length: int, parts: int, device) -> torch.Tensor:
     """``parts + 1`` integer cut points splitting ``range(length)`` into near-equal, non-empty spans."""
-    return torch.div(torch.arange(parts + 1) * length, parts, rounding_mode="floor")
+    return torch.div(torch.arange(parts + 1, device=device) * length, parts, rounding_mode="floor")
 
 
 def stratified_grid_queries(
@@ -24,12 +26,13 @@ def stratified_grid_queries(
     width: int,
     num_queries: int,
     generator: Optional[torch.Generator] = None,
+    key: Optional[Key] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per cell of a ``qh x qw`` partition of a ``height x width`` grid (row-major tokens).
 
     The cells tile the grid with ``qh * qw`` close to ``num_queries`` and roughly square cells for any
-    aspect ratio. Each query sits at a uniformly random position of its cell (``generator``; without
-    one, the cell's centre). Returns ``(index, weight)``: token indices (Q,) and weights (Q,) equal to
+    aspect ratio. Each query sits at a uniformly random position of its cell (drawn from ``key``, hashed
+    as in ``destinations.hashed``, or from ``generator``; without either, the cell's centre). Returns ``(index, weight)``: token indices (Q,) and weights (Q,) equal to
     each cell's share of the grid, so that ``sum_q weight_q * f(query_q)`` is an unbiased estimate of the
     grid mean of ``f`` (exact when ``f`` is constant on each cell), whatever the cell sizes.
     """
@@ -37,10 +40,16 @@ def stratified_grid_queries(
         raise ValueError(f"need a non-empty grid and at least one query; got {height}x{width}, {num_queries}")
     qh = min(height, max(1, round(math.sqrt(num_queries * height / width))))
     qw = min(width, max(1, round(num_queries / qh)))
-    rows, cols = _bounds(height, qh), _bounds(width, qw)
+    # Computed where the key lives (the model's device), so a device key needs no host round trip.
+    device = key.device if isinstance(key, torch.Tensor) else "cpu"
+    rows, cols = _bounds(height, qh, device), _bounds(width, qw, device)
     row_size = (rows[1:] - rows[:-1]).view(qh, 1)
     col_size = (cols[1:] - cols[:-1]).view(1, qw)
-    if generator is None:
+    if key is not None:
+        u = (hashed(key, 2 * qh * qw, device).float() / 2**31).view(2, qh, qw)
+        dy = (u[0] * row_size).long().clamp_max(row_size - 1)
+        dx = (u[1] * col_size).long().clamp_max(col_size - 1)
+    elif generator is None:
         dy, dx = row_size // 2, col_size // 2
     else:
         u = torch.rand(2, qh, qw, generator=generator, device=generator.device).cpu()

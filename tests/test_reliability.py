@@ -1,0 +1,360 @@
+"""Reliability: token fusion composes with other hooks and survives checkpointing, copies, threads,
+torch.compile, offload and exceptions; remove() always gives back exactly the original model."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from diffusers import hooks as diffusers_hooks
+from diffusers.hooks import HookRegistry
+
+import tofu_diffusion as tofu
+from pipelines.tiny import dit_transformer, pixart_transformer, prompt_embeds, sd_pipeline, sd_unet
+from test_diffusers import _inputs, _run
+
+
+def _at(kind, t, h=16, w=16):
+    args, kwargs = _inputs(kind, h=h, w=w)
+    if kind in ("dit", "pixart"):
+        kwargs = {**kwargs, "timestep": torch.tensor([t] * args[0].shape[0])}
+    else:
+        args = (args[0], torch.tensor([t] * args[0].shape[0])) + tuple(args[2:])
+    return args, kwargs
+
+
+def _no_trace_left(model):
+    return not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
+
+
+# ------------------------------------------------------------------ 1. other hooks on top
+def test_remove_keeps_accelerate_hooks_registered_on_top():
+    from accelerate.hooks import ModelHook as AccelerateHook
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    class Count(AccelerateHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = dit_transformer()
+    args, kwargs = _inputs("dit")
+    base = _run(model, args, kwargs)
+    tofu.apply(model, method="tome", ratio=0.5)
+    block = model.transformer_blocks[1]
+    add_hook_to_module(block, Count())
+    add_hook_to_module(model, Count())
+    reduced = _run(model, args, kwargs)
+    assert Count.calls == 2 and not torch.equal(reduced, base)
+    tofu.remove(model)
+    assert torch.equal(_run(model, args, kwargs), base)
+    assert Count.calls == 4  # both accelerate hooks still run
+    # no stale token-fusion hook left under accelerate's: another grid size runs unreduced
+    other_args, other_kwargs = _inputs("dit", h=24, w=24)
+    _run(model, other_args, other_kwargs)
+    assert Count.calls == 6
+    remove_hook_from_module(block)
+    remove_hook_from_module(model)
+    assert torch.equal(_run(model, args, kwargs), base)
+
+
+def test_accelerate_hook_below_token_fusion_stays():
+    from accelerate.hooks import ModelHook as AccelerateHook
+    from accelerate.hooks import add_hook_to_module
+
+    class Double(AccelerateHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    model = dit_transformer()
+    args, kwargs = _inputs("dit")
+    add_hook_to_module(model.transformer_blocks[0], Double())
+    doubled = _run(model, args, kwargs)
+    tofu.apply(model, method="tome", ratio=0.5)
+    assert not torch.equal(_run(model, args, kwargs), doubled)
+    tofu.remove(model)
+    assert torch.equal(_run(model, args, kwargs), doubled)
+
+
+CACHES = {
+    "first_block_cache": lambda: diffusers_hooks.FirstBlockCacheConfig(threshold=0.5),
+    "pyramid_attention_broadcast": lambda: diffusers_hooks.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: _NOW["t"]),
+    "faster_cache": lambda: diffusers_hooks.FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: _NOW["t"], attention_weight_callback=lambda _: 0.5,
+        is_guidance_distilled=True),
+    "taylorseer_cache": lambda: diffusers_hooks.TaylorSeerCacheConfig(cache_interval=2),
+    "mag_cache": lambda: diffusers_hooks.MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4),
+}
+CACHES = {name: make for name, make in CACHES.items() if hasattr(diffusers_hooks, f"apply_{name}")}
+_NOW = {"t": 900}
+_STEPS = (900, 700, 500, 300)
+
+
+def _with_cache(model, name):
+    getattr(diffusers_hooks, f"apply_{name}")(model, CACHES[name]())
+
+
+def _remove_cache(model):
+    """What diffusers' ``disable_cache`` does: remove every hook that is not token fusion's."""
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for name in [] if registry is None else list(registry._hook_order):
+            if not name.startswith("tofu_diffusion"):
+                registry.remove_hook(name, recurse=False)
+
+
+def _denoise(model, kind):
+    """A four-step loop in a cache context, with fresh cache state."""
+    if any(hasattr(m, "_diffusers_hook") for m in model.modules()):
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.reset_stateful_hooks()
+        diffusers_hooks.hooks._set_cache_context(model, diffusers_hooks.hooks.CacheContext("cond"))
+    outputs = []
+    for t in _STEPS:
+        _NOW["t"] = t
+        args, kwargs = _at(kind, t)
+        outputs.append(_run(model, args, kwargs))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+@pytest.mark.parametrize("order", ["cache_first", "tofu_first"])
+def test_diffusers_caches_compose_and_each_removes_exactly(cache, order):
+    kind = "dit"
+    base = _denoise(dit_transformer(), kind)
+    cache_only = dit_transformer()
+    _with_cache(cache_only, cache)
+    cache_only = _denoise(cache_only, kind)
+    tofu_model = dit_transformer()
+    tofu.apply(tofu_model, method="tome", ratio=0.5)
+    tofu_only = _denoise(tofu_model, kind)
+
+    for removed_first in ("tofu", "cache"):
+        model = dit_transformer()
+        if order == "cache_first":
+            _with_cache(model, cache)
+            handle = tofu.apply(model, method="tome", ratio=0.5)
+        else:
+            handle = tofu.apply(model, method="tome", ratio=0.5)
+            _with_cache(model, cache)
+        both = _denoise(model, kind)
+        assert torch.isfinite(both).all()
+        assert any(n_out < n_in for n_in, n_out in handle.token_counts().values())
+        if removed_first == "tofu":
+            tofu.remove(model)
+            assert torch.equal(_denoise(model, kind), cache_only)  # the cache is still there and working
+            _remove_cache(model)
+        else:
+            _remove_cache(model)
+            assert torch.equal(_denoise(model, kind), tofu_only)  # token fusion is still there and working
+            tofu.remove(model)
+        assert torch.equal(_denoise(model, kind), base)
+
+
+# ------------------------------------------------------------------ 2. gradient checkpointing
+def _grads(model, kind):
+    args, kwargs = _inputs(kind)
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        _run(model, args, kwargs).square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_gradient_checkpointing_recomputes_the_same_plan(method):
+    model = dit_transformer()
+    tofu.apply(model, method=method, ratio=0.5)
+    plain = _grads(model, "dit")
+    model.enable_gradient_checkpointing()
+    checkpointed = _grads(model, "dit")
+    assert torch.allclose(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_a_thread_that_started_no_call_sees_the_latest_step():
+    """Autograd's backward threads (GPU) recompute checkpointed blocks: they must see the forward's step."""
+    model = dit_transformer()
+    handle = tofu.apply(model, method="tome", ratio=0.5)
+    args, kwargs = _at("dit", 321)
+    _run(model, args, kwargs)
+    run = handle.blocks[0].run
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(key=run.step().key))
+    worker.start()
+    worker.join()
+    assert torch.equal(seen["key"], run.step().key)
+
+
+# ------------------------------------------------------------------ 3. copies
+@pytest.mark.parametrize("method", ["tome", "todo"])
+def test_deepcopy_is_an_independent_patched_model(method):
+    original = dit_transformer()
+    unpatched_twin = copy.deepcopy(original)
+    args, kwargs = _inputs("dit")
+    tofu.apply(original, method=method, ratio=0.5)
+    reduced = _run(original, args, kwargs)
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for model in (twin, unpatched_twin):
+            for p in model.parameters():
+                p.mul_(1.01)
+    tofu.apply(unpatched_twin, method=method, ratio=0.5)
+    # the copy runs its own weights, reduced like a model patched on its own
+    assert torch.equal(_run(twin, args, kwargs), _run(unpatched_twin, args, kwargs))
+    assert torch.equal(_run(original, args, kwargs), reduced)
+    assert tofu.handle_of(twin).model is twin
+    tofu.remove(twin)
+    assert _no_trace_left(twin)
+    assert torch.equal(_run(original, args, kwargs), reduced)  # the original keeps its patch
+    tofu.remove(original)
+    assert _no_trace_left(original)
+
+
+# ------------------------------------------------------------------ 7. threads
+def test_concurrent_calls_from_threads_get_their_own_plans():
+    model = dit_transformer()
+    tofu.apply(model, method="mctf", ratio=0.5)
+    jobs = [(t, size) for t in (900, 600, 300) for size in (16, 24)]
+    expected = {job: _run(model, *_at("dit", job[0], job[1], job[1])) for job in jobs}
+    wrong, errors = [], []
+
+    def work(offset):
+        try:
+            for i in range(12):
+                job = jobs[(i + offset) % len(jobs)]
+                if not torch.equal(_run(model, *_at("dit", job[0], job[1], job[1])), expected[job]):
+                    wrong.append(job)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not wrong
+
+
+# ------------------------------------------------------------------ 9. torch.compile
+@pytest.mark.parametrize("method, scope", [("tome", "block"), ("mctf", "sublayers")])
+def test_compiles_fullgraph_and_matches_eager(method, scope):
+    torch._dynamo.reset()
+    model = dit_transformer()
+    args, kwargs = _inputs("dit")
+    with tofu.fused(model, method=method, ratio=0.5, merge_scope=scope):
+        eager = _run(model, args, kwargs)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(*args, **kwargs, return_dict=False)[0], eager)
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_with_a_schedule_says_why():
+    torch._dynamo.reset()
+    model = dit_transformer()
+    args, kwargs = _inputs("dit")
+    with tofu.fused(model, method="tome", schedule=((0.0, 0.0), (0.4, 0.5))):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match="reads each step's timestep on the host"):
+            compiled(*args, **kwargs)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ offload, meta, exceptions
+def _sd_call():
+    return dict(prompt_embeds=prompt_embeds(), negative_prompt_embeds=prompt_embeds(seed=2), num_inference_steps=2,
+                height=32, width=32, output_type="pt")
+
+
+def test_model_cpu_offload_pipeline_keeps_its_hooks():
+    pipe = sd_pipeline(sd_unet())
+    base = pipe(**_sd_call(), generator=torch.Generator().manual_seed(0)).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(pipe(**_sd_call(), generator=torch.Generator().manual_seed(0)).images, base)
+    unet = pipe.unet
+
+    def accelerate_hooks():  # model offload re-installs its hooks after every call: compare their kinds
+        return {name: type(m._hf_hook) for name, m in unet.named_modules() if hasattr(m, "_hf_hook")}
+
+    offload_hooks = accelerate_hooks()
+    assert offload_hooks
+    with tofu.fused(pipe, method="tome", ratio=0.5) as handle:
+        reduced = pipe(**_sd_call(), generator=torch.Generator().manual_seed(0)).images
+        assert any(n_out < n_in for n_in, n_out in handle.token_counts().values())
+    assert accelerate_hooks() == offload_hooks
+    assert not torch.allclose(reduced, base, atol=1e-4)
+    assert torch.equal(pipe(**_sd_call(), generator=torch.Generator().manual_seed(0)).images, base)
+
+
+def test_sequential_cpu_offload_bookkeeping():
+    """Sequential offload moves every leaf at call time (not runnable without an accelerator here): token
+    fusion goes on and comes off around accelerate's hooks and leaves each of them as it was."""
+    from tofu_diffusion.adapters.hooks import HookedForward
+
+    pipe = sd_pipeline(sd_unet())
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    unet = pipe.unet
+    before = {name: (m._hf_hook, m._old_forward) for name, m in unet.named_modules() if hasattr(m, "_hf_hook")}
+    assert before
+    handle = tofu.apply(pipe, method="mctf", ratio=0.5, merge_scope="sublayers")
+    assert handle.blocks and all(hasattr(m, "_hf_hook") for name, m in unet.named_modules() if name in before)
+    tofu.remove(pipe)
+    after = {name: (m._hf_hook, m._old_forward) for name, m in unet.named_modules() if hasattr(m, "_hf_hook")}
+    assert after == before
+    assert not any(isinstance(v, HookedForward) for m in unet.modules() for v in vars(m).values())
+    assert not any(hasattr(m, "_diffusers_hook") for m in unet.modules())
+
+
+def test_apply_on_the_meta_device_touches_no_data():
+    with torch.device("meta"):
+        model = pixart_transformer()
+    handle = tofu.apply(model, method="mctf", ratio=0.5)
+    assert all(p.is_meta for p in model.parameters())
+    assert handle.blocks
+    tofu.remove(model)
+    assert _no_trace_left(model)
+
+
+def test_an_exception_mid_generation_leaves_the_model_restorable():
+    pipe = sd_pipeline(sd_unet())
+    model = pipe.unet
+    call = dict(prompt_embeds=prompt_embeds(), negative_prompt_embeds=prompt_embeds(seed=2), num_inference_steps=3,
+                height=32, width=32, output_type="pt")
+    base = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    def fail(pipeline, step, timestep, kwargs):
+        if step == 1:
+            raise KeyboardInterrupt("stop")
+        return kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        with tofu.fused(pipe, method="tome", ratio=0.5):
+            pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=fail)
+    assert tofu.handle_of(pipe) is None and _no_trace_left(model)
+    assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, base)
+    # an exception inside a reduced block's forward: the next call and remove() are unaffected by it
+    tofu.apply(pipe, method="tome", ratio=0.5)
+    reduced = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    block = next(m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock")
+    injected = block.ff.register_forward_pre_hook(_raise_once())
+    with pytest.raises(RuntimeError, match="injected"):
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, reduced)
+    tofu.remove(pipe)
+    injected.remove()
+    assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, base)
+    assert _no_trace_left(model)
+
+
+def _raise_once():
+    fired = []
+
+    def hook(module, args):
+        if not fired:
+            fired.append(True)
+            raise RuntimeError("injected")
+
+    return hook
