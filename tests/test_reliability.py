@@ -358,3 +358,98 @@ def _raise_once():
             raise RuntimeError("injected")
 
     return hook
+
+
+# ------------------------------------------------------------------ classifiers: 2, 3, 7, 8
+def _vit(**overrides):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  intermediate_size=64, num_labels=6, **overrides)
+    return ViTForImageClassification(ViTConfig(**config)).eval()
+
+
+def _pixels(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_vit_gradient_checkpointing_gives_the_same_gradients(method):
+    model = _vit()
+    tofu.apply(model, method=method, r=8)
+    x = _pixels()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(x).logits.square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model.train()  # transformers checkpoints layers in training mode (the dropouts are 0)
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert torch.allclose(grads(), plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", tofu.CLASSIFIER_METHODS)
+def test_vit_at_another_image_size_with_interpolated_positions(method):
+    model = _vit()
+    x = _pixels(size=48)  # 144 patches instead of 64
+    base = model(x, interpolate_pos_encoding=True).logits
+    with tofu.fused(model, method=method, r=0):
+        assert torch.equal(model(x, interpolate_pos_encoding=True).logits, base)
+    handle = tofu.apply(model, method=method, ratio=0.25)
+    out = model(x, interpolate_pos_encoding=True).logits
+    assert out.shape == base.shape and not torch.equal(out, base)
+    n, expected = 145, []
+    for _ in range(4):
+        expected.append((n, n - int(0.25 * n)))
+        n -= int(0.25 * n)
+    assert [handle.token_counts()[f"layers.{i}"] for i in range(4)] == expected
+    assert handle.schedule == [a - b for a, b in expected]
+    model(_pixels())  # and back at the native size
+    assert handle.token_counts()["layers.0"] == (65, 65 - int(0.25 * 65))
+    tofu.remove(model)
+
+
+def test_vit_deepcopy_is_independent():
+    original = _vit()
+    twin_unpatched = copy.deepcopy(original)
+    tofu.apply(original, method="mctf", r=8)
+    x = _pixels()
+    reduced = original(x).logits
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for model in (twin, twin_unpatched):
+            for p in model.parameters():
+                p.mul_(1.01)
+    tofu.apply(twin_unpatched, method="mctf", r=8)
+    assert torch.equal(twin(x).logits, twin_unpatched(x).logits)
+    tofu.remove(twin)
+    tofu.remove(twin_unpatched)
+    assert torch.equal(twin(x).logits, twin_unpatched(x).logits)
+    assert twin.config._attn_implementation == twin_unpatched.config._attn_implementation
+    assert torch.equal(original(x).logits, reduced)  # the original keeps its patch
+
+
+def test_vit_threads_share_one_patched_model():
+    model = _vit()
+    tofu.apply(model, method="mctf", ratio=0.25)
+    inputs = [(_pixels(seed=s, size=size), size != 32) for s in range(2) for size in (32, 48)]
+    expected = [model(x, interpolate_pos_encoding=interp).logits for x, interp in inputs]
+    wrong = []
+
+    def work(offset):
+        for i in range(10):
+            k = (i + offset) % len(inputs)
+            x, interp = inputs[k]
+            if not torch.equal(model(x, interpolate_pos_encoding=interp).logits, expected[k]):
+                wrong.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong

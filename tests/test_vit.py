@@ -120,7 +120,7 @@ def test_fused_attention_rows_sum_to_one_in_the_model():
     original = vit.fused_attention
 
     def spy(module, query, key, value, mask, **kwargs):
-        pending = getattr(module, vit._PENDING_ATTR, None)
+        pending = getattr(module, vit._STATE_ATTR).scratch().fused_attention
         if pending is not None:
             rows.append(pending.sum(dim=-1))
         return original(module, query, key, value, mask, **kwargs)

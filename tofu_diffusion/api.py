@@ -246,7 +246,7 @@ def _apply_classifier(model: torch.nn.Module, config: TokenFusionConfig) -> Toke
     except Exception:
         unregister_all(model)
         raise
-    handle = TokenFusionHandle(model, config, vit.FAMILY, states, counts=lambda: run.token_counts, undo=undo)
+    handle = TokenFusionHandle(model, config, vit.FAMILY, states, counts=run.counts, undo=undo)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
 

@@ -35,7 +35,7 @@ from ..core import (
     layer_schedule,
     mctf_scores,
 )
-from .hooks import hidden_states_of, register
+from .hooks import caller, hidden_states_of, register
 
 FAMILY = "vit"
 VIT_MODEL_HOOK = "tofu_diffusion_vit_model"
@@ -45,7 +45,7 @@ VIT_NORM_HOOK = "tofu_diffusion_vit_norm"
 VIT_MLP_HOOK = "tofu_diffusion_vit_mlp"
 VIT_SKIP_HOOK = "tofu_diffusion_vit_skip_projection"
 FUSED_ATTENTION = "tofu_diffusion_fused"
-_PENDING_ATTR = "_tofu_diffusion_fused_attention"
+_STATE_ATTR = "_tofu_diffusion_layer_state"
 _ORIGINAL_ATTR = "_tofu_diffusion_original_attention"
 _LAYER_PARTS = ("attention", "layernorm_before", "layernorm_after", "mlp")
 
@@ -78,28 +78,89 @@ def num_tokens(backbone: torch.nn.Module) -> int:
     return patches + num_protected(backbone)
 
 
-class ViTRun:
-    """State shared by the hooks of one patched classifier during a forward pass."""
+class ViTCall:
+    """One caller's forward pass: the schedule for its token count, the sizes so far, the sizes each layer
+    saw first (a layer recomputed by gradient checkpointing starts from them again) and each layer's
+    scratch (``LayerCall``)."""
 
-    def __init__(self, config: TokenFusionConfig, protected: int):
+    def __init__(self):
+        self.schedule: Optional[list[int]] = None
+        self.sizes: Optional[torch.Tensor] = None  # (B, N) tokens each token stands for; None = all ones
+        self.sizes_in: dict[int, Optional[torch.Tensor]] = {}
+        self.layers: dict[int, LayerCall] = {}
+
+
+class LayerCall:
+    """What the hooks of one layer pass to each other within one forward pass."""
+
+    def __init__(self):
+        self.metric: Optional[torch.Tensor] = None
+        self.plan: Optional[MergePlan] = None
+        self.merged: Optional[torch.Tensor] = None
+        self.mlp_out: Optional[torch.Tensor] = None
+        self.skip_projections = False
+        self.fused_attention: Optional[torch.Tensor] = None  # mctf: the fused matrix for this layer's attention
+
+
+class ViTRun:
+    """State shared by the hooks of one patched classifier. Per-forward state is kept per caller (thread),
+    so threads can share a model; the schedule follows each input's token count (``interpolate_pos_encoding``
+    at another image size), computed once per count."""
+
+    def __init__(self, config: TokenFusionConfig, protected: int, num_layers: int, num_tokens: int):
         self.config = config
         self.protected = protected
-        self.sizes: Optional[torch.Tensor] = None  # (B, N) tokens each token stands for; None = all ones
+        self.num_layers = num_layers
         self.token_counts: dict[str, tuple[int, int]] = {}
+        self._schedules: dict[int, list[int]] = {}
+        self.last_schedule = self.schedule_for(num_tokens)  # of the latest forward (at first: the model's size)
+        self._calls: dict[int, ViTCall] = {}
+        self._latest: Optional[ViTCall] = None
+
+    def schedule_for(self, num_tokens: int) -> list[int]:
+        if num_tokens not in self._schedules:
+            cfg = self.config
+            self._schedules[num_tokens] = layer_schedule(num_tokens, self.num_layers, r=cfg.r, ratio=cfg.ratio,
+                                                         protected=self.protected, layers=cfg.layers)
+        return self._schedules[num_tokens]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        return dict(self.token_counts)
 
     def begin(self) -> None:
-        self.sizes = None
+        self._calls[caller()] = self._latest = ViTCall()
+
+    def call(self) -> ViTCall:
+        """The calling thread's forward pass; a thread that started none (autograd's backward threads
+        recomputing a checkpointed layer) sees the latest."""
+        call = self._calls.get(caller(), self._latest)
+        if call is None:
+            raise RuntimeError("a ViT layer ran outside its model's forward; token fusion cannot follow it")
+        return call
+
+    @property
+    def sizes(self) -> Optional[torch.Tensor]:
+        """The current (or latest) forward's token sizes."""
+        return self.call().sizes
+
+    @sizes.setter
+    def sizes(self, value: Optional[torch.Tensor]) -> None:
+        if self._calls.get(caller(), self._latest) is None:
+            self.begin()
+        self.call().sizes = value
 
     def size_bias(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """Proportional attention: log(size) of each key, as an additive (B, 1, 1, N) mask."""
-        if self.sizes is None or not self.config.proportional_attention:
+        sizes = self.call().sizes
+        if sizes is None or not self.config.proportional_attention:
             return None
-        return self.sizes.log().to(hidden.dtype)[:, None, None, :]
+        return sizes.log().to(hidden.dtype)[:, None, None, :]
 
     def sizes_for(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.sizes is None:
+        sizes = self.call().sizes
+        if sizes is None:
             return torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.float32)
-        return self.sizes
+        return sizes
 
     def protected_mask(self, n: int, device: torch.device) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=device)
@@ -123,19 +184,41 @@ class ViTModelHook(ModelHook):
 
 
 class LayerState:
-    """What the hooks of one layer pass to each other within a forward pass."""
+    """One layer: its name, index and merge mode; ``removed`` and ``scratch()`` are of the current call."""
 
-    def __init__(self, name: str, run: ViTRun, removed: int, merge_mode: str):
-        self.name, self.run, self.removed, self.merge_mode = name, run, removed, merge_mode
-        self.metric: Optional[torch.Tensor] = None
-        self.plan: Optional[MergePlan] = None
-        self.merged: Optional[torch.Tensor] = None
-        self.mlp_out: Optional[torch.Tensor] = None
-        self.skip_projections = False
+    def __init__(self, name: str, index: int, run: ViTRun, merge_mode: str):
+        self.name, self.index, self.run, self.merge_mode = name, index, run, merge_mode
 
-    def clear(self) -> None:
-        self.metric = self.plan = self.merged = self.mlp_out = None
-        self.skip_projections = False
+    @property
+    def removed(self) -> int:
+        """Tokens this layer removes in the current (or, outside a call, the latest) forward."""
+        call = self.run._calls.get(caller(), self.run._latest)
+        schedule = call.schedule if call is not None and call.schedule is not None else self.run.last_schedule
+        return schedule[self.index]
+
+    def start(self, num_tokens: int) -> LayerCall:
+        """Enter the layer: fix the schedule (first layer) and the sizes it starts from."""
+        call = self.run.call()
+        if call.schedule is None:
+            call.schedule = self.run.last_schedule = self.run.schedule_for(num_tokens)
+        if self.index in call.sizes_in:  # recomputed by gradient checkpointing: start where it first started
+            call.sizes = call.sizes_in[self.index]
+        else:
+            call.sizes_in[self.index] = call.sizes
+        scratch = call.layers[self.index] = LayerCall()
+        return scratch
+
+    def sizes_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The sizes of the tokens entering this layer (also when only its body is recomputed)."""
+        sizes = self.run.call().sizes_in.get(self.index)
+        return torch.ones(hidden.shape[:2], device=hidden.device) if sizes is None else sizes
+
+    def scratch(self) -> LayerCall:
+        """This layer's scratch in the current call (a fresh one for a part called outside its layer)."""
+        return self.run.call().layers.setdefault(self.index, LayerCall())
+
+    def finish(self) -> None:
+        self.run.call().layers.pop(self.index, None)
 
 
 def _with_mask(args: tuple, kwargs: dict, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[tuple, dict]:
@@ -155,14 +238,14 @@ class LayerHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         run, state = self.state.run, self.state
         hidden = hidden_states_of(args, kwargs)
-        state.clear()
+        scratch = state.start(hidden.shape[1])
         n_in = hidden.shape[1]
         if state.removed > 0 and run.config.method == "mctf":
-            hidden = self._fuse_at_start(module, hidden)
-        run.token_counts[state.name] = (n_in, hidden.shape[1] if state.plan is not None else n_in)
+            hidden = self._fuse_at_start(module, hidden, scratch)
+        run.token_counts[state.name] = (n_in, hidden.shape[1] if scratch.plan is not None else n_in)
         return _with_mask(args, kwargs, hidden, run.size_bias(hidden))
 
-    def _fuse_at_start(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+    def _fuse_at_start(self, layer, hidden: torch.Tensor, scratch: LayerCall) -> torch.Tensor:
         """MCTF: attention on the unmerged tokens, then fuse the tokens and the attention matrix."""
         run, state, attention = self.state.run, self.state, layer.attention
         with record_function("tofu_diffusion::plan"):
@@ -189,24 +272,25 @@ class LayerHook(ModelHook):
             return hidden
         with record_function("tofu_diffusion::merge"):
             merged = plan.merge(hidden, state.merge_mode)
-            setattr(attention, _PENDING_ATTR, fuse_attention(probs, plan))
-            run.sizes = plan.merge_sizes(sizes)
-        state.plan, state.skip_projections = plan, True
+            scratch.fused_attention = fuse_attention(probs, plan)
+            run.call().sizes = plan.merge_sizes(sizes)
+        scratch.plan, scratch.skip_projections = plan, True
         return merged
 
     def post_forward(self, module, output):
         run, state = self.state.run, self.state
-        attention = module.attention
-        if hasattr(attention, _PENDING_ATTR):  # never leak a fused matrix into the next call
-            delattr(attention, _PENDING_ATTR)
-        if run.config.method != "mctf" and state.merged is not None:
+        scratch = state.scratch()
+        if run.config.method != "mctf" and scratch.merged is not None:
             # ToMe placement: the layer added unmerge(mlp) to the unmerged residual; what ToMe computes is
             # merged + mlp(norm(merged)) on the reduced tokens.
             dropout = getattr(module, "dropout", None)
-            update = dropout(state.mlp_out) if dropout is not None else state.mlp_out
-            output = state.merged + update
-            run.token_counts[state.name] = (state.plan.num_tokens, output.shape[1])
-        state.clear()
+            update = dropout(scratch.mlp_out) if dropout is not None else scratch.mlp_out
+            output = scratch.merged + update
+            run.token_counts[state.name] = (scratch.plan.num_tokens, output.shape[1])
+        # transformers' gradient checkpointing recomputes the layer's body (not its hooks) in backward, with
+        # this scratch; otherwise it is dropped now, so no plan or fused matrix leaks into the next call.
+        if not (module.training and torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False)):
+            state.finish()
         return output
 
 
@@ -218,8 +302,9 @@ class KeyHook(ModelHook):
         self.state, self.heads = state, heads
 
     def post_forward(self, module, output):
-        b, n, _ = output.shape
-        self.state.metric = output.detach().view(b, n, self.heads, -1).mean(dim=2)
+        if self.state.removed > 0:
+            b, n, _ = output.shape
+            self.state.scratch().metric = output.detach().view(b, n, self.heads, -1).mean(dim=2)
         return output
 
 
@@ -232,20 +317,23 @@ class NormAfterHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         state, run = self.state, self.state.run
+        if state.removed == 0:
+            return args, kwargs
+        scratch = state.scratch()
         hidden = args[0]
         n = hidden.shape[1]
         with record_function("tofu_diffusion::plan"):
             src, dst = alternating_partition(n, hidden.device)
-            sizes = run.sizes_for(hidden)
-            plan = bipartite_soft_matching(state.metric, src, dst, state.removed,
+            sizes = state.sizes_in(hidden)
+            plan = bipartite_soft_matching(scratch.metric, src, dst, state.removed,
                                            protected=run.protected_mask(n, hidden.device), keep_order=True,
                                            weights=sizes)
         if plan is None:
             return args, kwargs
         with record_function("tofu_diffusion::merge"):
-            state.plan, state.merged = plan, plan.merge(hidden, state.merge_mode)
-            run.sizes = plan.merge_sizes(sizes)
-        return (state.merged,) + tuple(args[1:]), kwargs
+            scratch.plan, scratch.merged = plan, plan.merge(hidden, state.merge_mode)
+            run.call().sizes = plan.merge_sizes(sizes)
+        return (scratch.merged,) + tuple(args[1:]), kwargs
 
 
 class MlpHook(ModelHook):
@@ -256,11 +344,12 @@ class MlpHook(ModelHook):
         self.state = state
 
     def post_forward(self, module, output):
-        if self.state.plan is None:
+        scratch = self.state.scratch()
+        if scratch.plan is None:
             return output
-        self.state.mlp_out = output
+        scratch.mlp_out = output
         with record_function("tofu_diffusion::unmerge"):
-            return self.state.plan.unmerge(output)
+            return scratch.plan.unmerge(output)
 
 
 class SkipProjectionHook(ModelHook):
@@ -271,7 +360,7 @@ class SkipProjectionHook(ModelHook):
         self.state = state
 
     def new_forward(self, module, *args, **kwargs):
-        if not self.state.skip_projections:
+        if not self.state.scratch().skip_projections:
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden = args[0] if args else kwargs["input"]
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], module.out_features)
@@ -279,11 +368,11 @@ class SkipProjectionHook(ModelHook):
 
 def fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: MCTF's fused attention where one is pending, else the original."""
-    probs = getattr(module, _PENDING_ATTR, None)
+    state = getattr(module, _STATE_ATTR, None)
+    probs = None if state is None else state.scratch().fused_attention
     if probs is None:
         original = getattr(module, _ORIGINAL_ATTR)
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    delattr(module, _PENDING_ATTR)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
     out = probs @ value  # (B, H, K, D)
     return out.transpose(1, 2).contiguous(), probs
@@ -304,59 +393,56 @@ def _original_attention(config) -> callable:
 
 
 def attach(model: torch.nn.Module, config: TokenFusionConfig):
-    """Register the hooks on ``model``; returns (run, layer states, a function that undoes non-hook state)."""
+    """Register the hooks on ``model``; returns (run, layer states, what undoes the non-hook state)."""
     backbone = backbone_of(model)
     layers = backbone.layers
     if config.layers is not None and max(config.layers) >= len(layers):
         raise ValueError(f"layers {list(config.layers)} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
-    protected = num_protected(backbone)
-    schedule = layer_schedule(num_tokens(backbone), len(layers), r=config.r, ratio=config.ratio,
-                              protected=protected, layers=config.layers)
-    run = ViTRun(config, protected)
+    run = ViTRun(config, num_protected(backbone), len(layers), num_tokens(backbone))
     register(backbone, ViTModelHook(run), VIT_MODEL_HOOK)
+    # Every layer gets its hooks: which layers reduce depends on each input's token count.
+    reduces = config.r is not None or (config.ratio or 0) > 0
     states = []
-    for index, (layer, removed) in enumerate(zip(layers, schedule)):
+    for index, layer in enumerate(layers):
         # tome weighs by size; mctf by attention received times size (the plan's weights)
         mode = config.merge_mode_for(index, len(layers), tome_mode="size_weighted")
-        state = LayerState(f"layers.{index}", run, removed, mode)
+        state = LayerState(f"layers.{index}", index, run, mode)
         register(layer, LayerHook(state), VIT_LAYER_HOOK)
-        if removed > 0 and config.method == "mctf":
+        if reduces and config.method == "mctf":
             for projection in (layer.attention.q_proj, layer.attention.k_proj):
                 register(projection, SkipProjectionHook(state), VIT_SKIP_HOOK)
-        elif removed > 0:
+        elif reduces:
             register(layer.attention.k_proj, KeyHook(state, layer.attention.num_attention_heads), VIT_KEY_HOOK)
             register(layer.layernorm_after, NormAfterHook(state), VIT_NORM_HOOK)
             register(layer.mlp, MlpHook(state), VIT_MLP_HOOK)
         states.append(state)
-
-    undo = _no_undo
-    if config.method == "mctf" and any(schedule):
-        undo = _use_fused_attention(backbone, layers)
+    undo = None
+    if reduces and config.method == "mctf":
+        undo = FusedAttentionSwitch(backbone, layers, states).undo
     return run, states, undo
 
 
-def _no_undo() -> None:
-    pass
+class FusedAttentionSwitch:
+    """Switches a model to the fused-attention function (MCTF); ``undo`` switches it back. An object, not a
+    closure, so that a deep copy of the model undoes its own copy."""
 
+    def __init__(self, backbone: torch.nn.Module, layers, states: list[LayerState]):
+        _register_attention_function()
+        self.backbone, self.layers = backbone, layers
+        config = backbone.config
+        self.previous = config._attn_implementation
+        original = _original_attention(config)
+        for layer, state in zip(layers, states):
+            setattr(layer.attention, _ORIGINAL_ATTR, original)
+            setattr(layer.attention, _STATE_ATTR, state)
+        backbone.set_attn_implementation(FUSED_ATTENTION)
 
-def _use_fused_attention(backbone: torch.nn.Module, layers) -> callable:
-    """Switch the model to the fused-attention function; returns the function that switches back."""
-    _register_attention_function()
-    config = backbone.config
-    previous = config._attn_implementation
-    original = _original_attention(config)
-    for layer in layers:
-        setattr(layer.attention, _ORIGINAL_ATTR, original)
-    backbone.set_attn_implementation(FUSED_ATTENTION)
-
-    def undo():
-        backbone.set_attn_implementation(previous)
-        for layer in layers:
-            for attr in (_ORIGINAL_ATTR, _PENDING_ATTR):
+    def undo(self) -> None:
+        self.backbone.set_attn_implementation(self.previous)
+        for layer in self.layers:
+            for attr in (_ORIGINAL_ATTR, _STATE_ATTR):
                 if hasattr(layer.attention, attr):
                     delattr(layer.attention, attr)
-
-    return undo
 
 
 def check_supported(model: torch.nn.Module) -> None:
