@@ -11,7 +11,9 @@ from tofu_diffusion.core import (
     bidirectional_matching,
     bipartite_soft_matching,
     grid_partition,
+    hashed,
     mctf_scores,
+    mix_key,
     mlerp,
     plan_from_pairs,
 )
@@ -21,8 +23,8 @@ from tofu_diffusion.core import (
 @pytest.mark.parametrize("h,w,stride", [(8, 8, (2, 2)), (7, 9, (2, 2)), (5, 6, (2, 3)), (9, 4, (4, 4))])
 def test_grid_partition_one_destination_per_cell(h, w, stride):
     sy, sx = stride
-    for generator in (None, torch.Generator().manual_seed(3)):
-        src, dst = grid_partition(h, w, stride, generator=generator)
+    for options in ({}, {"generator": torch.Generator().manual_seed(3)}, {"key": mix_key(3, 981000)}):
+        src, dst = grid_partition(h, w, stride, **options)
         assert sorted(torch.cat([src, dst]).tolist()) == list(range(h * w))
         rows, cols = dst // w, dst % w
         cells = set(zip((rows // sy).tolist(), (cols // sx).tolist()))
@@ -38,6 +40,21 @@ def test_grid_partition_fixed_position_and_seeded_randomness():
     b = grid_partition(16, 16, generator=torch.Generator().manual_seed(7))[1]
     c = grid_partition(16, 16, generator=torch.Generator().manual_seed(8))[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_hashed_draws_are_uniform_repeatable_and_the_same_for_int_and_tensor_keys():
+    key = mix_key(0, torch.tensor(981000), 3)
+    assert int(key) == mix_key(0, 981000, 3)  # a tensor key (a timestep on the device) hashes like an int
+    draws = hashed(key, 40_000) % 4
+    counts = torch.bincount(draws, minlength=4).float()
+    assert (counts / 10_000 - 1).abs().max() < 0.05  # each of the 4 positions ~1/4 of the time
+    assert torch.equal(hashed(key, 40_000), hashed(int(key), 40_000))
+    # neighbouring keys (consecutive steps or blocks) give unrelated draws
+    agree = (hashed(mix_key(0, 981000, 3), 40_000) % 4 == hashed(mix_key(0, 981000, 4), 40_000) % 4).float().mean()
+    assert abs(agree.item() - 0.25) < 0.02
+    a = grid_partition(16, 16, key=mix_key(7))[1]
+    assert torch.equal(a, grid_partition(16, 16, key=mix_key(7))[1])
+    assert not torch.equal(a, grid_partition(16, 16, key=mix_key(8))[1])
 
 
 def test_grid_smaller_than_stride_is_a_clear_error():

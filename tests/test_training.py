@@ -40,7 +40,7 @@ def test_vit_training_saves_a_transformers_classifier(tmp_path):
 @pytest.mark.parametrize("what", ["unet", "dit"])
 def test_generator_training_lowers_the_loss_and_saves_a_pipeline(tmp_path, what):
     out = str(tmp_path / what)
-    train_generator(Namespace(what=what, minutes=5, max_steps=101, batch=16, lr=1e-3, warmup=20, ema=0.99, seed=0,
+    train_generator(Namespace(what=what, minutes=60, max_steps=101, batch=16, lr=1e-3, warmup=20, ema=0.99, seed=0,
                               snapshot_every=0, classifier=None, out=out))
     log = _log(out)
     assert log["steps"] == 101 and log["log"][-1]["loss"] < log["log"][0]["loss"]
