@@ -1,20 +1,23 @@
-"""Model families: each adapter finds its reducible blocks and how to read their token grid."""
+"""Model families. Each adapter says which models it patches, checks a request and attaches the hooks;
+adding a family is one file here and one line in ``FAMILIES``."""
 
 from __future__ import annotations
 
 import torch
 
-from . import dit, unet
-from .base import Adapter, Site
+from . import dit, unet, vit
+from .base import Adapter, Patch, Site
 
-_FAMILIES = ((unet.SUPPORTED, unet.UNET_ADAPTER), (dit.SUPPORTED, dit.DIT_ADAPTER))
+FAMILIES: tuple[Adapter, ...] = (unet.ADAPTER, dit.ADAPTER, vit.ADAPTER)
 
-SUPPORTED_MODELS = tuple(cls.__name__ for classes, _ in _FAMILIES for cls in classes)
+SUPPORTED_MODELS = tuple(cls.__name__ for adapter in FAMILIES for cls in adapter.classes) + (
+    "transformers ViT/DeiT classifiers",
+)
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
-    for classes, adapter in _FAMILIES:
-        if isinstance(model, classes):
+    for adapter in FAMILIES:
+        if adapter.matches(model):
             return adapter
     blocks: dict[str, int] = {}
     for module in model.modules():
@@ -23,10 +26,10 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
             blocks[name] = blocks.get(name, 0) + 1
     found = ", ".join(f"{name} x{count}" for name, count in sorted(blocks.items())) or "none"
     raise TypeError(
-        f"tofu-diffusion cannot patch {type(model).__name__}: it is not one of the supported denoisers "
+        f"tofu-diffusion cannot patch {type(model).__name__}: it is not one of the supported models "
         f"({', '.join(SUPPORTED_MODELS)}). Transformer blocks found in it: {found}. "
         f"Apply to a supported model or pipeline instead."
     )
 
 
-__all__ = ["Adapter", "Site", "SUPPORTED_MODELS", "adapter_for"]
+__all__ = ["Adapter", "FAMILIES", "Patch", "SUPPORTED_MODELS", "Site", "adapter_for"]

@@ -1,10 +1,15 @@
-"""What a model-family adapter provides: the blocks that can be reduced, and how to read the grid."""
+"""What a model-family adapter provides: which models it patches, what it checks, what it attaches.
+
+``api.apply`` only dispatches: it finds the adapter of a model (``adapters.adapter_for``), lets it check
+the request (everything that can refuse, before an existing patch is touched), then attach. Adding a
+family is one adapter file and one line in the registry (``adapters/__init__.py``).
+"""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -20,13 +25,33 @@ class Site:
 
 
 @dataclass
-class Adapter:
-    """A model family: finds its blocks (in execution order) and reads grids and timesteps."""
+class Patch:
+    """What an adapter attached: the per-block (or per-layer) states, and optionally a function that reports
+    token counts and one that undoes what is not a hook (both must be methods of copyable objects, so that
+    ``copy.deepcopy`` of a patched model stays independent)."""
 
-    family: str
-    sites: Callable[[torch.nn.Module], list[Site]]
-    grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]
-    default_levels: Callable[[list[Site]], set[int]]
+    blocks: list
+    counts: Optional[Callable[[], dict]] = None
+    undo: Optional[Callable[[], None]] = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A model family. Subclasses implement ``check`` and ``attach``."""
+
+    family: str  # the presets' key: "unet", "dit", "vit", ...
+    classes: tuple  # the model classes it patches
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return isinstance(model, self.classes)
+
+    def check(self, model: torch.nn.Module, config) -> Any:
+        """Refuse what this family cannot do (clear errors); return what ``attach`` needs. Touches nothing."""
+        raise NotImplementedError
+
+    def attach(self, model: torch.nn.Module, config, checked: Any, num_train_timesteps: int = 1000) -> Patch:
+        """Register the hooks (``hooks.register``); everything registered is removed by ``hooks.unregister_all``."""
+        raise NotImplementedError
 
 
 def timestep_reader(module: torch.nn.Module) -> Callable[[tuple, dict], Optional[object]]:

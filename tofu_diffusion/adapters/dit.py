@@ -10,7 +10,8 @@ import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from .base import Adapter, Site
+from .base import Site
+from .blocks import BlockAdapter
 
 
 def transformer_sites(model: torch.nn.Module) -> list[Site]:
@@ -37,5 +38,4 @@ def all_levels(sites: list[Site]) -> set[int]:
     return {site.level for site in sites}
 
 
-DIT_ADAPTER = Adapter("dit", transformer_sites, patch_grid, all_levels)
-SUPPORTED = (DiTTransformer2DModel, PixArtTransformer2DModel)
+ADAPTER = BlockAdapter("dit", (DiTTransformer2DModel, PixArtTransformer2DModel), transformer_sites, patch_grid, all_levels)

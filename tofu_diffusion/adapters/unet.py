@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .base import Adapter, Site
+from .base import Site
+from .blocks import BlockAdapter
 
 
 def _blocks_of(stage: torch.nn.Module, prefix: str, level: int) -> list[Site]:
@@ -54,5 +55,4 @@ def highest_resolution_level(sites: list[Site]) -> set[int]:
     return {min(site.level for site in sites)} if sites else set()
 
 
-UNET_ADAPTER = Adapter("unet", unet_sites, feature_map_grid, highest_resolution_level)
-SUPPORTED = (UNet2DConditionModel,)
+ADAPTER = BlockAdapter("unet", (UNet2DConditionModel,), unet_sites, feature_map_grid, highest_resolution_level)

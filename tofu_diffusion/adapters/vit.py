@@ -19,6 +19,7 @@ additive float mask the layer already forwards to SDPA, so fused kernels stay us
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,6 +36,7 @@ from ..core import (
     layer_schedule,
     mctf_scores,
 )
+from .base import Adapter, Patch
 from .hooks import caller, hidden_states_of, register
 
 FAMILY = "vit"
@@ -392,12 +394,33 @@ def _original_attention(config) -> callable:
     return eager_attention_forward if name in (None, "eager") else ALL_ATTENTION_FUNCTIONS[name]
 
 
-def attach(model: torch.nn.Module, config: TokenFusionConfig):
-    """Register the hooks on ``model``; returns (run, layer states, what undoes the non-hook state)."""
-    backbone = backbone_of(model)
+@dataclass(frozen=True)
+class ClassifierAdapter(Adapter):
+    """transformers' ViT and DeiT classifiers (and timm models, which it refuses with what to do instead)."""
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return backbone_of(model) is not None or is_timm_vit(model)
+
+    def check(self, model: torch.nn.Module, config: TokenFusionConfig) -> torch.nn.Module:
+        check_supported(model)
+        if config.method == "todo" or config.schedule is not None or config.blocks is not None:
+            raise ValueError("todo, schedule and blocks are for diffusion denoisers; classifiers take method "
+                             "tome/tofu/mctf with ratio or r, and layers")
+        backbone = backbone_of(model)
+        n = len(backbone.layers)
+        if config.layers is not None and max(config.layers) >= n:
+            raise ValueError(f"layers {list(config.layers)} out of range: the model has {n} layers (0..{n - 1})")
+        return backbone
+
+    def attach(self, model: torch.nn.Module, config: TokenFusionConfig, backbone: torch.nn.Module,
+               num_train_timesteps: int = 1000) -> Patch:
+        run, states, undo = attach(backbone, config)
+        return Patch(states, counts=run.counts, undo=undo)
+
+
+def attach(backbone: torch.nn.Module, config: TokenFusionConfig):
+    """Register the hooks on ``backbone``; returns (run, layer states, what undoes the non-hook state)."""
     layers = backbone.layers
-    if config.layers is not None and max(config.layers) >= len(layers):
-        raise ValueError(f"layers {list(config.layers)} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
     run = ViTRun(config, num_protected(backbone), len(layers), num_tokens(backbone))
     register(backbone, ViTModelHook(run), VIT_MODEL_HOOK)
     # Every layer gets its hooks: which layers reduce depends on each input's token count.
@@ -443,6 +466,9 @@ class FusedAttentionSwitch:
             for attr in (_ORIGINAL_ATTR, _STATE_ATTR):
                 if hasattr(layer.attention, attr):
                     delattr(layer.attention, attr)
+
+
+ADAPTER = ClassifierAdapter(FAMILY, ())
 
 
 def check_supported(model: torch.nn.Module) -> None:

@@ -1,0 +1,147 @@
+"""What the diffusion families share: reduce ``BasicTransformerBlock``-style blocks on a 2-D token grid.
+
+A family gives three functions (``sites``: its blocks in execution order with the module whose input
+defines their grid; ``grid_of``: that grid from the input; ``default_levels``: the resolution levels
+reduced by default) and ``BlockAdapter`` does the rest: choose the blocks, check the request, and
+register the hooks of ``hooks.py`` on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import TokenFusionConfig
+from .base import Adapter, Patch, Site, timestep_reader
+from .hooks import (
+    BLOCK_HOOK,
+    DOWNSAMPLE_HOOK,
+    GRID_HOOK,
+    MERGE_HOOK,
+    ROOT_HOOK,
+    WHOLE_BLOCK_HOOK,
+    BlockHook,
+    BlockState,
+    GridHook,
+    GridRecord,
+    KeyValueDownsampleHook,
+    MergeHook,
+    RootHook,
+    RunState,
+    WholeBlockHook,
+    register,
+)
+
+logger = logging.getLogger("tofu_diffusion")
+
+# (attribute of the block, role for the cost model, config flag that selects it)
+SUBLAYERS = (
+    ("attn1", "self_attention", "merge_self_attention"),
+    ("attn2", "cross_attention", "merge_cross_attention"),
+    ("ff", "feed_forward", "merge_feed_forward"),
+)
+
+
+def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
+    """The sublayers of ``block`` that will run on reduced tokens."""
+    return tuple(
+        role for attr, role, flag in SUBLAYERS
+        if getattr(block, attr, None) is not None and (config.merge_scope == "block" or getattr(config, flag))
+    )
+
+
+def select_levels(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
+    available = sorted({s.level for s in sites})
+    if config.levels is not None:
+        wanted = set(config.levels)
+    elif config.max_downsample is not None:
+        wanted = {level for level in available if level <= config.max_downsample}
+    else:
+        wanted = default_levels
+    chosen = [s for s in sites if s.level in wanted]
+    if not chosen:
+        raise ValueError(
+            f"no attention block of {model_name} is at the requested resolution level(s) "
+            f"(levels={config.levels}, max_downsample={config.max_downsample}); this model has attention at "
+            f"downsampling factors {available}: pass levels=[...] or a max_downsample from those"
+        )
+    skipped = sorted(set(available) - wanted)
+    if skipped:
+        logger.debug("%s: levels %s are not reduced", model_name, skipped)
+    return chosen
+
+
+def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
+    """The eligible blocks selected by ``blocks`` (indices, negative from the end, or a slice)."""
+    if blocks is None:
+        return sites
+    if isinstance(blocks, slice):
+        return sites[blocks]
+    bad = [i for i in blocks if not -len(sites) <= i < len(sites)]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range: {model_name} has {len(sites)} eligible blocks "
+                         f"(indices 0..{len(sites) - 1}, or negative from the end)")
+    wanted = {i % len(sites) for i in blocks}
+    return [site for i, site in enumerate(sites) if i in wanted]
+
+
+def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+    """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+    if config.method == "todo":
+        register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
+        return
+    if config.merge_scope == "block":
+        attention = getattr(block, "attn1", None) if config.method == "mctf" else None
+        register(block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
+        return
+    register(block, BlockHook(state), BLOCK_HOOK)
+    for attr, role, _ in SUBLAYERS:
+        if role in state.sublayers:
+            register(getattr(block, attr), MergeHook(state, role), MERGE_HOOK)
+
+
+@dataclass(frozen=True)
+class BlockAdapter(Adapter):
+    """A diffusion family whose blocks are reduced on the token grid of a grid-owning module."""
+
+    sites: Callable[[torch.nn.Module], list[Site]]  # the blocks, in execution order
+    grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]  # (grid owner, its input) -> (rows, cols)
+    default_levels: Callable[[list[Site]], set[int]]  # the resolution levels reduced by default
+
+    def check(self, model: torch.nn.Module, config: TokenFusionConfig) -> list[Site]:
+        if config.r is not None or config.layers is not None:
+            raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
+                             "ratio (and levels / max_downsample to choose blocks)")
+        model_name = type(model).__name__
+        all_sites = self.sites(model)
+        if not all_sites:
+            raise ValueError(f"{model_name} has no transformer block to reduce (no BasicTransformerBlock found)")
+        sites = select_levels(all_sites, config, self.default_levels(all_sites), model_name)
+        sites = pick_blocks(sites, config.blocks, model_name)
+        if not sites:
+            raise ValueError(f"blocks={config.blocks!r} selects none of the eligible blocks of {model_name}")
+        if config.method != "todo" and not any(reduced_sublayers(site.block, config) for site in sites):
+            raise ValueError(f"nothing to reduce: the selected sublayers (merge_self_attention / merge_cross_attention / "
+                             f"merge_feed_forward) exist in none of {model_name}'s blocks (e.g. DiT blocks have no "
+                             f"cross-attention); select another sublayer or use merge_scope='block'")
+        return sites
+
+    def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],
+               num_train_timesteps: int = 1000) -> Patch:
+        run = RunState(config, num_train_timesteps)
+        register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
+        grids: dict[int, GridRecord] = {}
+        blocks = []
+        for depth, site in enumerate(sites):
+            owner_key = id(site.grid_owner)
+            if owner_key not in grids:
+                grids[owner_key] = GridRecord()
+                register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
+            state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
+                               sublayers=reduced_sublayers(site.block, config))
+            attach_block(site.block, state, config)
+            blocks.append(state)
+        return Patch(blocks)
