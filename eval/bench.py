@@ -1,7 +1,8 @@
 """Benchmark: denoiser time per step against the baseline, tomesd and the ideal (FLOP ratio).
 
-    python -m eval.bench [--models sd15 pixart] [--ratios 0.1 0.5] [--methods tome tofu mctf]
+    python -m eval.bench [--models sd15 pixart dit sdxl sd3] [--ratios 0.1 0.5] [--methods tome tofu mctf]
                          [--scopes sublayers block] [--batch 2] [--dtype float32] [--device cpu]
+                         [--depth 4] [--width 768]
 
 Full-size architectures from their published configs, random weights (speed does not depend on weight
 values). Variants run interleaved (baseline, A, B, ..., baseline, A, B, ...) after a warm-up; the table
@@ -34,7 +35,7 @@ from eval.variants import Variant, tomesd, use_variant
 @dataclass
 class Workload:
     name: str
-    build: Callable[[int], torch.nn.Module]  # depth -> model
+    build: Callable[..., torch.nn.Module]  # (depth[, width]) -> model
     inputs: Callable[[int, int, torch.dtype, torch.device], tuple[tuple, dict]]  # (batch, resolution, ...)
     resolution: int
     full_depth: int
@@ -84,6 +85,27 @@ def _dit(depth):
     )
 
 
+def _sd3(depth, width=None):
+    from diffusers import SD3Transformer2DModel
+
+    width = width or 1536
+    return SD3Transformer2DModel(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json (width 1536)
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=depth, attention_head_dim=64,
+        num_attention_heads=width // 64, joint_attention_dim=4096, caption_projection_dim=width,
+        pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+    )
+
+
+def _sd3_inputs(batch, resolution, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 8
+    x = torch.randn(batch, 16, side, side, generator=g).to(device, dtype)
+    text = torch.randn(batch, 333, 4096, generator=g).to(device, dtype)  # 77 CLIP + 256 T5 tokens
+    pooled = torch.randn(batch, 2048, generator=g).to(device, dtype)
+    return (x,), {"encoder_hidden_states": text, "pooled_projections": pooled,
+                  "timestep": torch.full((batch,), 500.0, device=device)}
+
+
 def _unet_inputs(text_dim, text_len, added=False):
     def make(batch, resolution, dtype, device):
         g = torch.Generator().manual_seed(0)
@@ -117,6 +139,7 @@ WORKLOADS = {
     "sdxl": Workload("SDXL UNet", _sdxl, _unet_inputs(2048, 77, added=True), 1024, 0, True),
     "pixart": Workload("PixArt-alpha", _pixart, _transformer_inputs(4096), 1024, 28, False),
     "dit": Workload("DiT-XL/2", _dit, _transformer_inputs(), 256, 28, True),
+    "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False),
 }
 
 
@@ -153,7 +176,7 @@ def run_workload(key: str, args) -> list[dict]:
     depth = args.depth if (spec.full_depth and args.depth) else spec.full_depth
     resolution = args.resolution or spec.resolution
     torch.manual_seed(0)
-    model = spec.build(depth).to(device, dtype).eval()
+    model = (spec.build(depth, args.width) if args.width else spec.build(depth)).to(device, dtype).eval()
     call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
 
     clock = iter(range(999, -1_000_000, -1))
@@ -187,6 +210,7 @@ def run_workload(key: str, args) -> list[dict]:
 
     setups = {name: functools.partial(use_variant, model, config_of(v)) for name, v in variants.items()}
     depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if spec.full_depth and depth != spec.full_depth else ""
+    depth_note += f", width {args.width}" if args.width else ""
     print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
           f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)
     # Each timed (and profiled) sample is `steps` consecutive denoising steps, so a plan can be reused
@@ -215,7 +239,8 @@ def run_workload(key: str, args) -> list[dict]:
             speedup = seconds["baseline"] / seconds[name]
             ideal = base_flops / flops
             rows.append({
-                "model": spec.name, "resolution": resolution, "depth": depth or None, "batch": args.batch,
+                "model": spec.name, "resolution": resolution, "depth": depth or None, "width": args.width,
+                "batch": args.batch,
                 "dtype": args.dtype, "device": args.device, "variant": name, **v,
                 "ms_per_step": seconds[name] * 1000, "speedup": speedup, "ideal_speedup": ideal,
                 "achieved_over_ideal": speedup / ideal if ideal > 1.0001 else None,
@@ -265,6 +290,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--depth", type=int, default=None,
                         help="transformer blocks of PixArt/DiT (default: 4 on CPU, full depth on GPU)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="sd3: the transformer width (heads x 64; default 1536, SD3.5-Medium's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-tomesd", action="store_true")

@@ -8,8 +8,11 @@ from diffusers import (
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -136,6 +139,37 @@ def pixart_pipeline() -> PixArtAlphaPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd3_transformer(seed: int = 0, sd35: bool = True) -> SD3Transformer2DModel:
+    """SD3 layout (joint attention, last block context_pre_only); ``sd35`` adds SD3.5's q/k RMS norm and an
+    image-only second attention (``attn2``) in the first block."""
+    torch.manual_seed(seed)
+    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if sd35 else {}
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+                                 pooled_projection_dim=TEXT_DIM, out_channels=4, pos_embed_max_size=32, **extra).eval()
+
+
+def sd3_pipeline(sd35: bool = True) -> StableDiffusion3Pipeline:
+    """Text encoders None: call it with prompt_embeds / pooled_prompt_embeds (see ``sd3_prompt``)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    pipe = StableDiffusion3Pipeline(transformer=sd3_transformer(sd35=sd35), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_prompt(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
+            "negative_prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
+            "pooled_prompt_embeds": torch.randn(1, TEXT_DIM, generator=g),
+            "negative_pooled_prompt_embeds": torch.randn(1, TEXT_DIM, generator=g)}
 
 
 def prompt_embeds(batch: int = 1, length: int = 7, seed: int = 1) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -88,14 +88,17 @@ def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
     return [site for i, site in enumerate(sites) if i in wanted]
 
 
-def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig,
+                 image_output: Optional[int] = None) -> None:
     """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
     if config.method == "todo":
         register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
         return
     if config.merge_scope == "block":
-        attention = getattr(block, "attn1", None) if config.method == "mctf" else None
-        register(block, WholeBlockHook(state, attention), WHOLE_BLOCK_HOOK)
+        attention = None
+        if config.method == "mctf":
+            attention = getattr(block, "attn1", None) or getattr(block, "attn", None)
+        register(block, WholeBlockHook(state, attention, image_output), WHOLE_BLOCK_HOOK)
         return
     register(block, BlockHook(state), BLOCK_HOOK)
     for attr, role, _ in SUBLAYERS:
@@ -110,15 +113,22 @@ class BlockAdapter(Adapter):
     sites: Callable[[torch.nn.Module], list[Site]]  # the blocks, in execution order
     grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]  # (grid owner, its input) -> (rows, cols)
     default_levels: Callable[[list[Site]], set[int]]  # the resolution levels reduced by default
+    # Joint-attention blocks (text and image in one attention) return (text, image): the image stream's
+    # index. They are reduced whole: only the image tokens are merged, every text token stays.
+    image_output: Optional[int] = None
 
     def check(self, model: torch.nn.Module, config: TokenFusionConfig) -> list[Site]:
         if config.r is not None or config.layers is not None:
             raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
                              "ratio (and levels / max_downsample to choose blocks)")
         model_name = type(model).__name__
+        if self.image_output is not None and (config.method == "todo" or config.merge_scope != "block"):
+            raise ValueError(f"{model_name}'s joint-attention blocks are reduced whole (image tokens merged, text "
+                             f"tokens kept): use merge_scope='block' with tome, tofu or mctf; todo and "
+                             f"merge_scope='sublayers' are not available for them yet")
         all_sites = self.sites(model)
         if not all_sites:
-            raise ValueError(f"{model_name} has no transformer block to reduce (no BasicTransformerBlock found)")
+            raise ValueError(f"{model_name} has no transformer block to reduce")
         sites = select_levels(all_sites, config, self.default_levels(all_sites), model_name)
         sites = pick_blocks(sites, config.blocks, model_name)
         if not sites:
@@ -142,6 +152,6 @@ class BlockAdapter(Adapter):
                 register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
                                sublayers=reduced_sublayers(site.block, config))
-            attach_block(site.block, state, config)
+            attach_block(site.block, state, config, self.image_output)
             blocks.append(state)
         return Patch(blocks)

@@ -426,12 +426,18 @@ class MergeHook(ModelHook):
 
 
 class WholeBlockHook(ModelHook):
-    """Run the whole block on merged tokens; unmerge its residual update: x + unmerge(f(m) - m)."""
+    """Run the whole block on merged tokens; unmerge its residual update: x + unmerge(f(m) - m).
 
-    def __init__(self, state: BlockState, attention: Optional[torch.nn.Module]):
+    ``image_output``: for joint-attention blocks that return ``(text, image)``, the index of the image
+    stream in the output (only it is unmerged; the text stream passes through); None when the block
+    returns the image tokens alone.
+    """
+
+    def __init__(self, state: BlockState, attention: Optional[torch.nn.Module], image_output: Optional[int] = None):
         super().__init__()
         self.state = state
         self.attention = attention  # the block's self-attention, for mctf's informativeness
+        self.image_output = image_output
 
     def pre_forward(self, module, *args, **kwargs):
         call = self.state.begin(hidden_states_of(args, kwargs))
@@ -449,7 +455,10 @@ class WholeBlockHook(ModelHook):
         if plan is None:
             return output
         with record_function("tofu_diffusion::unmerge"):
-            return hidden + plan.unmerge(output - merged)
+            if self.image_output is None:
+                return hidden + plan.unmerge(output - merged)
+            image = hidden + plan.unmerge(output[self.image_output] - merged)
+            return type(output)(image if i == self.image_output else o for i, o in enumerate(output))
 
 
 class KeyValueDownsampleHook(ModelHook):
