@@ -1,6 +1,6 @@
 """Benchmark: denoiser time per step against the baseline, tomesd and the ideal (FLOP ratio).
 
-    python -m eval.bench [--models sd15 pixart dit sdxl sd3] [--ratios 0.1 0.5] [--methods tome tofu mctf]
+    python -m eval.bench [--models sd15 pixart dit sdxl sd3 flux] [--ratios 0.1 0.5] [--methods tome tofu mctf]
                          [--scopes sublayers block] [--batch 2] [--dtype float32] [--device cpu]
                          [--depth 4] [--width 768]
 
@@ -106,6 +106,31 @@ def _sd3_inputs(batch, resolution, dtype, device):
                   "timestep": torch.full((batch,), 500.0, device=device)}
 
 
+def _flux(depth, width=None):
+    from diffusers import FluxTransformer2DModel
+
+    width = width or 3072
+    double = max(1, round(depth * 19 / 57))  # FLUX.1: 19 double-stream and 38 single-stream blocks
+    return FluxTransformer2DModel(  # black-forest-labs/FLUX.1-dev transformer/config.json (width 3072)
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=depth - double, attention_head_dim=128,
+        num_attention_heads=width // 128, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+    )
+
+
+def _flux_inputs(batch, resolution, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 16  # the 2x2-packed latent of an 8x VAE
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    return (torch.randn(batch, side * side, 64, generator=g).to(device, dtype),), {
+        "encoder_hidden_states": torch.randn(batch, 512, 4096, generator=g).to(device, dtype),  # 512 T5 tokens
+        "pooled_projections": torch.randn(batch, 768, generator=g).to(device, dtype),
+        "timestep": torch.full((batch,), 0.5, device=device), "img_ids": ids.reshape(-1, 3).to(device),
+        "txt_ids": torch.zeros(512, 3, device=device),
+    }
+
+
 def _unet_inputs(text_dim, text_len, added=False):
     def make(batch, resolution, dtype, device):
         g = torch.Generator().manual_seed(0)
@@ -140,6 +165,7 @@ WORKLOADS = {
     "pixart": Workload("PixArt-alpha", _pixart, _transformer_inputs(4096), 1024, 28, False),
     "dit": Workload("DiT-XL/2", _dit, _transformer_inputs(), 256, 28, True),
     "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False),
+    "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False),
 }
 
 
@@ -291,7 +317,8 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=None,
                         help="transformer blocks of PixArt/DiT (default: 4 on CPU, full depth on GPU)")
     parser.add_argument("--width", type=int, default=None,
-                        help="sd3: the transformer width (heads x 64; default 1536, SD3.5-Medium's)")
+                        help="sd3 / flux: the transformer width (sd3: heads x 64, default 1536; flux: heads x 128, "
+                             "default 3072)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-tomesd", action="store_true")

@@ -9,6 +9,8 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -170,6 +172,32 @@ def sd3_prompt(seed: int = 1) -> dict:
             "negative_prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
             "pooled_prompt_embeds": torch.randn(1, TEXT_DIM, generator=g),
             "negative_pooled_prompt_embeds": torch.randn(1, TEXT_DIM, generator=g)}
+
+
+def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """Flux layout: double- then single-stream blocks, rotary positions over [text; image] ids."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+                                  axes_dims_rope=(2, 2, 4)).eval()
+
+
+def flux_pipeline() -> FluxPipeline:
+    """Text encoders None: call it with prompt_embeds / pooled_prompt_embeds (see ``flux_prompt``)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_prompt(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
+            "pooled_prompt_embeds": torch.randn(1, TEXT_DIM, generator=g)}
 
 
 def prompt_embeds(batch: int = 1, length: int = 7, seed: int = 1) -> torch.Tensor:

@@ -39,13 +39,14 @@ def test_unknown_option_is_named():
 
 
 def test_unsupported_model_names_what_it_found():
-    from diffusers import FluxTransformer2DModel
+    from diffusers import AuraFlowTransformer2DModel
 
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                   axes_dims_rope=(2, 2, 4))
-    with pytest.raises(TypeError, match=r"cannot patch FluxTransformer2DModel.*FluxSingleTransformerBlock x1, "
-                                        r"FluxTransformerBlock x1"):
+    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                       num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                       pos_embed_max_size=16)
+    with pytest.raises(TypeError, match=r"cannot patch AuraFlowTransformer2DModel.*AuraFlowJointTransformerBlock x1, "
+                                        r"AuraFlowSingleTransformerBlock x1"):
         tofu.apply(model)
     assert not hasattr(model, "_diffusers_hook")  # nothing was half-applied
     with pytest.raises(TypeError, match="cannot patch Linear"):

@@ -22,6 +22,7 @@ from .hooks import (
     GRID_HOOK,
     MERGE_HOOK,
     ROOT_HOOK,
+    ROTARY_BLOCK_HOOK,
     WHOLE_BLOCK_HOOK,
     BlockHook,
     BlockState,
@@ -30,6 +31,7 @@ from .hooks import (
     KeyValueDownsampleHook,
     MergeHook,
     RootHook,
+    RotaryJointBlockHook,
     RunState,
     WholeBlockHook,
     register,
@@ -45,12 +47,18 @@ SUBLAYERS = (
 )
 
 
+# Joint-attention blocks name their parts differently (SD3/Flux: "attn"; Flux single blocks: "proj_mlp");
+# they are reduced whole, so these only feed the cost model.
+_WHOLE_BLOCK_PARTS = (("self_attention", ("attn1", "attn")), ("cross_attention", ("attn2",)),
+                      ("feed_forward", ("ff", "proj_mlp")))
+
+
 def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
     """The sublayers of ``block`` that will run on reduced tokens."""
-    return tuple(
-        role for attr, role, flag in SUBLAYERS
-        if getattr(block, attr, None) is not None and (config.merge_scope == "block" or getattr(config, flag))
-    )
+    if config.merge_scope == "block":
+        return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS
+                     if any(getattr(block, attr, None) is not None for attr in attrs))
+    return tuple(role for attr, role, flag in SUBLAYERS if getattr(block, attr, None) is not None and getattr(config, flag))
 
 
 def select_levels(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
@@ -89,8 +97,12 @@ def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
 
 
 def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig,
-                 image_output: Optional[int] = None) -> None:
+                 image_output: Optional[int] = None, rotary: bool = False) -> None:
     """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+    if rotary:
+        attention = getattr(block, "attn", None) if config.method == "mctf" else None
+        register(block, RotaryJointBlockHook(state, attention), ROTARY_BLOCK_HOOK)
+        return
     if config.method == "todo":
         register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
         return
@@ -111,11 +123,13 @@ class BlockAdapter(Adapter):
     """A diffusion family whose blocks are reduced on the token grid of a grid-owning module."""
 
     sites: Callable[[torch.nn.Module], list[Site]]  # the blocks, in execution order
-    grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]  # (grid owner, its input) -> (rows, cols)
+    grid_of: Callable[[torch.nn.Module, torch.Tensor, dict], tuple[int, int]]  # (owner, input, kwargs) -> grid
     default_levels: Callable[[list[Site]], set[int]]  # the resolution levels reduced by default
     # Joint-attention blocks (text and image in one attention) return (text, image): the image stream's
     # index. They are reduced whole: only the image tokens are merged, every text token stays.
     image_output: Optional[int] = None
+    rotary: bool = False  # the blocks take image_rotary_emb, whose image rows must follow the kept tokens
+    timestep_unit: float = 1.0  # the denoiser's timestep per scheduler timestep (Flux: 1/1000)
 
     def check(self, model: torch.nn.Module, config: TokenFusionConfig) -> list[Site]:
         if config.r is not None or config.layers is not None:
@@ -141,7 +155,7 @@ class BlockAdapter(Adapter):
 
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],
                num_train_timesteps: int = 1000) -> Patch:
-        run = RunState(config, num_train_timesteps)
+        run = RunState(config, num_train_timesteps * self.timestep_unit)
         register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
         grids: dict[int, GridRecord] = {}
         blocks = []
@@ -152,6 +166,6 @@ class BlockAdapter(Adapter):
                 register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
                                sublayers=reduced_sublayers(site.block, config))
-            attach_block(site.block, state, config, self.image_output)
+            attach_block(site.block, state, config, self.image_output, self.rotary)
             blocks.append(state)
         return Patch(blocks)

@@ -22,7 +22,7 @@ def transformer_sites(model: torch.nn.Module) -> list[Site]:
     ]
 
 
-def patch_grid(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[int, int]:
+def patch_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[int, int]:
     if hidden.dim() != 4:
         raise ValueError(f"expected a (batch, channels, height, width) latent, got {tuple(hidden.shape)}")
     p = model.config.patch_size

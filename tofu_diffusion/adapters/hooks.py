@@ -48,6 +48,7 @@ GRID_HOOK = "tofu_diffusion_grid"
 BLOCK_HOOK = "tofu_diffusion_block"
 MERGE_HOOK = "tofu_diffusion_merge"
 WHOLE_BLOCK_HOOK = "tofu_diffusion_whole_block"
+ROTARY_BLOCK_HOOK = "tofu_diffusion_rotary_block"
 DOWNSAMPLE_HOOK = "tofu_diffusion_downsample"
 HOOK_PREFIX = "tofu_diffusion"  # every hook this library registers (here and in the classifier adapter)
 
@@ -358,14 +359,14 @@ class RootHook(ModelHook):
 
 
 class GridHook(ModelHook):
-    def __init__(self, record: GridRecord, grid_of: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int]]):
+    def __init__(self, record: GridRecord, grid_of: Callable[[torch.nn.Module, torch.Tensor, dict], tuple[int, int]]):
         super().__init__()
         self.record = record
-        self.grid_of = grid_of
+        self.grid_of = grid_of  # (module, its input, its keyword arguments) -> (rows, cols)
 
     def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs, ("hidden_states", "sample"))
-        self.record.set(*self.grid_of(module, hidden))
+        self.record.set(*self.grid_of(module, hidden, kwargs))
         return args, kwargs
 
 
@@ -459,6 +460,62 @@ class WholeBlockHook(ModelHook):
                 return hidden + plan.unmerge(output - merged)
             image = hidden + plan.unmerge(output[self.image_output] - merged)
             return type(output)(image if i == self.image_output else o for i, o in enumerate(output))
+
+
+class RotaryJointBlockHook(ModelHook):
+    """Flux: a joint block run on merged image tokens, each with the rotary row of the token it stands at.
+
+    The block gets ``(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)``
+    and returns ``(text, image)``; ``image_rotary_emb`` is ``(cos, sin)``, each (T + N, D) for [text; image].
+    A kept token takes its own row and a merged group its destination's (``plan.kept_idx``). Plans are per
+    sample, and diffusers' rotary takes one table for the whole batch, so a batch of B runs the reduced
+    block once per sample: an image never depends on its batch-mates. (Flux-dev is guidance-distilled, so
+    its batch is usually 1.)
+    """
+
+    ARGUMENTS = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+
+    def __init__(self, state: BlockState, attention: Optional[torch.nn.Module]):
+        super().__init__()
+        self.state = state
+        self.attention = attention
+
+    def new_forward(self, module, *args, **kwargs):
+        bound = {**dict(zip(self.ARGUMENTS, args)), **kwargs}
+        hidden = bound["hidden_states"]
+        self.state.begin(hidden)
+        try:
+            plan = self.state.plan(self.attention, None)
+            if plan is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with record_function("tofu_diffusion::merge"):
+                merged = plan.merge(hidden, self.state.merge_mode)
+            text, rotary = bound["encoder_hidden_states"], bound.get("image_rotary_emb")
+            batch, text_len = hidden.shape[0], text.shape[1]
+            texts, images = [], []
+            for b in range(batch):
+                one = {name: _sample(value, b, batch) for name, value in bound.items()}
+                one["hidden_states"] = merged[b:b + 1]
+                if rotary is not None:
+                    rows = torch.cat([torch.arange(text_len, device=plan.kept_idx.device), text_len + plan.kept_idx[b]])
+                    one["image_rotary_emb"] = tuple(r.index_select(0, rows.to(r.device)) for r in rotary)
+                out_text, out_image = self.fn_ref.original_forward(**one)
+                texts.append(out_text)
+                images.append(out_image)
+            with record_function("tofu_diffusion::unmerge"):
+                image = hidden + plan.unmerge(torch.cat(images) - merged)
+            return torch.cat(texts), image
+        finally:
+            self.state.end()
+
+
+def _sample(value, index: int, batch: int):
+    """Sample ``index`` of a batched argument (tensors with the batch first, dicts of them); others as given."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[index:index + 1]
+    if isinstance(value, dict):
+        return {k: _sample(v, index, batch) for k, v in value.items()}
+    return value
 
 
 class KeyValueDownsampleHook(ModelHook):

@@ -1,0 +1,55 @@
+"""Flux: ``FluxTransformer2DModel`` with double-stream ``FluxTransformerBlock``s and single-stream
+``FluxSingleTransformerBlock``s.
+
+Both kinds take text and image separately and return ``(text, image)``; their attention joins
+[text; image] and applies rotary embeddings built once per forward from ``cat(txt_ids, img_ids)``. Only
+image tokens are reduced: each block runs on the merged image tokens with every text token, and the
+rotary rows follow the kept tokens (a merged group takes its destination's row), so every reduced token
+keeps its position; the block returns all N image tokens. The grid is read from ``img_ids`` (column 1 =
+row, column 2 = column of the packed 2x2 latent). Tokens off the main grid (Kontext's reference image,
+``img_ids[:, 0] != 0``) are refused with a clear error rather than mis-placed.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+from .base import Site
+from .blocks import BlockAdapter
+from .dit import all_levels
+
+
+def flux_sites(model: torch.nn.Module) -> list[Site]:
+    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
+             if isinstance(block, FluxTransformerBlock)]
+    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
+              for i, block in enumerate(model.single_transformer_blocks) if isinstance(block, FluxSingleTransformerBlock)]
+    return sites
+
+
+def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+    """The (rows, cols) grid of the image tokens, from ``img_ids``; they must tile it row-major."""
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        raise ValueError("token fusion reads Flux's token grid from img_ids; pass img_ids by keyword "
+                         "(as FluxPipeline does)")
+    if ids.dim() == 3:
+        ids = ids[0]
+    n = hidden.shape[1]
+    if ids.shape[0] != n:
+        raise ValueError(f"img_ids has {ids.shape[0]} rows for {n} image tokens")
+    if bool((ids[:, 0] != 0).any()):
+        raise ValueError("img_ids mark tokens that are not on the main image grid (id[0] != 0, e.g. Kontext's "
+                         "reference image); token fusion does not reduce them yet: remove it for this pipeline")
+    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    if h * w != n or not torch.equal(rows * w + cols, torch.arange(n, device=ids.device)):
+        raise ValueError(f"img_ids do not tile a {h}x{w} grid row-major ({n} tokens); token fusion needs the "
+                         f"packed latent's own ids (FluxPipeline._prepare_latent_image_ids)")
+    return h, w
+
+
+ADAPTER = BlockAdapter("flux", (FluxTransformer2DModel,), flux_sites, ids_grid, all_levels, image_output=1,
+                       rotary=True, timestep_unit=1e-3)
