@@ -140,6 +140,8 @@ def test_schedule_forms_give_the_documented_token_counts():
     assert requested_r(4, 3) == [4, 4, 4]
     assert requested_r((8, 0.5), 5) == [4, 6, 8, 10, 12]  # ramp r(1 - i) .. r(1 + i)
     assert requested_r((8, -1.0), 3) == [16, 8, 0]
+    # ToMe's parse_r: first layer int(13 * 0.7) = 9, last 2 * 13 - 9 = 17, steps of 8/11 truncated
+    assert requested_r((13, 0.3), 12) == [9, 9, 10, 11, 11, 12, 13, 14, 14, 15, 16, 17]
     assert requested_r([3, 1], 4) == [3, 1, 0, 0]
     with pytest.raises(ValueError, match="lists 5 layers"):
         requested_r([1] * 5, 4)
@@ -151,6 +153,8 @@ def test_schedule_forms_give_the_documented_token_counts():
     # a ratio of each layer's current tokens
     assert layer_schedule(65, 3, ratio=0.25) == [16, 12, 9]
     assert layer_schedule(65, 3, r=4, layers=[1]) == [0, 4, 0]
+    # MCTF's floor: never below 10 tokens (33 -> 17 -> 10 -> 10 at r=16)
+    assert layer_schedule(33, 3, r=16, protected=1, min_tokens=10) == [16, 7, 0]
 
 
 @pytest.mark.parametrize("r,expected", [(4, [4, 4, 4, 4]), ((4, 1.0), [0, 2, 5, 8]), ([8, 0, 2], [8, 0, 2, 0])])
@@ -234,3 +238,14 @@ def test_timm_models_get_a_clear_error():
     fake = type("VisionTransformer", (torch.nn.Module,), {"__module__": "timm.models.vision_transformer"})()
     with pytest.raises(TypeError, match="timm model.*transformers"):
         tofu.apply(fake, method="tome", r=4)
+
+
+def test_mctf_never_fuses_below_ten_tokens():
+    model, x = _model(), _images()
+    with tofu.fused(model, method="mctf", r=16) as handle:
+        model(x)
+        # 65 -> 49 -> 33 -> 17 -> 10: the last layer stops at MCTF's floor (tome would go on to 9)
+        assert handle.schedule == [16, 16, 16, 7]
+        assert handle.token_counts()["layers.3"] == (17, 10)
+    with tofu.fused(model, method="tome", r=16) as handle:
+        assert handle.schedule == [16, 16, 16, 8]

@@ -50,6 +50,7 @@ FUSED_ATTENTION = "tofu_diffusion_fused"
 _STATE_ATTR = "_tofu_diffusion_layer_state"
 _ORIGINAL_ATTR = "_tofu_diffusion_original_attention"
 _LAYER_PARTS = ("attention", "layernorm_before", "layernorm_after", "mlp")
+MCTF_MIN_TOKENS = 10
 
 
 def backbone_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -122,8 +123,10 @@ class ViTRun:
     def schedule_for(self, num_tokens: int) -> list[int]:
         if num_tokens not in self._schedules:
             cfg = self.config
+            # MCTF never fuses below 10 tokens (its reference's floor)
+            floor = MCTF_MIN_TOKENS if cfg.method == "mctf" else 0
             self._schedules[num_tokens] = layer_schedule(num_tokens, self.num_layers, r=cfg.r, ratio=cfg.ratio,
-                                                         protected=self.protected, layers=cfg.layers)
+                                                         protected=self.protected, layers=cfg.layers, min_tokens=floor)
         return self._schedules[num_tokens]
 
     def counts(self) -> dict[str, tuple[int, int]]:

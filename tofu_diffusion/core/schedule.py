@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 # An int (the same r in every layer), (r, inflection) (a linear ramp), or a per-layer list.
@@ -13,9 +12,10 @@ def requested_r(r: RSchedule, num_layers: int) -> list[int]:
     """The tokens each layer is asked to remove, before capping.
 
     * ``int``: ``r`` in every layer;
-    * ``(r, inflection)`` with inflection in [-1, 1]: a linear ramp from ``r * (1 - inflection)`` at the first
-      layer to ``r * (1 + inflection)`` at the last (floored), about ``r * num_layers`` in total:
-      inflection > 0 removes more late, < 0 more early, 0 is constant;
+    * ``(r, inflection)`` with inflection in [-1, 1]: a linear ramp, about ``r * num_layers`` in total, as
+      ToMe's ``parse_r``: the first layer takes ``r * (1 - inflection)`` truncated to an int ``lo``, the last
+      ``2r - lo`` (so the total stays ``r`` per layer on average), and each layer the ramp's value
+      truncated; inflection > 0 removes more late, < 0 more early, 0 is constant;
     * a list: one value per layer; a shorter list leaves the remaining layers unreduced.
     """
     if isinstance(r, bool):
@@ -26,9 +26,9 @@ def requested_r(r: RSchedule, num_layers: int) -> list[int]:
         base, inflection = r
         if num_layers == 1:
             return [int(base)]
-        low = base * (1.0 - inflection)
-        step = 2.0 * base * inflection / (num_layers - 1)
-        return [int(math.floor(low + step * i + 1e-9)) for i in range(num_layers)]
+        first = int(base * (1.0 - inflection))
+        step = (2 * base - 2 * first) / (num_layers - 1)  # from `first` to its mirror 2r - first
+        return [int(first + step * i) for i in range(num_layers)]
     values = [int(v) for v in r]
     if len(values) > num_layers:
         raise ValueError(f"r lists {len(values)} layers but the model has {num_layers}")
@@ -42,12 +42,14 @@ def layer_schedule(
     ratio: float = 0.0,
     protected: int = 1,
     layers: Optional[Sequence[int]] = None,
+    min_tokens: int = 0,
 ) -> list[int]:
     """Tokens removed by each layer.
 
     ``r`` (any form of :func:`requested_r`) or, when it is None, ``ratio``: the share of each layer's
     current tokens. ``layers`` restricts reduction to those layer indices. Every layer is capped at half
-    of its unprotected tokens (bipartite matching cannot pair more), so no layer removes more than it can;
+    of its unprotected tokens (bipartite matching cannot pair more), so no layer removes more than it can,
+    and no layer leaves fewer than ``min_tokens`` (MCTF's floor: 10);
     the token count entering layer ``i + 1`` is ``num_tokens - sum(schedule[:i + 1])``.
     """
     if r is not None:
@@ -61,7 +63,7 @@ def layer_schedule(
             schedule.append(0)
             continue
         want = wanted[i] if wanted is not None else int(ratio * n)
-        removed = max(0, min(want, (n - protected) // 2))
+        removed = max(0, min(want, (n - protected) // 2, n - min_tokens))
         schedule.append(removed)
         n -= removed
     return schedule
