@@ -215,6 +215,15 @@ def test_deepcopy_is_an_independent_patched_model(method):
 
 
 # ------------------------------------------------------------------ 7. threads
+def _in_threads(work, count):
+    """Run ``work(k)`` for k in range(count), each in its own thread, all at once."""
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def test_concurrent_calls_from_threads_get_their_own_plans():
     model = dit_transformer()
     tofu.apply(model, method="mctf", ratio=0.5)
@@ -231,11 +240,7 @@ def test_concurrent_calls_from_threads_get_their_own_plans():
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _in_threads(work, 3)
     assert not errors and not wrong
 
 
@@ -447,9 +452,5 @@ def test_vit_threads_share_one_patched_model():
             if not torch.equal(model(x, interpolate_pos_encoding=interp).logits, expected[k]):
                 wrong.append(k)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _in_threads(work, 3)
     assert not wrong
