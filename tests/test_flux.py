@@ -112,3 +112,12 @@ def test_flux_pipeline_end_to_end(method):
         assert handle.token_counts()["single_transformer_blocks.1"] == (64, 32)
     assert first.shape == base.shape and torch.equal(first, again) and not torch.equal(first, base)
     assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, base)
+
+
+def test_todo_and_sublayer_scope_get_a_clear_error():
+    model = flux_transformer()
+    with pytest.raises(ValueError, match="todo is not available for FluxTransformer2DModel"):
+        tofu.apply(model, method="todo", ratio=0.5)
+    with pytest.raises(ValueError, match="reduced whole"):
+        tofu.apply(model, method="tome", ratio=0.5, merge_scope="sublayers")
+    assert not hasattr(model, "_diffusers_hook")

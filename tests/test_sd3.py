@@ -7,7 +7,7 @@ import torch
 import tofu_diffusion as tofu
 from pipelines.tiny import TEXT_DIM, sd3_pipeline, sd3_prompt, sd3_transformer
 
-METHODS = ["tome", "tofu", "mctf"]
+METHODS = ["tome", "tofu", "mctf", "todo"]
 
 
 def _inputs(batch=2, h=16, w=16, t=500.0):
@@ -36,8 +36,10 @@ def test_exact_at_ratio_zero_and_after_remove_and_repeatable(sd35, method):
     first = _run(model, args, kwargs)
     assert first.shape == base.shape and not torch.equal(first, base)
     assert torch.equal(_run(model, args, kwargs), first)
-    # image tokens in/out of every joint block: 8x8 = 64 in, 32 after merging
-    assert handle.token_counts() == {f"transformer_blocks.{i}": (64, 32) for i in range(3)}
+    # image tokens in/out of every joint block: 8x8 = 64 in, 32 after merging (todo: 64 queries, and keys
+    # and values of the 0.5-downsampled grid, round(8 * 0.707) = 6 per side)
+    expected = (64, 36) if method == "todo" else (64, 32)
+    assert handle.token_counts() == {f"transformer_blocks.{i}": expected for i in range(3)}
     tofu.remove(model)
     assert torch.equal(_run(model, args, kwargs), base)
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
@@ -83,12 +85,33 @@ def test_non_square_latents_and_cfg_batch(size):
     assert torch.allclose(out[1:], alone, atol=1e-5)
 
 
-def test_todo_and_sublayer_scope_get_a_clear_error():
+def test_sublayer_scope_gets_a_clear_error():
     model = sd3_transformer()
-    for options in ({"method": "todo", "ratio": 0.5}, {"method": "tome", "ratio": 0.5, "merge_scope": "sublayers"}):
-        with pytest.raises(ValueError, match="joint-attention blocks are reduced whole"):
-            tofu.apply(model, **options)
+    with pytest.raises(ValueError, match="joint-attention blocks are reduced whole"):
+        tofu.apply(model, method="tome", ratio=0.5, merge_scope="sublayers")
     assert not hasattr(model, "_diffusers_hook")
+
+
+def test_todo_downsamples_image_keys_and_values_only():
+    """At 0.75 (2x2 downsampling, nearest-exact = the odd rows and columns) the joint attention equals the
+    unpatched one called with those image keys/values: all 64 image queries and 9 text tokens stay."""
+    model = sd3_transformer(sd35=False)
+    attn = model.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(2, 64, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    handle = tofu.apply(model, method="todo", ratio=0.75)
+    handle.blocks[0].grid.set(8, 8)
+    got_image, got_text = attn(hidden_states=image, encoder_hidden_states=text)
+    tofu.remove(model)
+    # the reference: the same processor with keys/values from the strided grid, queries from all tokens
+    strided = image.view(2, 8, 8, 16)[:, 1::2, 1::2].reshape(2, 16, 16)
+    heads, d = attn.heads, 16 // attn.heads
+    q = torch.cat([attn.to_q(image), attn.add_q_proj(text)], 1).view(2, -1, heads, d).transpose(1, 2)
+    k = torch.cat([attn.to_k(strided), attn.add_k_proj(text)], 1).view(2, -1, heads, d).transpose(1, 2)
+    v = torch.cat([attn.to_v(strided), attn.add_v_proj(text)], 1).view(2, -1, heads, d).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, -1, heads * d)
+    assert torch.allclose(got_image, attn.to_out[0](out[:, :64]), atol=1e-5)
+    assert torch.allclose(got_text, attn.to_add_out(out[:, 64:]), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -30,6 +30,7 @@ from .hooks import (
     GridRecord,
     KeyValueDownsampleHook,
     MergeHook,
+    ProjectionDownsampleHook,
     RootHook,
     RotaryJointBlockHook,
     RunState,
@@ -103,6 +104,12 @@ def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionC
         attention = getattr(block, "attn", None) if config.method == "mctf" else None
         register(block, RotaryJointBlockHook(state, attention), ROTARY_BLOCK_HOOK)
         return
+    if config.method == "todo" and image_output is not None:  # joint attention: image keys/values only
+        for attention in (getattr(block, "attn", None), getattr(block, "attn2", None)):
+            if attention is not None:
+                register(attention.to_k, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
+                register(attention.to_v, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
+        return
     if config.method == "todo":
         register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
         return
@@ -136,10 +143,14 @@ class BlockAdapter(Adapter):
             raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
                              "ratio (and levels / max_downsample to choose blocks)")
         model_name = type(model).__name__
-        if self.image_output is not None and (config.method == "todo" or config.merge_scope != "block"):
+        if self.image_output is not None and config.merge_scope != "block":
             raise ValueError(f"{model_name}'s joint-attention blocks are reduced whole (image tokens merged, text "
-                             f"tokens kept): use merge_scope='block' with tome, tofu or mctf; todo and "
-                             f"merge_scope='sublayers' are not available for them yet")
+                             f"tokens kept): use merge_scope='block'; merge_scope='sublayers' is not available "
+                             f"for them")
+        if self.rotary and config.method == "todo":
+            raise ValueError(f"todo is not available for {model_name} yet: its attention applies one rotary table to "
+                             f"queries and keys together, so image keys cannot be downsampled alone; use tome, "
+                             f"tofu or mctf")
         all_sites = self.sites(model)
         if not all_sites:
             raise ValueError(f"{model_name} has no transformer block to reduce")

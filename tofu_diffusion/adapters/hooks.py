@@ -518,12 +518,32 @@ def _sample(value, index: int, batch: int):
     return value
 
 
+def downsample_on_grid(state: BlockState, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """ToDo's downsampling: ``tokens`` (B, N, C) on the block's grid, resized to ``sqrt(1 - ratio)`` of each
+    side (nearest-exact, as ToDo's reference); None when that keeps every token. Records the token counts."""
+    b, n, c = tokens.shape
+    ratio = state.run.ratio
+    size = None
+    if ratio > 0:
+        h, w = state.checked_grid(n)
+        keep = (1.0 - ratio) ** 0.5
+        size = (max(1, round(h * keep)), max(1, round(w * keep)))
+    if size is None or size[0] * size[1] >= n:
+        state.last_tokens = (n, n)
+        return None
+    with record_function("tofu_diffusion::downsample"):
+        grid = tokens.transpose(1, 2).reshape(b, c, h, w)
+        out = torch.nn.functional.interpolate(grid, size=size, mode="nearest-exact").flatten(2).transpose(1, 2)
+    state.last_tokens = (n, out.shape[1])
+    return out
+
+
 class KeyValueDownsampleHook(ModelHook):
     """ToDo on a self-attention: every query attends to keys and values of a downsampled token grid.
 
-    The attention's input is resized on its 2-D grid to ``sqrt(1 - ratio)`` of each side (nearest-exact,
-    as ToDo's reference) and passed as ``encoder_hidden_states``, which a diffusers ``Attention`` projects
-    to keys and values; queries and outputs keep all N tokens, so there is nothing to unmerge.
+    The attention's input is downsampled on its 2-D grid (``downsample_on_grid``) and passed as
+    ``encoder_hidden_states``, which a diffusers ``Attention`` projects to keys and values; queries and
+    outputs keep all N tokens, so there is nothing to unmerge.
     """
 
     def __init__(self, state: BlockState):
@@ -531,27 +551,30 @@ class KeyValueDownsampleHook(ModelHook):
         self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
-        hidden = hidden_states_of(args, kwargs)
-        b, n, c = hidden.shape
-        ratio = self.state.run.ratio
-        size = None
-        if ratio > 0:
-            h, w = self.state.checked_grid(n)
-            keep = (1.0 - ratio) ** 0.5
-            size = (max(1, round(h * keep)), max(1, round(w * keep)))
-        if size is None or size[0] * size[1] >= n:
-            self.state.last_tokens = (n, n)
+        keys = downsample_on_grid(self.state, hidden_states_of(args, kwargs))
+        if keys is None:
             return args, kwargs
         if kwargs.get("attention_mask") is not None:
             raise ValueError(f"{self.state.name}: self-attention was called with an attention_mask, which todo "
                              f"cannot downsample; use another method for this model")
-        with record_function("tofu_diffusion::downsample"):
-            grid = hidden.transpose(1, 2).reshape(b, c, h, w)
-            keys = torch.nn.functional.interpolate(grid, size=size, mode="nearest-exact").flatten(2).transpose(1, 2)
-        self.state.last_tokens = (n, keys.shape[1])
         if len(args) > 1:
             return (args[0], keys) + tuple(args[2:]), kwargs
         return args, {**kwargs, "encoder_hidden_states": keys}
+
+
+class ProjectionDownsampleHook(ModelHook):
+    """ToDo inside a joint attention (SD3): on the image ``to_k`` / ``to_v`` projections, their outputs are
+    downsampled on the grid. Keys and values of the image shrink while its queries and every text token
+    stay; the processor joins [image; text] keys and values of any length. Strided (nearest) selection
+    commutes with the per-token projection and q/k norm, so this equals downsampling the input."""
+
+    def __init__(self, state: BlockState):
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        reduced = downsample_on_grid(self.state, output)
+        return output if reduced is None else reduced
 
 
 # ------------------------------------------------------------------------------ registration and removal
