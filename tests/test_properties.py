@@ -11,16 +11,35 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tofu_diffusion as tofu
+from pipelines.tiny import TEXT_DIM, flux_transformer, sd3_transformer
 from test_diffusers import BUILDERS, _inputs, _run
 
+_BUILDERS = {**BUILDERS, "sd3": sd3_transformer, "flux": flux_transformer}
 _MODELS = {}
 _LIBRARY = os.path.dirname(tofu.__file__)
 
 
 def _model(kind):
     if kind not in _MODELS:
-        _MODELS[kind] = BUILDERS[kind]()
+        _MODELS[kind] = _BUILDERS[kind]()
     return _MODELS[kind]
+
+
+def _family_inputs(kind, batch, height, width, dtype):
+    """Inputs of a (height x width) latent; Flux takes it packed 2x2 with its img_ids."""
+    if kind not in ("sd3", "flux"):
+        return _inputs(kind, batch=batch, h=height, w=width, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    text = {"encoder_hidden_states": torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype),
+            "pooled_projections": torch.randn(batch, TEXT_DIM, generator=g).to(dtype)}
+    if kind == "sd3":
+        latent = torch.randn(batch, 4, height, width, generator=g).to(dtype)
+        return (latent,), {**text, "timestep": torch.full((batch,), 500.0)}
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    return (torch.randn(batch, h * w, 16, generator=g).to(dtype),), {
+        **text, "timestep": torch.full((batch,), 0.5), "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(7, 3)}
 
 
 def _raised_by_library(error: BaseException) -> bool:
@@ -28,9 +47,9 @@ def _raised_by_library(error: BaseException) -> bool:
     return bool(frames) and frames[-1].filename.startswith(_LIBRARY)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=48, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
-    kind=st.sampled_from(sorted(BUILDERS)),
+    kind=st.sampled_from(sorted(_BUILDERS)),
     method=st.sampled_from(["tome", "tofu", "mctf", "todo"]),
     ratio=st.one_of(st.just(0.0), st.floats(0.05, 0.9)),
     scope=st.sampled_from(["block", "sublayers"]),
@@ -41,7 +60,7 @@ def _raised_by_library(error: BaseException) -> bool:
 )
 def test_token_fusion_invariants(kind, method, ratio, scope, height, width, batch, dtype):
     model = _model(kind).to(dtype)
-    args, kwargs = _inputs(kind, batch=batch, h=height, w=width, dtype=dtype)
+    args, kwargs = _family_inputs(kind, batch, height, width, dtype)
     try:
         base = _run(model, args, kwargs)
     except Exception:

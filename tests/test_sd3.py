@@ -58,7 +58,7 @@ def test_text_tokens_are_never_reduced_and_blocks_return_every_image_token():
         inner.append((kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1]))
 
     hooks = [block.register_forward_hook(block_spy, with_kwargs=True) for block in model.transformer_blocks]
-    hooks += [block.attn.register_forward_pre_hook(attention_spy, with_kwargs=True) for block in model.transformer_blocks]
+    hooks += [b.attn.register_forward_pre_hook(attention_spy, with_kwargs=True) for b in model.transformer_blocks]
     with tofu.fused(model, method="tome", ratio=0.5):
         _run(model, *_inputs())
     for h in hooks:

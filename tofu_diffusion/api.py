@@ -89,7 +89,8 @@ def _model_of(model_or_pipeline) -> torch.nn.Module:
 
 
 def family_of(model_or_pipeline) -> str:
-    """The adapter family of a pipeline's denoiser or a model: "unet", "dit", "sd3" or "vit" (presets are per family)."""
+    """The adapter family of a pipeline's denoiser or a model ("unet", "dit", "sd3", "flux" or "vit"): presets
+    are per family."""
     return adapter_for(_model_of(model_or_pipeline)).family
 
 

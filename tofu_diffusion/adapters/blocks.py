@@ -59,10 +59,12 @@ def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tupl
     if config.merge_scope == "block":
         return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS
                      if any(getattr(block, attr, None) is not None for attr in attrs))
-    return tuple(role for attr, role, flag in SUBLAYERS if getattr(block, attr, None) is not None and getattr(config, flag))
+    return tuple(role for attr, role, flag in SUBLAYERS
+                 if getattr(block, attr, None) is not None and getattr(config, flag))
 
 
-def select_levels(sites: list[Site], config: TokenFusionConfig, default_levels: set[int], model_name: str) -> list[Site]:
+def select_levels(sites: list[Site], config: TokenFusionConfig, default_levels: set[int],
+                  model_name: str) -> list[Site]:
     available = sorted({s.level for s in sites})
     if config.levels is not None:
         wanted = set(config.levels)
@@ -159,9 +161,10 @@ class BlockAdapter(Adapter):
         if not sites:
             raise ValueError(f"blocks={config.blocks!r} selects none of the eligible blocks of {model_name}")
         if config.method != "todo" and not any(reduced_sublayers(site.block, config) for site in sites):
-            raise ValueError(f"nothing to reduce: the selected sublayers (merge_self_attention / merge_cross_attention / "
-                             f"merge_feed_forward) exist in none of {model_name}'s blocks (e.g. DiT blocks have no "
-                             f"cross-attention); select another sublayer or use merge_scope='block'")
+            raise ValueError(f"nothing to reduce: the selected sublayers (merge_self_attention / "
+                             f"merge_cross_attention / merge_feed_forward) exist in none of {model_name}'s blocks "
+                             f"(e.g. DiT blocks have no cross-attention); select another sublayer or use "
+                             f"merge_scope='block'")
         return sites
 
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],

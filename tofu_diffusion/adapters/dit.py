@@ -38,4 +38,5 @@ def all_levels(sites: list[Site]) -> set[int]:
     return {site.level for site in sites}
 
 
-ADAPTER = BlockAdapter("dit", (DiTTransformer2DModel, PixArtTransformer2DModel), transformer_sites, patch_grid, all_levels)
+ADAPTER = BlockAdapter("dit", (DiTTransformer2DModel, PixArtTransformer2DModel), transformer_sites, patch_grid,
+                       all_levels)

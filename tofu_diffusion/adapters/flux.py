@@ -25,7 +25,8 @@ def flux_sites(model: torch.nn.Module) -> list[Site]:
     sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
              if isinstance(block, FluxTransformerBlock)]
     sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
-              for i, block in enumerate(model.single_transformer_blocks) if isinstance(block, FluxSingleTransformerBlock)]
+              for i, block in enumerate(model.single_transformer_blocks)
+              if isinstance(block, FluxSingleTransformerBlock)]
     return sites
 
 

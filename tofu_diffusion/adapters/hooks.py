@@ -131,7 +131,8 @@ class RunState:
         backward threads recomputing a checkpointed block on a GPU) sees the latest step of any caller."""
         state = self._steps.get(caller(), self._latest)
         if state is None:
-            state = self._latest = self._steps[caller()] = StepState(self.config.ratio_at(None), mix_key(self.config.seed))
+            state = StepState(self.config.ratio_at(None), mix_key(self.config.seed))
+            self._latest = self._steps[caller()] = state
         return state
 
     @property
@@ -230,12 +231,14 @@ class BlockState:
         call = self.call()
         call.input, call.plan, call.planned, call.merged = None, None, False, None
 
-    def plan(self, attention: Optional[torch.nn.Module], attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
+    def plan(self, attention: Optional[torch.nn.Module],
+             attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
         """The plan of this call, computed on first use; None when nothing is removed."""
         call = self.call()
         if not call.planned:
             if call.input is None:
-                raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; token fusion cannot plan it")
+                raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; "
+                                   f"token fusion cannot plan it")
             previous = call.reusable
             b, n = call.input.shape[:2]
             ratio = self.run.ratio
