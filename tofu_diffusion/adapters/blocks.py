@@ -99,26 +99,31 @@ def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
     return [site for i, site in enumerate(sites) if i in wanted]
 
 
+def _self_attention(block: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The block's self-attention (joint blocks: their joint attention), for mctf's informativeness."""
+    for attr in ("attn1", "attn"):
+        if getattr(block, attr, None) is not None:
+            return getattr(block, attr)
+    return None
+
+
 def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig,
                  image_output: Optional[int] = None, rotary: bool = False) -> None:
     """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+    attention = _self_attention(block) if config.method == "mctf" else None
     if rotary:
-        attention = getattr(block, "attn", None) if config.method == "mctf" else None
         register(block, RotaryJointBlockHook(state, attention), ROTARY_BLOCK_HOOK)
         return
     if config.method == "todo" and image_output is not None:  # joint attention: image keys/values only
-        for attention in (getattr(block, "attn", None), getattr(block, "attn2", None)):
-            if attention is not None:
-                register(attention.to_k, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
-                register(attention.to_v, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
+        for joint in (getattr(block, "attn", None), getattr(block, "attn2", None)):
+            if joint is not None:
+                register(joint.to_k, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
+                register(joint.to_v, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
         return
     if config.method == "todo":
         register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
         return
     if config.merge_scope == "block":
-        attention = None
-        if config.method == "mctf":
-            attention = getattr(block, "attn1", None) or getattr(block, "attn", None)
         register(block, WholeBlockHook(state, attention, image_output), WHOLE_BLOCK_HOOK)
         return
     register(block, BlockHook(state), BLOCK_HOOK)

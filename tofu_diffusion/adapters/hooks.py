@@ -69,24 +69,50 @@ def _replace_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor) -> tu
     return args, {**kwargs, "hidden_states": value}
 
 
-class GridRecord:
-    """The token grid (rows, cols) of a grid-owning module's current call, per caller."""
-
-    def __init__(self):
-        self._grids: dict[int, tuple[int, int]] = {}
-        self.latest: tuple[Optional[int], Optional[int]] = (None, None)  # of any caller, for reports
-
-    def set(self, height: int, width: int) -> None:
-        self._grids[caller()] = self.latest = (height, width)
-
-    def get(self) -> tuple[Optional[int], Optional[int]]:
-        return self._grids.get(caller(), self.latest)  # latest: see RunState.step
-
-
 def caller() -> int:
     """Whose call this is: the thread (eager), or 0 inside a ``torch.compile`` graph, where the thread
     cannot be read (a compiled model's per-call state is shared: one call at a time)."""
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+class PerCaller:
+    """A value per calling thread, so concurrent calls of one model never see each other's state. A thread
+    that set none of its own (autograd's backward threads recomputing a checkpointed block on a GPU) reads
+    the latest value any caller set."""
+
+    def __init__(self):
+        self._values: dict = {}
+        self.latest = None
+
+    def own(self):
+        """The calling thread's value, or None."""
+        return self._values.get(caller())
+
+    def get(self):
+        """The calling thread's value, else the latest of any caller (None before the first)."""
+        return self._values.get(caller(), self.latest)
+
+    def set(self, value):
+        self._values[caller()] = self.latest = value
+        return value
+
+
+class GridRecord:
+    """The token grid (rows, cols) of a grid-owning module's current call, per caller."""
+
+    def __init__(self):
+        self._grids = PerCaller()
+
+    def set(self, height: int, width: int) -> None:
+        self._grids.set((height, width))
+
+    def get(self) -> tuple[Optional[int], Optional[int]]:
+        return self._grids.get() or (None, None)
+
+    @property
+    def latest(self) -> tuple[Optional[int], Optional[int]]:
+        """The grid of the latest call of any caller, for reports."""
+        return self._grids.latest or (None, None)
 
 
 def _step_key(timestep) -> Key:
@@ -123,16 +149,13 @@ class RunState:
         self.num_train_timesteps = num_train_timesteps
         self.warned_too_few = False  # "ratio removes no token" is said once per patch
         self._fixed_partitions: dict = {}
-        self._steps: dict[int, StepState] = {}
-        self._latest: Optional[StepState] = None
+        self._steps = PerCaller()  # of StepState
 
     def step(self) -> StepState:
-        """The calling thread's current step. A thread that started no call of its own (autograd's
-        backward threads recomputing a checkpointed block on a GPU) sees the latest step of any caller."""
-        state = self._steps.get(caller(), self._latest)
+        """The calling thread's current step (see ``PerCaller`` for threads that started none)."""
+        state = self._steps.get()
         if state is None:
-            state = StepState(self.config.ratio_at(None), mix_key(self.config.seed))
-            self._latest = self._steps[caller()] = state
+            state = self._steps.set(StepState(self.config.ratio_at(None), mix_key(self.config.seed)))
         return state
 
     @property
@@ -145,10 +168,7 @@ class RunState:
         Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
         hot path free of syncs (and ``torch.compile(fullgraph=True)`` free of graph breaks).
         """
-        step = self._steps.get(caller())
-        if step is None:
-            step = self._steps[caller()] = StepState(self.config.ratio_at(None))
-        self._latest = step
+        step = self._steps.set(self._steps.own() or StepState(self.config.ratio_at(None)))
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
         if cfg.schedule is None and cfg.plan_reuse_steps == 1:
@@ -209,20 +229,19 @@ class BlockState:
     plans_computed: int = 0
     last_plan: Optional[MergePlan] = None  # the plan of the latest call (None when it reduced nothing)
     _skipped: set = field(default_factory=set, repr=False)
-    _calls: dict = field(default_factory=dict, repr=False)  # caller -> BlockCall
-    _latest_call: Optional[BlockCall] = field(default=None, repr=False)
+    _calls: PerCaller = field(default_factory=PerCaller, repr=False)  # of BlockCall
 
     def call(self) -> BlockCall:
         """The calling thread's pass through this block (a new thread starts from the latest caller's
         reusable plan, so a backward thread recomputing the block makes the forward's plan)."""
-        state = self._calls.get(caller())
+        state = self._calls.own()
         if state is None:
-            latest = self._latest_call
-            state = self._calls[caller()] = BlockCall(reusable=None if latest is None else latest.reusable)
+            latest = self._calls.latest
+            state = self._calls.set(BlockCall(reusable=None if latest is None else latest.reusable))
         return state
 
     def begin(self, hidden_states: torch.Tensor) -> BlockCall:
-        call = self._latest_call = self.call()
+        call = self._calls.set(self.call())
         call.input, call.plan, call.planned, call.merged = hidden_states, None, False, None
         return call
 
@@ -495,12 +514,13 @@ class RotaryJointBlockHook(ModelHook):
                 merged = plan.merge(hidden, self.state.merge_mode)
             text, rotary = bound["encoder_hidden_states"], bound.get("image_rotary_emb")
             batch, text_len = hidden.shape[0], text.shape[1]
+            text_rows = torch.arange(text_len, device=plan.kept_idx.device)
             texts, images = [], []
             for b in range(batch):
                 one = {name: _sample(value, b, batch) for name, value in bound.items()}
                 one["hidden_states"] = merged[b:b + 1]
                 if rotary is not None:
-                    rows = torch.cat([torch.arange(text_len, device=plan.kept_idx.device), text_len + plan.kept_idx[b]])
+                    rows = torch.cat([text_rows, text_len + plan.kept_idx[b]])
                     one["image_rotary_emb"] = tuple(r.index_select(0, rows.to(r.device)) for r in rotary)
                 out_text, out_image = self.fn_ref.original_forward(**one)
                 texts.append(out_text)

@@ -37,7 +37,7 @@ from ..core import (
     mctf_scores,
 )
 from .base import Adapter, Patch
-from .hooks import caller, hidden_states_of, register
+from .hooks import PerCaller, hidden_states_of, register
 
 FAMILY = "vit"
 VIT_MODEL_HOOK = "tofu_diffusion_vit_model"
@@ -117,8 +117,7 @@ class ViTRun:
         self.token_counts: dict[str, tuple[int, int]] = {}
         self._schedules: dict[int, list[int]] = {}
         self.last_schedule = self.schedule_for(num_tokens)  # of the latest forward (at first: the model's size)
-        self._calls: dict[int, ViTCall] = {}
-        self._latest: Optional[ViTCall] = None
+        self._calls = PerCaller()  # of ViTCall
 
     def schedule_for(self, num_tokens: int) -> list[int]:
         if num_tokens not in self._schedules:
@@ -133,12 +132,14 @@ class ViTRun:
         return dict(self.token_counts)
 
     def begin(self) -> None:
-        self._calls[caller()] = self._latest = ViTCall()
+        self._calls.set(ViTCall())
+
+    def current(self) -> Optional[ViTCall]:
+        """The calling thread's forward pass (see ``PerCaller`` for threads that started none), or None."""
+        return self._calls.get()
 
     def call(self) -> ViTCall:
-        """The calling thread's forward pass; a thread that started none (autograd's backward threads
-        recomputing a checkpointed layer) sees the latest."""
-        call = self._calls.get(caller(), self._latest)
+        call = self.current()
         if call is None:
             raise RuntimeError("a ViT layer ran outside its model's forward; token fusion cannot follow it")
         return call
@@ -150,7 +151,7 @@ class ViTRun:
 
     @sizes.setter
     def sizes(self, value: Optional[torch.Tensor]) -> None:
-        if self._calls.get(caller(), self._latest) is None:
+        if self.current() is None:
             self.begin()
         self.call().sizes = value
 
@@ -162,15 +163,19 @@ class ViTRun:
         return sizes.log().to(hidden.dtype)[:, None, None, :]
 
     def sizes_for(self, hidden: torch.Tensor) -> torch.Tensor:
-        sizes = self.call().sizes
-        if sizes is None:
-            return torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.float32)
-        return sizes
+        return _or_unit(self.call().sizes, hidden)
 
     def protected_mask(self, n: int, device: torch.device) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=device)
         mask[: self.protected] = True
         return mask
+
+
+def _or_unit(sizes: Optional[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """``sizes``, or every token of ``hidden`` standing for one (None: nothing merged yet)."""
+    if sizes is None:
+        return torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.float32)
+    return sizes
 
 
 class ViTModelHook(ModelHook):
@@ -197,7 +202,7 @@ class LayerState:
     @property
     def removed(self) -> int:
         """Tokens this layer removes in the current (or, outside a call, the latest) forward."""
-        call = self.run._calls.get(caller(), self.run._latest)
+        call = self.run.current()
         schedule = call.schedule if call is not None and call.schedule is not None else self.run.last_schedule
         return schedule[self.index]
 
@@ -215,8 +220,7 @@ class LayerState:
 
     def sizes_in(self, hidden: torch.Tensor) -> torch.Tensor:
         """The sizes of the tokens entering this layer (also when only its body is recomputed)."""
-        sizes = self.run.call().sizes_in.get(self.index)
-        return torch.ones(hidden.shape[:2], device=hidden.device) if sizes is None else sizes
+        return _or_unit(self.run.call().sizes_in.get(self.index), hidden)
 
     def scratch(self) -> LayerCall:
         """This layer's scratch in the current call (a fresh one for a part called outside its layer)."""
