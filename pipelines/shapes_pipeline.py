@@ -14,6 +14,11 @@ attention at 16x16 = 256 tokens.
 ``ShapesDiTPipeline`` (tiny-dit): a class-conditional ``DiTTransformer2DModel`` on the 32x32 RGB image,
 patch 2 (256 tokens). diffusers' own ``DiTPipeline`` hard-codes ImageNet's null label 1000 and
 epsilon/DDPM sampling, so it cannot drive a 6-class flow-matching model.
+
+``ShapesMMDiTPipeline`` (tiny-mmdit): an ``SD3Transformer2DModel`` (joint attention over image and
+"text" tokens) on the same 32x32 image, patch 2 (256 image tokens); each class is a few learned tokens
+(``encoder_hidden_states``) and a learned pooled vector (``pooled_projections``), the two inputs SD3
+takes from its text encoders.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -45,17 +51,28 @@ def to_image(latents: torch.Tensor) -> torch.Tensor:
 
 
 class ClassTokens(ModelMixin, ConfigMixin):
-    """Class label -> ``num_tokens`` learned tokens of width ``dim``; label ``num_classes`` is "no class"."""
+    """Class label -> ``num_tokens`` learned tokens of width ``dim``; label ``num_classes`` is "no class".
+
+    With ``pooled_dim`` > 0 each label also has a learned pooled vector (``pooled``), SD3's second input.
+    """
 
     @register_to_config
-    def __init__(self, num_classes: int = len(CLASSES), num_tokens: int = 4, dim: int = 64):
+    def __init__(self, num_classes: int = len(CLASSES), num_tokens: int = 4, dim: int = 64, pooled_dim: int = 0):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_classes + 1, num_tokens * dim)
         torch.nn.init.normal_(self.embedding.weight, std=0.5)
+        self.pooled_embedding = torch.nn.Embedding(num_classes + 1, pooled_dim) if pooled_dim else None
+        if pooled_dim:
+            torch.nn.init.normal_(self.pooled_embedding.weight, std=0.5)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return self.embedding(labels).view(labels.shape[0], cfg.num_tokens, cfg.dim)
+
+    def pooled(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.pooled_embedding is None:
+            raise ValueError("these class tokens have no pooled vector; build them with pooled_dim > 0")
+        return self.pooled_embedding(labels)
 
 
 def shapes_unet(token_dim: int = 64) -> UNet2DConditionModel:
@@ -83,6 +100,23 @@ def shapes_dit() -> DiTTransformer2DModel:
         sample_size=IMAGE_SIZE,
         patch_size=2,
         num_embeds_ada_norm=len(CLASSES),  # the label embedding adds the null class at index len(CLASSES)
+    )
+
+
+def shapes_mmdit(token_dim: int = 64) -> SD3Transformer2DModel:
+    """SD3's layout at tiny-dit's size: 4 joint blocks of width 128, patch 2 on the 32x32 image."""
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=token_dim,
+        caption_projection_dim=128,
+        pooled_projection_dim=token_dim,
+        pos_embed_max_size=IMAGE_SIZE // 2,
     )
 
 
@@ -193,3 +227,25 @@ class ShapesDiTPipeline(_ShapesPipeline):
 
     def velocity(self, x, t, labels):
         return self.transformer(x, timestep=t, class_labels=labels).sample
+
+
+class ShapesMMDiTPipeline(_ShapesPipeline):
+    model_cpu_offload_seq = "class_tokens->transformer"
+
+    def __init__(self, transformer: SD3Transformer2DModel, class_tokens: ClassTokens,
+                 scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, class_tokens=class_tokens, scheduler=scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def null_class(self) -> int:
+        return self.class_tokens.config.num_classes
+
+    def velocity(self, x, t, labels):
+        tokens, pooled = self.class_tokens(labels).to(x.dtype), self.class_tokens.pooled(labels).to(x.dtype)
+        return self.transformer(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+                                timestep=t).sample

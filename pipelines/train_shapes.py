@@ -4,6 +4,7 @@
     python -m pipelines.train_shapes vit --steps 4000 --out pipelines/weights/tiny-vit
     python -m pipelines.train_shapes unet --minutes 40 --out pipelines/weights/tiny-unet
     python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
+    python -m pipelines.train_shapes mmdit --minutes 40 --out pipelines/weights/tiny-mmdit
 
 Data is generated on the fly (a fresh seed per batch), so nothing is downloaded. The generators are
 trained with rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0, t drawn
@@ -31,9 +32,11 @@ from .shapes import CLASSES, HELD_OUT_SEED, generate
 from .shapes_pipeline import (
     ClassTokens,
     ShapesDiTPipeline,
+    ShapesMMDiTPipeline,
     ShapesUNetPipeline,
     flow_scheduler,
     shapes_dit,
+    shapes_mmdit,
     shapes_unet,
     to_latent,
 )
@@ -127,9 +130,11 @@ def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int
 
 
 def build_pipeline(kind: str):
-    """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet) or ``"dit"`` (tiny-dit)."""
+    """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet), ``"dit"`` (tiny-dit) or ``"mmdit"``."""
     if kind == "unet":
         pipe = ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
+    elif kind == "mmdit":
+        pipe = ShapesMMDiTPipeline(shapes_mmdit(), ClassTokens(pooled_dim=64), flow_scheduler())
     else:
         pipe = ShapesDiTPipeline(shapes_dit(), flow_scheduler())
     for module in _components(pipe):  # as from_pretrained returns them: DiT drops labels in train mode
@@ -238,7 +243,7 @@ def main(argv=None) -> None:
             c.add_argument("--init", help="start from this saved tiny-vit folder instead of random weights")
             c.add_argument("--teacher", default="pipelines/weights/shapes-classifier",
                            help="CNN whose soft predictions the ViT also learns from ('' for labels only)")
-    for kind in ("unet", "dit"):
+    for kind in ("unet", "dit", "mmdit"):
         u = sub.add_parser(kind)
         u.add_argument("--minutes", type=float, default=40)
         u.add_argument("--max-steps", type=int, default=10**9)
