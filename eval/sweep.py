@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (bundled: 4.0)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the pipeline's own (bundled: tiny-unet 4, tiny-dit 8)")
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     p.add_argument("--num-reference", type=int, default=2048, help="real images for FID (bundled models)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median)")

@@ -6,6 +6,8 @@ in ``pipelines/weights``):
 - ``tiny-unet``: ``ShapesUNetPipeline``, an SD-style ``UNet2DConditionModel`` with cross-attention on
   learned class tokens;
 - ``tiny-dit``: ``ShapesDiTPipeline``, a class-conditional ``DiTTransformer2DModel``, patch 2;
+- ``tiny-mmdit`` (once trained): ``ShapesMMDiTPipeline``, an ``SD3Transformer2DModel`` (joint attention) on
+  learned class tokens and a pooled class vector;
 - ``shapes-classifier``: the CNN whose features score FID and whose predictions score class accuracy.
 """
 
@@ -29,9 +31,9 @@ def embedded_path(name: str) -> str:
 
 def shapes_pipeline_class(name_or_path: str):
     """The shapes pipeline class of a bundled name or of a folder saved from one; None for anything else."""
-    from .shapes_pipeline import ShapesDiTPipeline, ShapesUNetPipeline
+    from .shapes_pipeline import ShapesDiTPipeline, ShapesMMDiTPipeline, ShapesUNetPipeline
 
-    classes = {"tiny-unet": ShapesUNetPipeline, "tiny-dit": ShapesDiTPipeline}
+    classes = {"tiny-unet": ShapesUNetPipeline, "tiny-dit": ShapesDiTPipeline, "tiny-mmdit": ShapesMMDiTPipeline}
     if name_or_path in classes:
         return classes[name_or_path]
     index = os.path.join(name_or_path, "model_index.json")

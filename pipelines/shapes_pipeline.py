@@ -37,7 +37,8 @@ from .shapes import CLASSES, IMAGE_SIZE
 
 PATCH = 2  # tiny-unet: pixels per latent position along each side
 # Strong guidance: the small generators follow their class far more often with it (measured 2 -> 5:
-# 21% -> 44% class accuracy for tiny-dit early in training).
+# 21% -> 44% class accuracy for tiny-dit early in training). A pipeline saves its own default
+# (``default_guidance_scale`` in model_index.json): tiny-dit's is 8 (README, "The bundled generators").
 DEFAULT_GUIDANCE = 4.0
 
 
@@ -156,15 +157,19 @@ class _ShapesPipeline(DiffusionPipeline):
         self,
         class_labels: Sequence[int] | torch.Tensor,
         num_inference_steps: int = 20,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        guidance_scale: Optional[float] = None,
         generator: Optional[torch.Generator | list[torch.Generator]] = None,
         output_type: str = "pt",
     ) -> ImagePipelineOutput:
         """Images for ``class_labels``, (N, 3, 32, 32) in [-1, 1] (``output_type="pt"``) or PIL.
 
+        ``guidance_scale`` None: the pipeline's ``default_guidance_scale`` (saved with it).
+
         ``generator`` may be a list with one generator per image: each image's noise then depends only
         on its own seed, so the same seed gives the same image whatever the batch it is drawn in.
         """
+        if guidance_scale is None:
+            guidance_scale = self.config.get("default_guidance_scale", DEFAULT_GUIDANCE)
         device, dtype = self.denoiser.device, self.denoiser.dtype
         labels = self.check_labels(class_labels).to(device)
         n = labels.shape[0]
@@ -191,9 +196,11 @@ class _ShapesPipeline(DiffusionPipeline):
 class ShapesUNetPipeline(_ShapesPipeline):
     model_cpu_offload_seq = "class_tokens->unet"
 
-    def __init__(self, unet: UNet2DConditionModel, class_tokens: ClassTokens, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, unet: UNet2DConditionModel, class_tokens: ClassTokens,
+                 scheduler: FlowMatchEulerDiscreteScheduler, default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
         self.register_modules(unet=unet, class_tokens=class_tokens, scheduler=scheduler)
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -213,9 +220,11 @@ class ShapesUNetPipeline(_ShapesPipeline):
 class ShapesDiTPipeline(_ShapesPipeline):
     model_cpu_offload_seq = "transformer"
 
-    def __init__(self, transformer: DiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer: DiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -233,9 +242,10 @@ class ShapesMMDiTPipeline(_ShapesPipeline):
     model_cpu_offload_seq = "class_tokens->transformer"
 
     def __init__(self, transformer: SD3Transformer2DModel, class_tokens: ClassTokens,
-                 scheduler: FlowMatchEulerDiscreteScheduler):
+                 scheduler: FlowMatchEulerDiscreteScheduler, default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
         self.register_modules(transformer=transformer, class_tokens=class_tokens, scheduler=scheduler)
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     @property
     def denoiser(self) -> torch.nn.Module:

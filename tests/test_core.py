@@ -146,7 +146,7 @@ def test_bipartite_caps_r_and_protects_tokens():
     src, dst = alternating_partition(9)
     protected = torch.zeros(9, dtype=torch.bool)
     protected[0] = True
-    plan = bipartite_soft_matching(x, src, dst, 100, protected=protected, keep_order=True)
+    plan = bipartite_soft_matching(x, src, dst, 100, protected=protected, order="original")
     assert plan.num_merged == 4  # 5 sources, one protected
     assert (plan.kept_idx[:, 0] == 0).all()  # CLS stays first and is never merged away
     assert not (plan.src_idx == 0).any()

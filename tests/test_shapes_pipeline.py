@@ -27,9 +27,10 @@ def test_latent_is_an_exact_rearrangement():
     assert torch.equal(to_image(to_latent(images)), images)
 
 
-@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("kind", ["unet", "dit", "mmdit"])
 def test_save_and_load_folder_round_trip(tmp_path, kind):
     pipe = _pipe(kind)
+    pipe.register_to_config(default_guidance_scale=6.0)
     pipe.save_pretrained(tmp_path)
     loaded = load_embedded(str(tmp_path))
     assert type(loaded) is type(pipe)
@@ -38,9 +39,14 @@ def test_save_and_load_folder_round_trip(tmp_path, kind):
     assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert torch.equal(_sample(loaded), images)
     assert not torch.equal(_sample(pipe, seed=1), images)
+    # the saved default guidance is what a call without guidance_scale uses
+    assert loaded.config.default_guidance_scale == 6.0
+    explicit = loaded([0, 3, 5], num_inference_steps=2, guidance_scale=6.0,
+                      generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(explicit, images)
 
 
-@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("kind", ["unet", "dit", "mmdit"])
 def test_token_fusion_on_the_shapes_generators(kind):
     pipe = _pipe(kind)
     base = _sample(pipe)

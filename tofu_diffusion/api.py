@@ -16,10 +16,16 @@ from .adapters import adapter_for
 from .adapters.base import Patch
 from .adapters.hooks import unregister_all
 from .config import TokenFusionConfig
+from .core import switch_depth_from_gaps
 
 logger = logging.getLogger("tofu_diffusion")
 
 _HANDLE_ATTR = "_tofu_diffusion_handle"
+# ToFu switch-depth calibration: merge from the first depth whose remaining layers' midpoint deviates from
+# linear by at most half their output spread (gap <= 0.5). That is the break-even of the two choices: for two
+# tokens whose outputs differ by D, keeping one (pruning) costs |D|^2 in squared error, their average costs
+# |D|^2 / 2 + 2 |gap * D|^2, which is smaller exactly when gap < 0.5.
+SWITCH_TOLERANCE = 0.5
 _DENOISER_NAMES = ("unet", "transformer")
 
 
@@ -147,6 +153,23 @@ def remove(model_or_pipeline) -> None:
 def handle_of(model_or_pipeline) -> Optional[TokenFusionHandle]:
     """The active handle, or None when token fusion is not applied."""
     return getattr(_target_of(model_or_pipeline), _HANDLE_ATTR, None)
+
+
+def calibrate_switch_depth(model, sample_inputs, tolerance: float = SWITCH_TOLERANCE) -> int:
+    """ToFu's switch depth from its own criterion, for ``TokenFusionConfig(method="tofu", switch_depth=...)``.
+
+    For each depth ``d`` it measures how far the layers from ``d`` to the end are from linear between the
+    hidden states of the sample inputs (``core.interpolation_gap``: a few forward passes), and returns the
+    first depth whose gap is at most ``tolerance``: tokens are pruned before it and merged with MLERP from
+    it on (``len(layers)``: prune everywhere). Classifiers (ViT/DeiT); ``sample_inputs`` are pixel values of
+    a handful of images (at least two). Run it on the unpatched model.
+    """
+    model = _model_of(model)
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError("calibrate on the unpatched model: call tofu.remove(model) first, then apply with the "
+                         "returned switch_depth")
+    gaps = adapter_for(model).linearity_profile(model, sample_inputs)
+    return switch_depth_from_gaps(gaps, tolerance)
 
 
 @contextlib.contextmanager

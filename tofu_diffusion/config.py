@@ -11,6 +11,7 @@ from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
 METHODS = ("tome", "tofu", "mctf", "todo")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
+CLASSIFIER_TOKEN_ORDERS = ("reference", "original")  # see TokenFusionConfig.token_order
 
 # A ratio schedule over denoising progress: ((progress, ratio), ...), each ratio holding from its progress
 # on; progress = 1 - timestep / num_train_timesteps (0 at pure noise, 1 at the clean image).
@@ -93,6 +94,12 @@ class TokenFusionConfig:
         layers: indices of the layers that reduce (default: all).
         proportional_attention: add ``log(size)`` of each key to the attention logits, so a merged token
             weighs as much as the tokens it stands for.
+        token_order: the order the kept tokens continue in. ``"reference"`` (default): the order of the
+            method's reference code, which decides the next layer's alternating split, so results match
+            the papers': ToMe keeps CLS (and DeiT's distillation token), then the unmerged tokens of one set,
+            then the other set; MCTF the A tokens left after its first step, then the B tokens left after its
+            second by decreasing score. ``"original"``: every token keeps its image position (the
+            alternating split then pairs spatial neighbours in every layer).
     """
 
     method: Optional[str] = None
@@ -120,6 +127,7 @@ class TokenFusionConfig:
     r: Optional[Union[int, tuple, Sequence[int]]] = None
     layers: Optional[Sequence[int]] = None
     proportional_attention: bool = True
+    token_order: str = "reference"
 
     def __post_init__(self) -> None:
         if isinstance(self.stride, int):
@@ -181,6 +189,8 @@ class TokenFusionConfig:
         self._validate_r()
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+        if self.token_order not in CLASSIFIER_TOKEN_ORDERS:
+            raise ValueError(f"unknown token_order {self.token_order!r}; choose one of {CLASSIFIER_TOKEN_ORDERS}")
         if self.merge_scope not in MERGE_SCOPES:
             raise ValueError(f"unknown merge_scope {self.merge_scope!r}; choose one of {MERGE_SCOPES}")
         if self.merge_scope == "sublayers" and not (

@@ -53,6 +53,12 @@ class Adapter:
         """Register the hooks (``hooks.register``); everything registered is removed by ``hooks.unregister_all``."""
         raise NotImplementedError
 
+    def linearity_profile(self, model: torch.nn.Module, sample_inputs: Any) -> list[float]:
+        """ToFu's criterion: the interpolation gap (``core.interpolation_gap``) of the layers from each depth
+        to the end, on ``sample_inputs``. Families whose blocks do not form one chain do not provide it."""
+        raise TypeError(f"switch-depth calibration is not available for {self.family} models (their blocks do not "
+                        "form one chain of layers); set switch_depth explicitly")
+
 
 def timestep_reader(module: torch.nn.Module) -> Callable[[tuple, dict], Optional[object]]:
     params = list(inspect.signature(type(module).forward).parameters)[1:]

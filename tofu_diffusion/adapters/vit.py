@@ -33,6 +33,7 @@ from ..core import (
     bidirectional_matching,
     bipartite_soft_matching,
     fuse_attention,
+    interpolation_gap,
     layer_schedule,
     mctf_scores,
 )
@@ -114,6 +115,8 @@ class ViTRun:
         self.config = config
         self.protected = protected
         self.num_layers = num_layers
+        # the reference order: protected, then one bipartite set, then the other (core.TOKEN_ORDERS "sets")
+        self.matching_order = "sets" if config.token_order == "reference" else "original"
         self.token_counts: dict[str, tuple[int, int]] = {}
         self._schedules: dict[int, list[int]] = {}
         self.last_schedule = self.schedule_for(num_tokens)  # of the latest forward (at first: the model's size)
@@ -276,7 +279,8 @@ class LayerHook(ModelHook):
                                  tau_info=cfg.tau_info, tau_size=cfg.tau_size,
                                  protected=run.protected_mask(n, hidden.device))
             plan = bidirectional_matching(scores, src, dst, n, state.removed, weights=received * sizes,
-                                          protected_rows=True)
+                                          protected_rows=True, order=run.matching_order,
+                                          protected=run.protected_mask(n, hidden.device))
         if plan is None:
             return hidden
         with record_function("tofu_diffusion::merge"):
@@ -335,8 +339,8 @@ class NormAfterHook(ModelHook):
             src, dst = alternating_partition(n, hidden.device)
             sizes = state.sizes_in(hidden)
             plan = bipartite_soft_matching(scratch.metric, src, dst, state.removed,
-                                           protected=run.protected_mask(n, hidden.device), keep_order=True,
-                                           weights=sizes)
+                                           protected=run.protected_mask(n, hidden.device),
+                                           order=run.matching_order, weights=sizes)
         if plan is None:
             return args, kwargs
         with record_function("tofu_diffusion::merge"):
@@ -423,6 +427,31 @@ class ClassifierAdapter(Adapter):
                num_train_timesteps: int = 1000) -> Patch:
         run, states, undo = attach(backbone, config)
         return Patch(states, counts=run.counts, undo=undo)
+
+    @torch.no_grad()
+    def linearity_profile(self, model: torch.nn.Module, sample_inputs: torch.Tensor) -> list[float]:
+        """Interpolation gap of layers ``d..`` for each depth ``d``, between the hidden states of each sample image
+        and the next one's (pixel values, at least two images). The final norm is left out: it is not linear
+        on any input, so it would hide how linear the layers are."""
+        check_supported(model)
+        backbone = backbone_of(model)
+        if not isinstance(sample_inputs, torch.Tensor) or sample_inputs.dim() != 4 or sample_inputs.shape[0] < 2:
+            raise ValueError("sample_inputs must be pixel values (N, C, H, W) of at least two images")
+        weight = backbone.embeddings.patch_embeddings.projection.weight
+        hidden = backbone.embeddings(sample_inputs.to(weight.device, weight.dtype))
+        entering = []
+        for layer in backbone.layers:
+            entering.append(hidden)
+            hidden = layer(hidden)
+
+        def suffix(depth):
+            def run(h):
+                for layer in backbone.layers[depth:]:
+                    h = layer(h)
+                return h
+            return run
+
+        return [interpolation_gap(suffix(d), h, h.roll(1, dims=0)) for d, h in enumerate(entering)]
 
 
 def attach(backbone: torch.nn.Module, config: TokenFusionConfig):

@@ -3,12 +3,14 @@
 from .cost import reduction_pays
 from .destinations import DESTINATIONS, alternating_partition, grid_partition, hashed, max_grid_ratio, mix_key
 from .matching import (
+    TOKEN_ORDERS,
     attention_received,
     bidirectional_matching,
     bipartite_soft_matching,
     mctf_scores,
     mean_over_queries,
 )
+from .linearity import interpolation_gap, switch_depth_from_gaps
 from .plan import MERGE_MODES, MergePlan, fuse_attention, mlerp, plan_from_pairs
 from .sampling import stratified_grid_queries
 from .schedule import layer_schedule, requested_r
@@ -17,6 +19,7 @@ __all__ = [
     "DESTINATIONS",
     "MERGE_MODES",
     "MergePlan",
+    "TOKEN_ORDERS",
     "alternating_partition",
     "attention_received",
     "bidirectional_matching",
@@ -24,6 +27,7 @@ __all__ = [
     "fuse_attention",
     "grid_partition",
     "hashed",
+    "interpolation_gap",
     "layer_schedule",
     "max_grid_ratio",
     "mctf_scores",
@@ -34,4 +38,5 @@ __all__ = [
     "reduction_pays",
     "requested_r",
     "stratified_grid_queries",
+    "switch_depth_from_gaps",
 ]

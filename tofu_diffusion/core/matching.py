@@ -18,6 +18,13 @@ import torch.nn.functional as F
 
 from .plan import MergePlan, plan_from_pairs
 
+# Order of a plan's output slots (the tokens the next layer sees):
+# "score":    unmerged sources by decreasing match score, then destinations (tomesd);
+# "sets":     protected tokens, then unmerged sources, then destinations, each set in the order its
+#             reference keeps it (ToMe's ViT patch: sources by index; MCTF: see bidirectional_matching);
+# "original": every kept token at its original relative position.
+TOKEN_ORDERS = ("score", "sets", "original")
+
 
 def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """(B, Na, Nb) cosine similarity between source and destination tokens."""
@@ -35,22 +42,38 @@ def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, protect
     return scores
 
 
+def _check_order(order: str, allowed: tuple = TOKEN_ORDERS) -> None:
+    if order not in allowed:
+        raise ValueError(f"unknown token order {order!r}; choose one of {allowed}")
+
+
+def _protected_first(kept: torch.Tensor, protected: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
+    """Move the protected tokens of ``kept`` (B, K) to the front, in index order (CLS, then distillation);
+    the others keep their relative order."""
+    if protected is None or not bool(protected.any()):
+        return kept
+    position = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    key = torch.where(protected[kept], kept, num_tokens + position)
+    return kept.gather(1, key.argsort(dim=1))
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     src: torch.Tensor,
     dst: torch.Tensor,
     r: int,
     protected: Optional[torch.Tensor] = None,
-    keep_order: bool = False,
+    order: str = "score",
     weights: Optional[torch.Tensor] = None,
 ) -> Optional[MergePlan]:
     """ToMe's bipartite soft matching of ``metric`` (B, N, C) between sources ``src`` and destinations ``dst``.
 
-    ``r`` is capped by the number of sources. Returns None when nothing is merged. The default slot
-    order is tomesd's (unmerged sources by decreasing score, then destinations); ``keep_order`` keeps
-    tokens in their original order instead (needed where a head reads a fixed position, e.g. CLS).
+    ``r`` is capped by the number of sources. Returns None when nothing is merged. ``order`` is the slot
+    order (``TOKEN_ORDERS``): ``"score"`` is tomesd's, ``"sets"`` ToMe's ViT patch (protected tokens,
+    unmerged sources by index, destinations), ``"original"`` the tokens' own order.
     ``protected`` is a (N,) bool mask of tokens that must not be merged.
     """
+    _check_order(order)
     b, n, _ = metric.shape
     if protected is not None:
         r = min(r, int((~protected[src]).sum()))
@@ -65,8 +88,11 @@ def bipartite_soft_matching(
         unmerged = edge_idx[:, r:]
         dst_choice = torch.gather(node_idx, 1, merged)
         src_tokens = src[merged]
-        if keep_order:
+        if order == "original":
             return plan_from_pairs(n, src_tokens, dst[dst_choice], weights)
+        if order == "sets":
+            kept = torch.cat([src[unmerged].sort(dim=1).values, dst.expand(b, -1)], dim=1)
+            return plan_from_pairs(n, src_tokens, dst[dst_choice], weights, _protected_first(kept, protected, n))
         num_unmerged = unmerged.shape[1]
         kept_idx = torch.cat([src[unmerged], dst.expand(b, -1)], dim=1)
         return MergePlan(kept_idx, src_tokens, num_unmerged + dst_choice, n, weights)
@@ -123,14 +149,20 @@ def bidirectional_matching(
     r: int,
     weights: Optional[torch.Tensor] = None,
     protected_rows: bool = False,
+    order: str = "original",
+    protected: Optional[torch.Tensor] = None,
 ) -> Optional[MergePlan]:
     """MCTF's bidirectional matching on a score matrix (B, Na, Nb).
 
     ``r // 2`` A tokens merge into their best B token; then ``r - r // 2`` B tokens (capped by |B|)
     merge into their best A token among those not merged in the first step. A chain A->B->A resolves
-    to the final A token. Kept tokens stay in their original order. Set ``protected_rows`` when some
-    rows of ``scores`` are all -inf (protected tokens), so that ``r`` is capped below them.
+    to the final A token. Set ``protected_rows`` when some rows of ``scores`` are all -inf (protected
+    tokens), so that ``r`` is capped below them. ``order``: ``"original"`` keeps the kept tokens in their
+    original order; ``"sets"`` is MCTF's reference order: the A tokens left after the first step (by
+    index), then the B tokens left after the second, by decreasing second-step score (``protected``, a
+    (N,) bool mask, moves protected tokens to the front).
     """
+    _check_order(order, ("sets", "original"))
     num_a, num_b = scores.shape[1], scores.shape[2]
     r_ba = min(r - r // 2, num_b)
     r_ab = min(r - r_ba, num_a - (1 if r_ba > 0 else 0))
@@ -160,7 +192,12 @@ def bidirectional_matching(
         b_final.scatter_(1, b_merged, src[b_target])
         src_tokens = torch.cat([src[a_merged], dst[b_merged]], dim=1)
         dst_tokens = torch.cat([torch.gather(b_final, 1, a_target), src[b_target]], dim=1)
-        return plan_from_pairs(num_tokens, src_tokens, dst_tokens, weights)
+        kept = None
+        if order == "sets":
+            a_left = order_a[:, r_ab:].sort(dim=1).values
+            kept = torch.cat([src[a_left], dst[order_b[:, r_ba:]]], dim=1)
+            kept = _protected_first(kept, protected, num_tokens)
+        return plan_from_pairs(num_tokens, src_tokens, dst_tokens, weights, kept)
 
 
 def attention_received(

@@ -187,20 +187,23 @@ def plan_from_pairs(
     src_tokens: torch.Tensor,
     dst_tokens: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
+    kept_idx: Optional[torch.Tensor] = None,
 ) -> MergePlan:
-    """Build a plan from (merged token -> kept token) pairs; kept tokens stay in their original order.
+    """Build a plan from (merged token -> kept token) pairs.
 
-    ``dst_tokens`` must already be resolved to tokens that are themselves kept (no chains).
-    Keeping the original order keeps a leading CLS/distillation token where a classifier head reads it.
+    ``dst_tokens`` must already be resolved to tokens that are themselves kept (no chains). ``kept_idx``
+    (B, N - r) orders the output slots; None keeps the kept tokens in their original order (which keeps a
+    leading CLS/distillation token where a classifier head reads it).
     """
     b, r = src_tokens.shape
     device = src_tokens.device
-    merged = torch.zeros(b, num_tokens, dtype=torch.bool, device=device)
-    merged.scatter_(1, src_tokens, True)
     k = num_tokens - r
-    # Sort key pushes merged tokens to the end while keeping kept tokens in index order.
-    key = torch.arange(num_tokens, device=device).expand(b, -1) + merged.long() * num_tokens
-    kept_idx = key.argsort(dim=1)[:, :k]
+    if kept_idx is None:
+        merged = torch.zeros(b, num_tokens, dtype=torch.bool, device=device)
+        merged.scatter_(1, src_tokens, True)
+        # Sort key pushes merged tokens to the end while keeping kept tokens in index order.
+        key = torch.arange(num_tokens, device=device).expand(b, -1) + merged.long() * num_tokens
+        kept_idx = key.argsort(dim=1)[:, :k]
     slot_of = torch.empty(b, num_tokens, dtype=torch.long, device=device)
     slot_of.scatter_(1, kept_idx, torch.arange(k, device=device).expand(b, k))
     src_slot = torch.gather(slot_of, 1, dst_tokens)

@@ -47,7 +47,7 @@ def layer_schedule(
     """Tokens removed by each layer.
 
     ``r`` (any form of :func:`requested_r`) or, when it is None, ``ratio``: the share of each layer's
-    current tokens. ``layers`` restricts reduction to those layer indices. Every layer is capped at half
+    current unprotected tokens (MCTF's ratio form). ``layers`` restricts reduction to those layer indices. Every layer is capped at half
     of its unprotected tokens (bipartite matching cannot pair more), so no layer removes more than it can,
     and no layer leaves fewer than ``min_tokens`` (MCTF's floor: 10);
     the token count entering layer ``i + 1`` is ``num_tokens - sum(schedule[:i + 1])``.
@@ -62,7 +62,7 @@ def layer_schedule(
         if i not in chosen:
             schedule.append(0)
             continue
-        want = wanted[i] if wanted is not None else int(ratio * n)
+        want = wanted[i] if wanted is not None else int(ratio * (n - protected))
         removed = max(0, min(want, (n - protected) // 2, n - min_tokens))
         schedule.append(removed)
         n -= removed
