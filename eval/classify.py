@@ -8,6 +8,13 @@ entering each layer. Writes ``results.json``, ``results.csv`` and ``accuracy_vs_
 
 The embedded default ``tiny-vit`` is evaluated on held-out procedural shapes; a real checkpoint is
 ``--model <hub id or folder> --data <ImageFolder>`` (one sub-folder per class, named as the model's labels).
+
+Speed at real geometry (random weights, no data; accuracy is not measured):
+
+    python -m eval.classify --bench --geometries vit-s vit-b --r 8 13 --bench-batch 16 --out results/classify_bench
+
+times ViT-S/16 and ViT-B/16 at 224 px (197 tokens) for every method and r in one interleaved run, with the
+FLOP ideal (baseline FLOPs / reduced FLOPs) beside each speedup.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ from eval.variants import use_variant
 from eval.workloads import IMAGE_SUFFIXES
 
 COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "gflops", "tokens_per_layer")
+BENCH_COLUMNS = ("geometry", "method", "r", "images_per_second", "speedup", "gflops", "ideal_speedup", "efficiency")
+# ViT-S/16 and ViT-B/16 (DeiT-S/B have the same shapes): 12 layers, 224 px, patch 16 -> 196 patches + CLS.
+GEOMETRIES = {
+    "vit-s": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
+    "vit-b": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results/classify")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--bench", action="store_true", help="time --geometries with random weights instead")
+    p.add_argument("--geometries", nargs="+", default=["vit-s", "vit-b"], choices=list(GEOMETRIES))
+    p.add_argument("--bench-batch", type=int, default=16, help="images per timed call (--bench)")
     args = p.parse_args(argv)
     if min(args.r) < 0:
         p.error("--r values must be >= 0")
@@ -164,6 +180,52 @@ def evaluate(args) -> dict:
             "timing_batch": int(timing_batch.shape[0]), "rows": rows}
 
 
+def geometry_model(name: str, device, dtype) -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=16, num_hidden_layers=12, num_labels=1000, **GEOMETRIES[name])
+    return ViTForImageClassification(config).to(device, dtype).eval()
+
+
+def bench(args) -> dict:
+    """Throughput of every (method, r) at ViT-S/B geometry, interleaved with the baseline, and the FLOP ideal."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    settings = settings_of(args)
+    names = [f"{m}_{r}" for m, r in settings]
+    rows = []
+    for geometry in args.geometries:
+        model = geometry_model(geometry, device, dtype)
+        batch = torch.randn(args.bench_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
+        seconds = interleaved_median({n: (lambda: model(batch)) for n in names}, setups, repeats=args.repeats,
+                                     device=device)
+        flops = {}
+        for name, (method, r) in zip(names, settings):
+            use(model, method, r)
+            flops[name] = count_flops(lambda: model(batch[:1]))
+        use(model, "none", 0)
+        base = names[0]
+        for name, (method, r) in zip(names, settings):
+            speedup, ideal = seconds[base] / seconds[name], flops[base] / flops[name]
+            rows.append({"geometry": geometry, "method": method, "r": r,
+                         "images_per_second": batch.shape[0] / seconds[name], "speedup": speedup,
+                         "gflops": flops[name] / 1e9, "ideal_speedup": ideal, "efficiency": speedup / ideal})
+    return {"device": str(device), "dtype": args.dtype, "batch": args.bench_batch, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def format_bench(result: dict) -> str:
+    header = (f"{'geometry':<9}{'method':<7}{'r':>4}{'img/s':>9}{'speedup':>9}{'GFLOPs':>8}{'FLOP ideal':>12}"
+              f"{'of ideal':>10}")
+    lines = [header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(f"{row['geometry']:<9}{row['method']:<7}{row['r']:>4}{row['images_per_second']:>9.1f}"
+                     f"{row['speedup']:>8.2f}x{row['gflops']:>8.2f}{row['ideal_speedup']:>11.2f}x"
+                     f"{row['efficiency']:>10.2f}")
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     header = f"{'method':<7}{'r':>4}{'top-1':>8}{'img/s':>10}{'speedup':>9}{'GFLOPs':>9}  tokens per layer"
     lines = [header, "-" * (len(header) + 20)]
@@ -176,6 +238,14 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> Optional[dict]:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.bench:
+        result = bench(args)
+        report.write_json_csv(args.out, result, BENCH_COLUMNS)
+        print(f"\n{result['device']} {result['dtype']}, batch {result['batch']}, median of {result['repeats']} "
+              f"interleaved repeats, {result['threads']} threads")
+        print(format_bench(result))
+        print(f"\nwrote {args.out}/results.json, results.csv")
+        return result
     result = evaluate(args)
     report.write_json_csv(args.out, result, COLUMNS)
     report.tradeoff_plot(os.path.join(args.out, "accuracy_vs_throughput.png"),

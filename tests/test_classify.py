@@ -56,3 +56,20 @@ def test_classify_explains_bad_data(vit_and_data, tmp_path):
     (tmp_path / "zebra").mkdir()
     with pytest.raises(ValueError, match="not labels of"):
         classify.main(["--model", model, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_bench_reports_speed_beside_the_flop_ideal(monkeypatch, tmp_path):
+    # the real geometries' 12 layers and 197 tokens, at a width small enough for a test
+    monkeypatch.setitem(classify.GEOMETRIES, "narrow", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64))
+    result = classify.main(["--bench", "--geometries", "narrow", "--methods", "none", "tome", "mctf", "--r", "8", "13",
+                            "--bench-batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [(r["method"], r["r"]) for r in rows] == [("none", 0), ("tome", 8), ("tome", 13), ("mctf", 8), ("mctf", 13)]
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["ideal_speedup"] == 1.0
+    for row in rows[1:]:
+        assert row["gflops"] < base["gflops"]
+        assert row["ideal_speedup"] == pytest.approx(base["gflops"] / row["gflops"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+    assert rows[2]["ideal_speedup"] > rows[1]["ideal_speedup"] > 1.2  # r=13 removes more than r=8
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
