@@ -112,18 +112,35 @@ def test_fused_attention_on_a_hand_checked_example():
     assert torch.allclose(fused.sum(dim=-1), torch.ones(3))
 
 
-def test_fused_attention_rows_sum_to_one_in_the_model():
+def test_fused_attention_is_applied_without_forming_it():
+    from tofu_diffusion.core import apply_fused_attention
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 9, 6
+    plan = plan_from_pairs(n, torch.tensor([[2, 5, 8], [0, 1, 7]]), torch.tensor([[1, 4, 4], [3, 3, 6]]),
+                           torch.rand(2, n, generator=g) + 0.1)
+    attention = torch.randn(2, 3, n, n, generator=g).softmax(-1)
+    value = torch.randn(2, 3, k, 4, generator=g)
+    expected = fuse_attention(attention, plan) @ value
+    torch.testing.assert_close(apply_fused_attention(attention, plan, value), expected)
+
+
+def test_fused_attention_in_the_model_is_the_fused_matrix_times_the_values():
     model, x = _model(DeiTForImageClassificationWithTeacher, DeiTConfig), _images()
-    rows = []
+    checked = []
     from tofu_diffusion.adapters import vit
 
     original = vit.fused_attention
 
     def spy(module, query, key, value, mask, **kwargs):
-        pending = getattr(module, vit._STATE_ATTR).scratch().fused_attention
-        if pending is not None:
-            rows.append(pending.sum(dim=-1))
-        return original(module, query, key, value, mask, **kwargs)
+        scratch = getattr(module, vit._STATE_ATTR).scratch()
+        out, _ = original(module, query, key, value, mask, **kwargs)
+        if scratch.fused_attention is not None:
+            fused = fuse_attention(scratch.fused_attention, scratch.plan)
+            assert torch.allclose(fused.sum(dim=-1), torch.ones(()), atol=1e-5)  # rows still sum to one
+            torch.testing.assert_close(out, (fused @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
+            checked.append(out.shape[1])
+        return out, None
 
     from transformers import AttentionInterface
 
@@ -133,7 +150,7 @@ def test_fused_attention_rows_sum_to_one_in_the_model():
             model(x)
         finally:
             AttentionInterface.register(vit.FUSED_ATTENTION, original)
-    assert len(rows) == 4 and all(torch.allclose(r, torch.ones_like(r), atol=1e-5) for r in rows)
+    assert checked == [58, 50, 42, 34]  # every layer fused: 66 tokens, 8 fewer each time
 
 
 def test_schedule_forms_give_the_documented_token_counts():

@@ -12,7 +12,7 @@ additive float mask the layer already forwards to SDPA, so fused kernels stay us
   ToMe's, on the reduced tokens.
 * ``mctf`` merges at the start of the layer. The layer's attention on the unmerged tokens (one
   ``q k^T``) gives the informativeness; the tokens are fused (weights: attention received times size),
-  the attention matrix is fused alongside (``core.fuse_attention``), and a registered transformers
+  the attention matrix is fused alongside (``core.apply_fused_attention``), and a registered transformers
   attention function applies it to the merged tokens' values: no second ``q k^T``, and the merged
   tokens' queries and keys are never projected.
 """
@@ -32,7 +32,7 @@ from ..core import (
     alternating_partition,
     bidirectional_matching,
     bipartite_soft_matching,
-    fuse_attention,
+    apply_fused_attention,
     interpolation_gap,
     layer_schedule,
     mctf_scores,
@@ -103,7 +103,8 @@ class LayerCall:
         self.merged: Optional[torch.Tensor] = None
         self.mlp_out: Optional[torch.Tensor] = None
         self.skip_projections = False
-        self.fused_attention: Optional[torch.Tensor] = None  # mctf: the fused matrix for this layer's attention
+        # mctf: the attention on the unmerged tokens, which (fused through the plan) serves the merged ones
+        self.fused_attention: Optional[torch.Tensor] = None
 
 
 class ViTRun:
@@ -285,7 +286,7 @@ class LayerHook(ModelHook):
             return hidden
         with record_function("tofu_diffusion::merge"):
             merged = plan.merge(hidden, state.merge_mode)
-            scratch.fused_attention = fuse_attention(probs, plan)
+            scratch.fused_attention = probs
             run.call().sizes = plan.merge_sizes(sizes)
         scratch.plan, scratch.skip_projections = plan, True
         return merged
@@ -380,15 +381,18 @@ class SkipProjectionHook(ModelHook):
 
 
 def fused_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention function: MCTF's fused attention where one is pending, else the original."""
+    """transformers attention function: MCTF's fused attention where one is pending, else the original.
+
+    The fused matrix is applied without being formed (``core.apply_fused_attention``), so no attention
+    weights are returned for it."""
     state = getattr(module, _STATE_ATTR, None)
-    probs = None if state is None else state.scratch().fused_attention
-    if probs is None:
+    scratch = None if state is None else state.scratch()
+    if scratch is None or scratch.fused_attention is None:
         original = getattr(module, _ORIGINAL_ATTR)
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
-    out = probs @ value  # (B, H, K, D)
-    return out.transpose(1, 2).contiguous(), probs
+    probs = torch.nn.functional.dropout(scratch.fused_attention, p=dropout, training=module.training)
+    out = apply_fused_attention(probs, scratch.plan, value)  # (B, H, K, D)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register_attention_function() -> None:

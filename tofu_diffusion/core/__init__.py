@@ -11,7 +11,7 @@ from .matching import (
     mean_over_queries,
 )
 from .linearity import interpolation_gap, switch_depth_from_gaps
-from .plan import MERGE_MODES, MergePlan, fuse_attention, mlerp, plan_from_pairs
+from .plan import MERGE_MODES, MergePlan, apply_fused_attention, fuse_attention, mlerp, plan_from_pairs
 from .sampling import stratified_grid_queries
 from .schedule import layer_schedule, requested_r
 
@@ -21,6 +21,7 @@ __all__ = [
     "MergePlan",
     "TOKEN_ORDERS",
     "alternating_partition",
+    "apply_fused_attention",
     "attention_received",
     "bidirectional_matching",
     "bipartite_soft_matching",

@@ -224,3 +224,19 @@ def fuse_attention(attention: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     rows = columns.view(b, k, h, n).permute(0, 3, 2, 1).reshape(b, n, h * k)  # queries along dim 1
     fused = plan.merge(rows, "size_weighted")  # (B, K, H*K)
     return fused.view(b, k, h, k).transpose(1, 2)
+
+
+def apply_fused_attention(attention: torch.Tensor, plan: MergePlan, value: torch.Tensor) -> torch.Tensor:
+    """``fuse_attention(attention, plan) @ value`` without forming the fused matrix: (B, H, N, N)
+    probabilities on the unmerged tokens and (B, H, K, D) values of the merged ones -> (B, H, K, D).
+
+    The fused matrix is ``R A C``: ``C`` (N x K) sums each group's key columns, ``R`` (K x N) averages its
+    query rows with the fusion weights. So ``R A C v = R (A (C v))``, where ``C v`` gives every original
+    token its group's value (``unmerge``) and ``R`` is a weighted merge of the rows: one attention-sized
+    product and two token-sized gathers, where forming ``R A C`` takes several passes over an N x N matrix.
+    """
+    b, h, k, d = value.shape
+    n = plan.num_tokens
+    expanded = plan.unmerge(value.transpose(1, 2).reshape(b, k, h * d)).view(b, n, h, d).transpose(1, 2)
+    rows = (attention.to(value.dtype) @ expanded).transpose(1, 2).reshape(b, n, h * d)
+    return plan.merge(rows, "size_weighted").view(b, k, h, d).transpose(1, 2)
