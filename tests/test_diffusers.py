@@ -142,10 +142,14 @@ def test_tofu_and_mctf_use_their_merge_modes(method):
     model = dit_transformer()
     handle = tofu.apply(model, method=method, ratio=0.5)
     modes = [b.merge_mode for b in handle.blocks]
-    expected = {"tome": ["mean"] * 4, "tofu": ["prune", "prune", "mlerp", "mlerp"], "mctf": ["size_weighted"] * 4}
+    expected = {"tome": ["mean"] * 4, "tofu": ["mlerp"] * 4, "mctf": ["size_weighted"] * 4}  # tofu: switch_depth 0
     assert modes == expected[method]
     handle = tofu.apply(model, method="tofu", ratio=0.5, switch_depth=1)
     assert [b.merge_mode for b in handle.blocks] == ["prune", "mlerp", "mlerp", "mlerp"]
+    handle = tofu.apply(model, method="tofu", ratio=0.5, switch_depth=9)
+    assert [b.merge_mode for b in handle.blocks] == ["prune"] * 4
+    with pytest.raises(ValueError, match="switch_depth must be an int >= 0"):
+        tofu.apply(model, method="tofu", ratio=0.5, switch_depth=-1)
     tofu.remove(model)
 
 
