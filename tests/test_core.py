@@ -242,3 +242,30 @@ def test_stratified_grid_queries_cover_the_grid(h, w, q):
     assert rows.max() - rows.min() >= (h - 1) / 2 and cols.max() - cols.min() >= (w - 1) / 2
     again, _ = stratified_grid_queries(h, w, q, torch.Generator().manual_seed(0))
     assert torch.equal(index, again)
+
+
+@pytest.mark.parametrize("protect", [(0,), (0, 1)])
+def test_sets_order_is_protected_then_unmerged_sources_then_destinations(protect):
+    from tofu_diffusion.core import alternating_partition, bidirectional_matching, mctf_scores
+
+    n = 11
+    protected = torch.zeros(n, dtype=torch.bool)
+    protected[list(protect)] = True
+    src, dst = alternating_partition(n)
+    metric = torch.randn(2, n, 8, generator=torch.Generator().manual_seed(0))
+    plan = bipartite_soft_matching(metric, src, dst, 3, protected=protected, order="sets")
+    for kept, merged in zip(plan.kept_idx.tolist(), plan.src_idx.tolist()):
+        rest = kept[len(protect):]
+        sources = [t for t in src.tolist() if t not in merged and t not in protect]
+        destinations = [t for t in dst.tolist() if t not in protect]
+        assert kept[:len(protect)] == list(protect) and rest == sources + destinations
+    # MCTF: the A tokens left after step 1 by index, then the B tokens left after step 2 (by score)
+    scores = mctf_scores(metric, src, dst, protected=protected)
+    plan = bidirectional_matching(scores, src, dst, n, 4, protected_rows=True, order="sets", protected=protected)
+    original = bidirectional_matching(scores, src, dst, n, 4, protected_rows=True)
+    for kept, same_tokens in zip(plan.kept_idx.tolist(), original.kept_idx.tolist()):
+        assert sorted(kept) == sorted(same_tokens) and kept[:len(protect)] == list(protect)
+        a_part = [t for t in kept[len(protect):] if t % 2 == 0]
+        assert a_part == sorted(a_part) and kept[len(protect):len(protect) + len(a_part)] == a_part
+    with pytest.raises(ValueError, match="unknown token order"):
+        bipartite_soft_matching(metric, src, dst, 3, order="sorted")
