@@ -10,7 +10,6 @@ trained on), and reports how much of the accuracy lost to reduction the fine-tun
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -44,18 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def top1(model, images, labels, config=None, batch_size=500) -> float:
-    hits = 0
-    with tofu.fused(model, config) if config is not None else contextlib.nullcontext():
-        for start in range(0, images.shape[0], batch_size):
-            logits = model(images[start:start + batch_size]).logits
-            hits += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
-    return hits / images.shape[0]
-
-
 def accuracies(model, images, labels, student) -> dict:
+    """Top-1 of ``model`` as it is and reduced by ``student``."""
+    from eval.classify import accuracy
+
     model.eval()
-    return {"unreduced": top1(model, images, labels), "reduced": top1(model, images, labels, student)}
+    device, dtype = model.device, model.dtype
+    unreduced = accuracy(model, images, labels, 500, device, dtype)
+    with tofu.fused(model, student):
+        reduced = accuracy(model, images, labels, 500, device, dtype)
+    return {"unreduced": unreduced, "reduced": reduced}
 
 
 def main(argv=None) -> dict:

@@ -136,6 +136,11 @@ class _ShapesPipeline(DiffusionPipeline):
     def null_class(self) -> int:
         raise NotImplementedError
 
+    def _register(self, default_guidance_scale: float, **modules) -> None:
+        """Register the components and the guidance a call without ``guidance_scale`` uses (saved with them)."""
+        self.register_modules(**modules)
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
+
     def latent_shape(self) -> tuple[int, int, int]:
         config = self.denoiser.config
         return (config.in_channels, config.sample_size, config.sample_size)
@@ -199,8 +204,7 @@ class ShapesUNetPipeline(_ShapesPipeline):
     def __init__(self, unet: UNet2DConditionModel, class_tokens: ClassTokens,
                  scheduler: FlowMatchEulerDiscreteScheduler, default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
-        self.register_modules(unet=unet, class_tokens=class_tokens, scheduler=scheduler)
-        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
+        self._register(default_guidance_scale, unet=unet, class_tokens=class_tokens, scheduler=scheduler)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -223,8 +227,7 @@ class ShapesDiTPipeline(_ShapesPipeline):
     def __init__(self, transformer: DiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler)
-        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
+        self._register(default_guidance_scale, transformer=transformer, scheduler=scheduler)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -244,8 +247,7 @@ class ShapesMMDiTPipeline(_ShapesPipeline):
     def __init__(self, transformer: SD3Transformer2DModel, class_tokens: ClassTokens,
                  scheduler: FlowMatchEulerDiscreteScheduler, default_guidance_scale: float = DEFAULT_GUIDANCE):
         super().__init__()
-        self.register_modules(transformer=transformer, class_tokens=class_tokens, scheduler=scheduler)
-        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
+        self._register(default_guidance_scale, transformer=transformer, class_tokens=class_tokens, scheduler=scheduler)
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -135,8 +135,8 @@ def test_fused_attention_in_the_model_is_the_fused_matrix_times_the_values():
     def spy(module, query, key, value, mask, **kwargs):
         scratch = getattr(module, vit._STATE_ATTR).scratch()
         out, _ = original(module, query, key, value, mask, **kwargs)
-        if scratch.fused_attention is not None:
-            fused = fuse_attention(scratch.fused_attention, scratch.plan)
+        if scratch.unmerged_attention is not None:
+            fused = fuse_attention(scratch.unmerged_attention, scratch.plan)
             assert torch.allclose(fused.sum(dim=-1), torch.ones(()), atol=1e-5)  # rows still sum to one
             torch.testing.assert_close(out, (fused @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
             checked.append(out.shape[1])

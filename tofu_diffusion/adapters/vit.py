@@ -104,7 +104,7 @@ class LayerCall:
         self.mlp_out: Optional[torch.Tensor] = None
         self.skip_projections = False
         # mctf: the attention on the unmerged tokens, which (fused through the plan) serves the merged ones
-        self.fused_attention: Optional[torch.Tensor] = None
+        self.unmerged_attention: Optional[torch.Tensor] = None
 
 
 class ViTRun:
@@ -286,7 +286,7 @@ class LayerHook(ModelHook):
             return hidden
         with record_function("tofu_diffusion::merge"):
             merged = plan.merge(hidden, state.merge_mode)
-            scratch.fused_attention = probs
+            scratch.unmerged_attention = probs
             run.call().sizes = plan.merge_sizes(sizes)
         scratch.plan, scratch.skip_projections = plan, True
         return merged
@@ -387,10 +387,10 @@ def fused_attention(module, query, key, value, attention_mask, dropout: float = 
     weights are returned for it."""
     state = getattr(module, _STATE_ATTR, None)
     scratch = None if state is None else state.scratch()
-    if scratch is None or scratch.fused_attention is None:
+    if scratch is None or scratch.unmerged_attention is None:
         original = getattr(module, _ORIGINAL_ATTR)
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    probs = torch.nn.functional.dropout(scratch.fused_attention, p=dropout, training=module.training)
+    probs = torch.nn.functional.dropout(scratch.unmerged_attention, p=dropout, training=module.training)
     out = apply_fused_attention(probs, scratch.plan, value)  # (B, H, K, D)
     return out.transpose(1, 2).contiguous(), None
 
@@ -447,6 +447,9 @@ class ClassifierAdapter(Adapter):
         for layer in backbone.layers:
             entering.append(hidden)
             hidden = layer(hidden)
+        # Every suffix maps the states entering it to the same final states (layers act per image), so
+        # only the interpolated inputs need new forward passes.
+        outputs = (hidden, hidden.roll(1, dims=0))
 
         def suffix(depth):
             def run(h):
@@ -455,7 +458,7 @@ class ClassifierAdapter(Adapter):
                 return h
             return run
 
-        return [interpolation_gap(suffix(d), h, h.roll(1, dims=0)) for d, h in enumerate(entering)]
+        return [interpolation_gap(suffix(d), h, h.roll(1, dims=0), outputs=outputs) for d, h in enumerate(entering)]
 
 
 def attach(backbone: torch.nn.Module, config: TokenFusionConfig):

@@ -7,20 +7,23 @@ token the network never saw, and keeping one of the tokens (pruning) is safer.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 
 def interpolation_gap(f: Callable[[torch.Tensor], torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
-                      alphas: Sequence[float] = (0.5,)) -> float:
+                      alphas: Sequence[float] = (0.5,),
+                      outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
     """How far ``f`` is from linear between ``x1`` and ``x2`` (batches of the same shape): the mean over
     ``alphas`` and the batch of ``||f(a x1 + (1 - a) x2) - (a f(x1) + (1 - a) f(x2))|| / ||f(x1) - f(x2)||``.
 
     0 for a linear (or affine) ``f``; scale-free, so gaps of different depths compare. Pairs whose outputs
-    do not differ carry no information and are left out.
+    do not differ carry no information and are left out. ``outputs``: ``(f(x1), f(x2))`` when the caller
+    already has them.
     """
-    y1, y2 = f(x1).float(), f(x2).float()
+    y1, y2 = (f(x1), f(x2)) if outputs is None else outputs
+    y1, y2 = y1.float(), y2.float()
     spread = (y1 - y2).flatten(1).norm(dim=1)
     informative = spread > 1e-6 * y1.flatten(1).norm(dim=1).clamp_min(1e-12)
     if not bool(informative.any()):
