@@ -121,10 +121,15 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
-def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int, steps: int) -> float:
-    """How often ``classifier`` recognises the requested class in ``pipe``'s samples."""
+def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int, steps: int,
+                   guidance_scale: float | None = None) -> float:
+    """How often ``classifier`` recognises the requested class in ``pipe``'s samples.
+
+    ``guidance_scale`` None samples at the pipeline's own default guidance.
+    """
     labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images
+    images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator().manual_seed(seed)).images
     with torch.no_grad():
         return (classifier(images).argmax(1) == labels).float().mean().item()
 
@@ -215,7 +220,11 @@ def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
               "minutes": round((time.time() - start) / 60, 2), "threads": torch.get_num_threads(),
               "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, min(5, len(log))), "log": log}
     if args.classifier:
-        result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), 32, seed=1, steps=20)
+        guidance = getattr(args, "score_guidance", None)
+        result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), 32, seed=1, steps=20,
+                                                  guidance_scale=guidance)
+        if guidance is not None:
+            result["class_accuracy_guidance"] = guidance
         print(f"step {step}: classifier accuracy on samples {result['class_accuracy']:.3f} "
               f"(chance {1 / len(CLASSES):.3f})", flush=True)
     accuracy = result.get("class_accuracy", 0.0)
@@ -258,6 +267,8 @@ def main(argv=None) -> None:
         u.add_argument("--init", help="start from this saved pipeline folder instead of random weights")
         u.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
         u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
+        u.add_argument("--score-guidance", type=float,
+                       help="guidance scale for scoring snapshots (default: the pipeline's own)")
         u.add_argument("--out", default=f"pipelines/weights/tiny-{kind}")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
