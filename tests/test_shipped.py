@@ -5,7 +5,7 @@ import torch
 
 import tofu_diffusion as tofu
 from eval.flops import count_flops
-from pipelines import load_embedded, load_shapes_classifier
+from pipelines import EMBEDDED_GENERATORS, load_embedded, load_shapes_classifier
 from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
 
@@ -20,7 +20,7 @@ def test_shipped_classifier_recognises_held_out_shapes(classifier):
     assert accuracy > 0.95
 
 
-@pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit"])
+@pytest.mark.parametrize("name", EMBEDDED_GENERATORS)
 def test_shipped_generators_draw_the_requested_class(name, classifier):
     pipe = load_embedded(name)
     pipe.set_progress_bar_config(disable=True)
