@@ -6,7 +6,7 @@ in ``pipelines/weights``):
 - ``tiny-unet``: ``ShapesUNetPipeline``, an SD-style ``UNet2DConditionModel`` with cross-attention on
   learned class tokens;
 - ``tiny-dit``: ``ShapesDiTPipeline``, a class-conditional ``DiTTransformer2DModel``, patch 2;
-- ``tiny-mmdit`` (once trained): ``ShapesMMDiTPipeline``, an ``SD3Transformer2DModel`` (joint attention) on
+- ``tiny-mmdit``: ``ShapesMMDiTPipeline``, an ``SD3Transformer2DModel`` (joint attention) on
   learned class tokens and a pooled class vector;
 - ``shapes-classifier``: the CNN whose features score FID and whose predictions score class accuracy.
 """
@@ -17,11 +17,11 @@ import json
 import os
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-EMBEDDED_GENERATORS = ("tiny-unet", "tiny-dit")
+EMBEDDED_GENERATORS = ("tiny-unet", "tiny-dit", "tiny-mmdit")
 
 
 def embedded_path(name: str) -> str:
-    """The folder of a bundled model (``tiny-unet``, ``tiny-dit``, ``shapes-classifier``)."""
+    """The folder of a bundled model: a generator (``EMBEDDED_GENERATORS``), ``shapes-classifier`` or ``tiny-vit``."""
     path = os.path.join(WEIGHTS_DIR, name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"bundled model {name!r} not found at {path}; train it with "
@@ -45,7 +45,7 @@ def shapes_pipeline_class(name_or_path: str):
 
 
 def load_embedded(name_or_path: str):
-    """A bundled generator by name (``tiny-unet``, ``tiny-dit``) or a folder saved from one, via ``from_pretrained``.
+    """A bundled generator by name (``EMBEDDED_GENERATORS``) or a folder saved from one, via ``from_pretrained``.
 
     The shapes pipelines are this project's classes, so diffusers' generic ``DiffusionPipeline`` cannot
     resolve them: they load through their own class.

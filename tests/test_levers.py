@@ -73,6 +73,21 @@ def test_no_options_is_the_family_preset():
     tofu.remove(unet)
 
 
+def test_joint_attention_families_share_the_sd3_preset(monkeypatch):
+    from pipelines.tiny import flux_transformer, sd3_transformer
+    from tofu_diffusion.presets import PRESETS
+
+    # a distinct sd3 entry, so the test sees which entry each family took
+    monkeypatch.setitem(PRESETS["quality"], "sd3", {"method": "mctf", "schedule": ((0.0, 0.0), (0.5, 0.5))})
+    for model in (sd3_transformer(), flux_transformer()):
+        handle = tofu.apply(model)
+        assert handle.config.method == "mctf" and handle.config.schedule == ((0.0, 0.0), (0.5, 0.5))
+        tofu.remove(model)
+    dit = dit_transformer()
+    assert tofu.apply(dit).config.schedule == PRESETS["quality"]["dit"]["schedule"]
+    tofu.remove(dit)
+
+
 def test_num_train_timesteps_come_from_the_pipeline():
     from pipelines.tiny import dit_pipeline
 

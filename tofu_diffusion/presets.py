@@ -3,7 +3,7 @@
 A preset fills ``method``, the ratio ``schedule`` over denoising progress and the reduced ``blocks``
 only where the user gave none of them; an explicit ``ratio`` or ``schedule``
 is always used as given (see ``TokenFusionConfig.resolve``). The figures behind each choice are in the
-README (the sweep on the bundled tiny-unet and tiny-dit).
+README (the sweeps on the bundled tiny-unet, tiny-dit and tiny-mmdit).
 
 Why these shapes: the layout of an image forms in the first denoising steps and reducing tokens there
 changes what is drawn; late steps refine detail that neighbouring tokens share, so they take a high
@@ -13,7 +13,8 @@ at equal speed less than reducing fewer steps, so the presets reduce every eligi
 
 from __future__ import annotations
 
-# family -> options; "unet": SD 1.x/2.x and SDXL UNets; "dit": DiT and PixArt; "vit": classifiers.
+# family -> options; "unet": SD 1.x/2.x and SDXL UNets; "dit": DiT and PixArt; "sd3": SD3 / SD3.5 (measured
+# on the bundled tiny-mmdit); "vit": classifiers. A family without an entry takes FALLBACK's.
 PRESETS: dict[str, dict[str, dict]] = {
     # Faster with no visible loss: reduction only once the layout is set, then the highest ratio.
     # On the exploration sweeps the trajectory dominated the block choice at equal speed: on tiny-dit,
@@ -21,21 +22,26 @@ PRESETS: dict[str, dict[str, dict]] = {
     # A DiT reduces every block, so it is more sensitive than a UNet (which reduces one level): on the
     # better-trained tiny-dit only the last 20% of steps stayed within noise of the baseline. On tiny-unet,
     # starting at 0.3 instead of 0.4 bought 1.24x against 1.17x with FID still within noise (README).
+    # Joint attention (tiny-mmdit) ranked the schedules as the DiT did: 0.75 from 0.8 stayed within noise
+    # (1.21x), so SD3 takes the DiT's schedules.
     "quality": {
         "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75))},
         "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.8, 0.75))},
+        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.8, 0.75))},
         "vit": {"method": "tome", "ratio": 0.5},
     },
     # More speed for a small, measurable loss.
     "balanced": {
         "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.75))},
         "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
+        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
         "vit": {"method": "tome", "ratio": 0.5},
     },
     # The most speed: the highest ratio the 2x2 stride allows at every step.
     "fast": {
         "unet": {"method": "tome", "ratio": 0.75},
         "dit": {"method": "tome", "ratio": 0.75},
+        "sd3": {"method": "tome", "ratio": 0.75},
         "vit": {"method": "tome", "ratio": 0.5},
     },
 }
@@ -49,9 +55,14 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+# Flux is joint attention like SD3, with no bundled model of its own to measure; anything else is a DiT.
+FALLBACK = {"flux": "sd3"}
+
+
 def preset_options(name: str, family: str) -> dict:
-    """The options of preset ``name`` for a model ``family`` (SD3/Flux adapters fall back to "dit")."""
+    """The options of preset ``name`` for a model ``family`` (through ``FALLBACK``, then "dit")."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
     options = PRESETS[name]
+    family = family if family in options else FALLBACK.get(family, "dit")
     return dict(options.get(family, options["dit"]))
