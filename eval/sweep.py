@@ -37,10 +37,12 @@ NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pipelines import EMBEDDED_GENERATORS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny-unet",
-                   help="tiny-unet, tiny-dit, tiny-mmdit (bundled), or a diffusers pipeline's id / local folder")
+                   help=f"{', '.join(EMBEDDED_GENERATORS)} (bundled), or a diffusers pipeline's id / local folder")
     p.add_argument("--methods", nargs="+", default=["tome", "tofu", "mctf"], choices=tofu.METHODS + ("tomesd",),
                    help="swept at every ratio; tomesd is the installed tomesd package (Stable Diffusion UNets)")
     p.add_argument("--ratios", nargs="+", type=float, default=[0, 0.25, 0.5, 0.75])
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="default: the pipeline's own (bundled: tiny-unet 4, tiny-dit and tiny-mmdit 8)")
+                   help="default: the pipeline's own (bundled: default_guidance_scale in model_index.json)")
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     p.add_argument("--num-reference", type=int, default=2048, help="real images for FID (bundled models)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median)")

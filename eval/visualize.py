@@ -23,8 +23,11 @@ import tofu_diffusion as tofu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pipelines import EMBEDDED_GENERATORS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-unet", help="tiny-unet, tiny-dit, tiny-mmdit, or a diffusers pipeline id / folder")
+    p.add_argument("--model", default="tiny-unet",
+                   help=f"{', '.join(EMBEDDED_GENERATORS)} (bundled), or a diffusers pipeline id / folder")
     p.add_argument("--method", default="tome", choices=[m for m in tofu.METHODS if m != "todo"])
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--step", type=int, default=10, help="denoising step whose plans are drawn (0 = first)")

@@ -2,7 +2,7 @@
 
 Two kinds, one interface:
 
-- the bundled models (``tiny-unet``, ``tiny-dit``, ``tiny-mmdit``): class-conditional, scored by the shipped shapes
+- the bundled models (``pipelines.EMBEDDED_GENERATORS``): class-conditional, scored by the shipped shapes
   classifier (its features for FID, its predictions for class accuracy) against real procedural images;
 - a real checkpoint (hub id or local folder): text-to-image (prompts from a file, CLIP score with a local
   CLIP model) or class-conditional (DiT), FID with Inception features (or a user feature module)

@@ -38,8 +38,8 @@ from .shapes import CLASSES, IMAGE_SIZE
 PATCH = 2  # tiny-unet: pixels per latent position along each side
 # Strong guidance: the small generators follow their class far more often with it (measured 2 -> 5:
 # 21% -> 44% class accuracy for tiny-dit early in training). A pipeline saves its own default
-# (``default_guidance_scale`` in model_index.json): tiny-dit's and tiny-mmdit's are 8 (README, "The bundled
-# generators").
+# (``default_guidance_scale`` in model_index.json): tiny-dit's is 8, tiny-mmdit's 16 (README, "The bundled
+# models").
 DEFAULT_GUIDANCE = 4.0
 
 

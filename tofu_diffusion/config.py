@@ -183,8 +183,9 @@ class TokenFusionConfig:
             raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
         if self.levels is not None and (not self.levels or min(self.levels) < 1):
             raise ValueError(f"levels must be a non-empty list of downsampling factors >= 1, got {self.levels!r}")
-        if isinstance(self.switch_depth, bool) or not isinstance(self.switch_depth, numbers.Integral) or self.switch_depth < 0:
-            raise ValueError(f"switch_depth must be an int >= 0 (the first block that merges), got {self.switch_depth!r}")
+        depth = self.switch_depth
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
+            raise ValueError(f"switch_depth must be an int >= 0 (the first block that merges), got {depth!r}")
         if self.plan_reuse_steps < 1:
             raise ValueError(f"plan_reuse_steps must be >= 1 (1 = plan every step), got {self.plan_reuse_steps}")
         if self.info_queries < 1:

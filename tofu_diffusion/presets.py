@@ -64,5 +64,4 @@ def preset_options(name: str, family: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
     options = PRESETS[name]
-    family = family if family in options else FALLBACK.get(family, "dit")
-    return dict(options.get(family, options["dit"]))
+    return dict(options[family if family in options else FALLBACK.get(family, "dit")])
