@@ -127,7 +127,7 @@ def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 class _ShapesPipeline(DiffusionPipeline):
-    """The sampling loop both generators share; subclasses say how to call their denoiser."""
+    """The sampling loop the generators share; subclasses say how to call their denoiser."""
 
     @property
     def denoiser(self) -> torch.nn.Module:
