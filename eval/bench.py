@@ -18,9 +18,10 @@ import functools
 import json
 import os
 import platform
+import statistics
 from dataclasses import dataclass
 from datetime import date
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 import tofu_diffusion as tofu
 from tofu_diffusion.adapters import hooks as _hooks
 from eval.flops import count_flops
-from eval.timing import interleaved_median
+from eval.timing import interleaved_median, interleaved_times, speedup_interval
 from eval.variants import Variant, tomesd, use_variant
 
 
@@ -40,6 +41,22 @@ class Workload:
     resolution: int
     full_depth: int
     tomesd: bool
+    scheduler: Optional[Callable[[], object]] = None  # the real pipeline's scheduler, for --trajectory
+    scheduler_note: str = ""
+
+
+def _sd35_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)  # stable-diffusion-3.5-medium scheduler/scheduler_config.json
+
+
+def _flux_dev_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev scheduler/scheduler_config.json: mu from the image size
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
 
 
 def _sd15(depth):
@@ -164,8 +181,8 @@ WORKLOADS = {
     "sdxl": Workload("SDXL UNet", _sdxl, _unet_inputs(2048, 77, added=True), 1024, 0, True),
     "pixart": Workload("PixArt-alpha", _pixart, _transformer_inputs(4096), 1024, 28, False),
     "dit": Workload("DiT-XL/2", _dit, _transformer_inputs(), 256, 28, True),
-    "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False),
-    "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False),
+    "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False, _sd35_scheduler, "shift 3"),
+    "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False, _flux_dev_scheduler, "dynamic shift, mu from size"),
 }
 
 
@@ -277,6 +294,89 @@ def run_workload(key: str, args) -> list[dict]:
     return rows
 
 
+def trajectory_rows(key: str, args) -> list[dict]:
+    """The default's speedup over a whole call of ``args.steps`` steps under the model's real scheduler.
+
+    ``tofu.explain`` gives each step's ratio under that scheduler; one step at each ratio the call uses is
+    timed interleaved with the unreduced step, and the call's time is the sum over its steps. tome 0.5 at
+    every step is timed beside it. The interval is the spread of the interleaved rounds' ratios.
+    """
+    spec = WORKLOADS[key]
+    if spec.scheduler is None:
+        raise ValueError(f"--trajectory: no real scheduler is recorded for {key}; choose from "
+                         f"{[k for k, w in WORKLOADS.items() if w.scheduler]}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    depth = args.depth if (spec.full_depth and args.depth) else spec.full_depth
+    resolution = args.resolution or spec.resolution
+    torch.manual_seed(0)
+    model = (spec.build(depth, args.width) if args.width else spec.build(depth)).to(device, dtype).eval()
+    call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
+    plan = tofu.explain(model, num_inference_steps=args.steps, height=resolution, width=resolution,
+                        scheduler=spec.scheduler())
+    default = plan.config
+    per_step = [s.ratio for s in plan.steps]
+    configs = {"baseline": None, "tome 0.5": tofu.TokenFusionConfig(method="tome", ratio=0.5)}
+    for ratio in sorted({r for r in per_step if r > 0}):
+        configs[f"default at {ratio:g}"] = tofu.TokenFusionConfig(method=default.method, ratio=ratio,
+                                                                  blocks=default.blocks, stride=default.stride)
+
+    def step():
+        return model(*call_args, **call_kwargs)
+
+    setups = {name: functools.partial(use_variant, model, config) for name, config in configs.items()}
+    print(f"\n{spec.name} @ {resolution}px: {args.steps}-step call ({spec.scheduler_note}), default "
+          f"{plan.reduced_steps} steps reduced", flush=True)
+    with torch.no_grad():
+        times = interleaved_times({n: step for n in configs}, setups, repeats=args.repeats, warmup=args.warmup,
+                                  device=device)
+        flops = {}
+        for name in configs:
+            setups[name]()
+            flops[name] = _count_flops(step)
+        use_variant(model, None)
+
+    def call_of(series: dict) -> list[float]:  # the call's time in each round: its steps at their ratios
+        return [sum(series[r][i] for r in per_step) for i in range(args.repeats)]
+
+    base = times["baseline"]
+    by_ratio = {0.0: base, **{float(n.split()[-1]): t for n, t in times.items() if n.startswith("default at")}}
+    default_call = call_of(by_ratio)
+    base_call = [b * len(per_step) for b in base]
+    ideal = flops["baseline"] * len(per_step) / sum(flops["baseline"] if r == 0 else flops[f"default at {r:g}"]
+                                                    for r in per_step)
+    rows = []
+    common = {"model": spec.name, "resolution": resolution, "depth": depth or None, "width": args.width,
+              "batch": args.batch, "dtype": args.dtype, "device": args.device, "steps": args.steps,
+              "scheduler": spec.scheduler_note}
+    for name, call, ideal_speedup, reduced in (
+            ("default, whole call", default_call, ideal, plan.reduced_steps),
+            ("tome 0.5 every step", [t * len(per_step) for t in times["tome 0.5"]],
+             flops["baseline"] / flops["tome 0.5"], len(per_step))):
+        speedup, low, high = speedup_interval(base_call, call)
+        rows.append({**common, "variant": name, "reduced_steps": reduced, "ms_per_call": statistics.median(call) * 1000,
+                     "speedup": speedup, "speedup_low": low, "speedup_high": high, "ideal_speedup": ideal_speedup})
+    return rows
+
+
+def explain_full_size(key: str, args) -> str:
+    """``tofu.explain`` of the default on the full-size model under its real scheduler."""
+    spec = WORKLOADS[key]
+    if spec.scheduler is None:
+        raise ValueError(f"--explain: no real scheduler is recorded for {key}")
+    with torch.device("meta"):  # geometry only: no weights are allocated
+        model = spec.build(spec.full_depth, args.width) if args.width else spec.build(spec.full_depth)
+    resolution = args.resolution or spec.resolution
+    plan = tofu.explain(model, num_inference_steps=args.steps, height=resolution, width=resolution,
+                        scheduler=spec.scheduler())
+    return f"{spec.name} at {resolution}x{resolution} ({spec.scheduler_note}):\n{plan}"
+
+
+def print_trajectory(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"{r['model']:<10}{r['variant']:<24}{r['reduced_steps']:>3}/{r['steps']} steps  "
+              f"{r['speedup']:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f}), ideal {r['ideal_speedup']:.2f}x")
+
+
 def _fmt(value, pattern):
     return "-" if value is None else pattern.format(value)
 
@@ -323,6 +423,12 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-tomesd", action="store_true")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs (the ideal) without timing")
+    parser.add_argument("--trajectory", action="store_true",
+                        help="sd3 / flux: the default's speedup over a whole --steps call under the real scheduler")
+    parser.add_argument("--steps", type=int, default=28, help="--trajectory / --explain: steps of the call")
+    parser.add_argument("--explain", action="store_true",
+                        help="print tofu.explain for the default at full size (model built on the meta device: "
+                             "no memory, nothing timed)")
     parser.add_argument("--out", default="results/bench.json")
     parser.add_argument("--render", metavar="JSON", help="print an earlier run's results as a markdown table")
     args = parser.parse_args(argv)
@@ -332,11 +438,19 @@ def main(argv=None) -> None:
         return
     if args.depth is None and args.device == "cpu":
         args.depth = 4  # per-block cost is what matters; the table says when depth was cut
+    if args.explain:
+        for key in args.models:
+            print(explain_full_size(key, args) + "\n")
+        return
     rows = []
     for key in args.models:
+        if args.trajectory:
+            rows += trajectory_rows(key, args)
+            print_trajectory(rows[-2:])
+            continue
         rows += run_workload(key, args)
         print_table([r for r in rows if r["model"] == WORKLOADS[key].name])
-    print_table(rows)
+    (print_trajectory if args.trajectory else print_table)(rows)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),

@@ -58,8 +58,13 @@ def tradeoff_plot(path: str, rows: list[dict], x: str, y: str, label: str, xlabe
         members = [r for r in rows[1:] if series(r) == name]
         joined = name not in ("presets", "variants")  # a ratio sweep is a line; presets/variants are points
         line = ([base] + members) if joined else members
-        ax.plot([r[x] for r in line], [r[y] for r in line], marker="o", label=name,
-                linestyle="-" if joined else "none")
+        drawn = ax.plot([r[x] for r in line], [r[y] for r in line], marker="o", label=name,
+                        linestyle="-" if joined else "none")[0]
+        low, high = f"{x}_low", f"{x}_high"
+        if all(r.get(low) is not None and r.get(high) is not None for r in members):  # the timing noise
+            ax.errorbar([r[x] for r in members], [r[y] for r in members], fmt="none", color=drawn.get_color(),
+                        xerr=[[r[x] - r[low] for r in members], [r[high] - r[x] for r in members]], capsize=2,
+                        alpha=0.6)
         for r in members:
             ax.annotate(f"{r[label]}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[x])

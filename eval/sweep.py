@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -30,10 +31,11 @@ from tqdm.auto import tqdm
 
 import tofu_diffusion as tofu
 from eval import metrics, report, workloads
-from eval.timing import interleaved_median, synchronize
+from eval.timing import interleaved_times, ratio_interval, synchronize
 from eval.variants import Variant, use_variant
 
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this far away
+BASELINE_AGAIN = "baseline, timed again"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sample with the scheduler's timestep shift (SD3: 3; Flux-dev at 1024 px: 3.16); "
+                        "default: the pipeline's own scheduler")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="default: the pipeline's own (bundled: default_guidance_scale in model_index.json)")
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
@@ -238,13 +243,17 @@ def collect(sharding: Sharding, pairs: list) -> torch.Tensor:
     return torch.stack([image for _, image in gathered])
 
 
-def time_settings(work, args, settings, device) -> tuple[dict, dict, dict]:
-    """Seconds per image, denoiser ms per step, and peak memory of each setting, interleaved."""
+def time_settings(work, args, settings, device) -> tuple[dict, dict, dict, dict]:
+    """Seconds per image, denoiser ms per step, peak memory, and each setting's speedups over the baseline in
+    each interleaved round (the baseline's: its second timing over its first, the timing noise)."""
     batch = args.timing_batch or args.batch_size
     indices = list(range(batch))
     seeds, conditions = [args.seed + i for i in indices], [work.condition(i) for i in indices]
     names = [setting.name for setting in settings]
-    setups = {setting.name: functools.partial(use_variant, work.denoiser, setting.variant) for setting in settings}
+    setups = {setting.name: functools.partial(use_variant, work.pipe, setting.variant) for setting in settings}
+    # The baseline is timed twice per round (first and last): its speedup over itself is the timing noise.
+    names.append(BASELINE_AGAIN)
+    setups[BASELINE_AGAIN] = setups[names[0]]
     clock = DenoiserClock(work.denoiser, device)
     step_ms: dict[str, list[float]] = {name: [] for name in names}
 
@@ -257,14 +266,18 @@ def time_settings(work, args, settings, device) -> tuple[dict, dict, dict]:
 
     peaks: dict[str, float] = {}
     try:
-        seconds = interleaved_median({n: timed(n) for n in names}, setups, repeats=args.repeats,
-                                     device=device, peak_memory=peaks)
+        rounds = interleaved_times({n: timed(n) for n in names}, setups, repeats=args.repeats,
+                                   device=device, peak_memory=peaks)
     finally:
         clock.close()
-        use_variant(work.denoiser, None)
-    per_image = {n: s / batch for n, s in seconds.items()}
+        use_variant(work.pipe, None)
+    again = rounds.pop(BASELINE_AGAIN)
+    per_image = {n: statistics.median(s) / batch for n, s in rounds.items()}
     denoiser_ms = {n: sorted(v)[len(v) // 2] for n, v in step_ms.items()}
-    return per_image, denoiser_ms, peaks
+    base = rounds[names[0]]
+    speedups = {n: [b / t for b, t in zip(base, s)] for n, s in rounds.items()}
+    speedups[names[0]] = [b / t for b, t in zip(base, again)]
+    return per_image, denoiser_ms, peaks, speedups
 
 
 def evaluate(args, sharding: Sharding) -> Optional[dict]:
@@ -273,7 +286,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     from pipelines import shapes_pipeline_class
 
     if shapes_pipeline_class(args.model) is not None:
-        work = workloads.embedded(args.model, device, args.steps, args.guidance_scale)
+        work = workloads.embedded(args.model, device, args.steps, args.guidance_scale, args.shift)
     else:
         work = workloads.checkpoint(args, device, dtype)
     settings = settings_of(args)
@@ -282,16 +295,16 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     mine = sharding.local(indices)
 
     # Speed first, on a warm model; each process times its own calls.
-    per_image, denoiser_ms, peaks = time_settings(work, args, settings, device)
-    timings = sharding.gather([(per_image, denoiser_ms, peaks)])
+    per_image, denoiser_ms, peaks, speedups = time_settings(work, args, settings, device)
+    timings = sharding.gather([(per_image, denoiser_ms, peaks, speedups)])
 
     bar = tqdm(total=len(mine) * (len(settings) + 1), desc=f"drawing {work.name}", disable=not sharding.is_main)
     images = {}
     for setting in settings:
-        use_variant(work.denoiser, setting.variant)
+        use_variant(work.pipe, setting.variant)
         bar.set_postfix_str(setting.name)
         images[setting.name] = collect(sharding, draw_images(work, mine, args.seed, args.batch_size, bar))
-    use_variant(work.denoiser, None)
+    use_variant(work.pipe, None)
     bar.set_postfix_str("noise floor")
     floor_images = collect(sharding, draw_images(work, mine, args.seed + NOISE_FLOOR_SEED_OFFSET, args.batch_size, bar))
     bar.close()
@@ -318,7 +331,10 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     for setting in tqdm(settings, desc="scoring", disable=not sharding.is_main):
         name, fake = setting.name, metrics.from_uint8(images[setting.name])
         seconds = sum(t[0][name] for t in timings) / len(timings)
-        base_seconds = sum(t[0]["baseline"] for t in timings) / len(timings)
+        # every process's interleaved rounds, pooled: the median and spread of the paired speedups
+        speedup, low, high = ratio_interval([ratio for t in timings for ratio in t[3][name]])
+        if setting is settings[0]:
+            speedup = 1.0  # by definition; its (low, high) is the baseline timed against itself: the noise
         scores = work.score(fake.to(device), conditions)
         kid_mean, kid_std = kid(images[name]) if kid else (None, None)
         config = setting.variant if isinstance(setting.variant, tofu.TokenFusionConfig) else None
@@ -329,7 +345,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             "schedule": format_schedule(resolved) if resolved is not None else None,
             "seconds_per_image": seconds,
             "denoiser_ms_per_step": sum(t[1][name] for t in timings) / len(timings),
-            "speedup": base_seconds / seconds,
+            "speedup": speedup, "speedup_low": low, "speedup_high": high,
             "fid": fid(images[name]) if fid else None,
             "kid": kid_mean, "kid_std": kid_std,
             "clip_score": scores.get("clip_score"),
@@ -339,7 +355,8 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             "peak_memory_mb": max(t[2][name] for t in timings),
         })
     report.mark_pareto(rows, "speedup", "fid" if fid else "psnr", lower_is_better=bool(fid))
-    result = {"model": work.name, "num_images": args.num_images, "steps": args.steps, "device": str(device),
+    result = {"model": work.name, "num_images": args.num_images, "steps": args.steps, "shift": args.shift,
+              "device": str(device),
               "processes": len(timings), "noise_floor_fid": noise_floor, "rows": rows}
     write_outputs(args.out, result, images, settings, args.grid)
     return result
@@ -347,7 +364,8 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 
-COLUMNS = ("setting", "method", "ratio", "schedule", "seconds_per_image", "denoiser_ms_per_step", "speedup", "fid",
+COLUMNS = ("setting", "method", "ratio", "schedule", "seconds_per_image", "denoiser_ms_per_step", "speedup",
+           "speedup_low", "speedup_high", "fid",
            "kid", "kid_std", "clip_score", "class_accuracy", "psnr", "ssim", "peak_memory_mb", "pareto")
 
 
@@ -394,13 +412,20 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int =
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
+def format_speedup(row: dict) -> str:
+    """``1.21x (1.15-1.27)``: the speedup and the spread of its interleaved rounds."""
+    if row.get("speedup_low") is None:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})"
+
+
 def format_table(result: dict) -> str:
     def cell(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
     condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
     width = max(12, *(len(r["setting"]) + 2 for r in result["rows"]))
-    header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>9}{'FID':>8}{'KID x1e3':>14}"
+    header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>21}{'FID':>8}{'KID x1e3':>14}"
               f"{condition:>10}{'PSNR':>7}{'SSIM':>7}{'mem MB':>8} pareto")
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
@@ -408,12 +433,14 @@ def format_table(result: dict) -> str:
         kid = "n/a" if r["kid"] is None else f"{1e3 * r['kid']:.2f}+-{1e3 * r['kid_std']:.2f}"
         reduces = r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")
         lines.append(f"{r['setting']:<{width}}{r['method']:<8}{reduces:<24}{r['seconds_per_image']:>9.4f}"
-                     f"{r['speedup']:>8.2f}x{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
+                     f"{format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
                      f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>8.0f}"
                      f" {'*' if r['pareto'] else ''}")
     floor = result.get("noise_floor_fid")
     lines.append(f"noise floor: FID of the baseline against itself with other seeds = {cell(floor, '.2f')} "
                  "(FID differences smaller than this are not real)")
+    lines.append("speedup (low-high): the middle 80% of the interleaved rounds' speedups; the baseline's own spread "
+                 "is the timing noise")
     lines.append("pareto *: no other row is both faster and better (FID; PSNR where there is no reference set)")
     return "\n".join(lines)
 

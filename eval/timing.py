@@ -26,6 +26,40 @@ def interleaved_median(
 
     When ``peak_memory`` is a dict it receives each variant's peak memory (MB) over its calls.
     """
+    times = interleaved_times(variants, setup, repeats, warmup, device, peak_memory)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def speedup_interval(baseline: list[float], variant: list[float]) -> tuple[float, float, float]:
+    """(median, low, high) of the per-round speedups ``baseline[i] / variant[i]`` of interleaved rounds.
+
+    Pairing by round cancels the machine's slow drifts; the spread of the pairs is the noise a single number
+    would hide. low/high are the middle 80% (10th-90th percentile) of the rounds' ratios, the extremes with
+    fewer than five rounds.
+    """
+    return ratio_interval([b / v for b, v in zip(baseline, variant)])
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(median, low, high) of per-round speedups, as ``speedup_interval``."""
+    ratios = sorted(ratios)
+    if not ratios:
+        raise ValueError("no timed rounds")
+    if len(ratios) < 5:
+        return statistics.median(ratios), ratios[0], ratios[-1]
+    low, high = (ratios[round(q * (len(ratios) - 1))] for q in (0.1, 0.9))
+    return statistics.median(ratios), low, high
+
+
+def interleaved_times(
+    variants: dict[str, Callable[[], object]],
+    setup: dict[str, Callable[[], None]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device = torch.device("cpu"),
+    peak_memory: Optional[dict[str, float]] = None,
+) -> dict[str, list[float]]:
+    """Seconds of every timed round of each variant (``interleaved_median``'s rounds, unreduced)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
         for name, fn in variants.items():
@@ -39,7 +73,7 @@ def interleaved_median(
                 times[name].append(time.perf_counter() - start)
             if peak_memory is not None:
                 peak_memory[name] = max(peak_memory.get(name, 0.0), peak_memory_mb(device))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def reset_peak_memory(device: torch.device) -> None:

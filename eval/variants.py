@@ -7,6 +7,7 @@ from typing import Union
 import torch
 
 import tofu_diffusion as tofu
+from tofu_diffusion.api import denoiser_of
 
 try:
     import tomesd
@@ -17,13 +18,15 @@ except ImportError:  # optional: compared only when installed
 Variant = Union[None, tuple, tofu.TokenFusionConfig]
 
 
-def use_variant(model: torch.nn.Module, variant: Variant) -> None:
-    """Put ``model`` in ``variant``, removing whatever variant it was in."""
+def use_variant(model, variant: Variant) -> None:
+    """Put ``model`` (a pipeline, so that schedules read its scheduler's steps, or a model) in ``variant``,
+    removing whatever variant it was in."""
     if tofu.handle_of(model) is not None:
         tofu.remove(model)
+    denoiser = model if isinstance(model, torch.nn.Module) else denoiser_of(model)  # tomesd takes UNets
     if tomesd is not None:
-        tomesd.remove_patch(model)
+        tomesd.remove_patch(denoiser)
     if isinstance(variant, tuple) and variant[0] == "tomesd":
-        tomesd.apply_patch(model, ratio=variant[1])
+        tomesd.apply_patch(denoiser, ratio=variant[1])
     elif variant is not None:
         tofu.apply(model, variant)

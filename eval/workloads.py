@@ -56,11 +56,28 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def embedded(name: str, device: torch.device, steps: int, guidance_scale: Optional[float] = None) -> Workload:
+def with_shift(pipe, shift: Optional[float]):
+    """``pipe`` sampling with its scheduler's timestep ``shift`` (SD3: 3.0; Flux-dev at 1024 px: e^1.15 = 3.16).
+
+    A flow model can be sampled at any shift: the same sigmas, spent more at high noise. None keeps the
+    pipeline's own scheduler.
+    """
+    if shift is None:
+        return pipe
+    if "shift" not in pipe.scheduler.config:
+        raise ValueError(f"--shift needs a flow-matching scheduler with a shift; {type(pipe.scheduler).__name__} has "
+                         f"none")
+    config = {**pipe.scheduler.config, "shift": float(shift), "use_dynamic_shifting": False}
+    pipe.scheduler = type(pipe.scheduler).from_config(config)
+    return pipe
+
+
+def embedded(name: str, device: torch.device, steps: int, guidance_scale: Optional[float] = None,
+             shift: Optional[float] = None) -> Workload:
     from pipelines import load_embedded, load_shapes_classifier
     from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
-    pipe = load_embedded(name).to(device)
+    pipe = with_shift(load_embedded(name), shift).to(device)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_shapes_classifier().to(device)
 
@@ -70,7 +87,7 @@ def embedded(name: str, device: torch.device, steps: int, guidance_scale: Option
         return pipe(labels, num_inference_steps=steps, generator=_generators(seeds), **options).images
 
     def real_images(n):
-        return generate(n, seed=HELD_OUT_SEED)[0].to(device)
+        return generate(n, seed=HELD_OUT_SEED, size=pipe.image_size)[0].to(device)
 
     def score(images, labels):
         with torch.no_grad():
@@ -122,7 +139,7 @@ def checkpoint(args, device: torch.device, dtype: torch.dtype) -> Workload:
     """A diffusers pipeline from a hub id or local folder (``DiffusionPipeline.from_pretrained``)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
+    pipe = with_shift(DiffusionPipeline.from_pretrained(args.model, dtype=dtype), args.shift).to(device)
     pipe.set_progress_bar_config(disable=True)
     accepted = inspect.signature(pipe.__call__).parameters
     if "prompt" in accepted:

@@ -88,3 +88,44 @@ def generate(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> tuple[torch.T
     image = image * (1 - mask) + fill * mask
     image = image + 0.04 * torch.randn(image.shape, generator=g)
     return (image.clamp(0, 1) * 2 - 1), labels
+
+
+FRAMES = 8  # frames of a moving-shapes clip
+
+
+def generate_clips(count: int, seed: int = 0, frames: int = FRAMES,
+                   size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` clips (N, F, 3, size, size) in [-1, 1] of one shape moving at constant velocity over a still
+    background, their labels (N,) and the shape's centre in each frame (N, F, 2) as (x, y) in [-1, 1].
+
+    The shape's size, tilt and fill stay; it moves in a straight line between two random positions that
+    keep it inside the frame, so motion is learnable from any two frames. Each frame has its own pixel noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = count
+    labels = torch.randint(len(CLASSES), (n,), generator=g)
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    x, y = x.expand(n, size, size), y.expand(n, size, size)
+    background = _backgrounds(g, n, x, y)
+    radius = _uniform(g, n, 0.45, 0.7).view(n, 1, 1)  # a little smaller than the stills: room to move
+    start = (torch.rand(n, 2, generator=g) * 2 - 1) * (1 - radius.view(n, 1))
+    end = (torch.rand(n, 2, generator=g) * 2 - 1) * (1 - radius.view(n, 1))
+    theta = _uniform(g, n, -0.35, 0.35).view(n, 1, 1)
+    fill_a, fill_b = _colours(g, n), _colours(g, n)
+    striped = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1)
+    stripe_freq = _uniform(g, n, 3, 6).view(n, 1, 1)
+    along = torch.linspace(0, 1, frames).view(1, frames, 1)
+    centres = start.unsqueeze(1) + (end - start).unsqueeze(1) * along  # (N, F, 2)
+    clips = []
+    for f in range(frames):
+        cx, cy = centres[:, f, 0].view(n, 1, 1), centres[:, f, 1].view(n, 1, 1)
+        dx, dy = (x - cx) / radius, (y - cy) / radius
+        u = dx * torch.cos(theta) + dy * torch.sin(theta)
+        v = -dx * torch.sin(theta) + dy * torch.cos(theta)
+        mask = _shape_masks(labels, u, v).unsqueeze(1).float()
+        stripe = (torch.sin(stripe_freq * math.pi * u) > 0) & striped
+        fill = torch.where(stripe.unsqueeze(1), fill_b.view(n, 3, 1, 1), fill_a.view(n, 3, 1, 1))
+        frame = background * (1 - mask) + fill * mask + 0.04 * torch.randn(background.shape, generator=g)
+        clips.append(frame.clamp(0, 1) * 2 - 1)
+    return torch.stack(clips, dim=1), labels, centres

@@ -27,13 +27,16 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from dataclasses import dataclass
+
 from diffusers import (DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+                       UNet2DConditionModel, WanTransformer3DModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import BaseOutput
 
-from .shapes import CLASSES, IMAGE_SIZE
+from .shapes import CLASSES, FRAMES, IMAGE_SIZE
 
 PATCH = 2  # tiny-unet: pixels per latent position along each side
 # Strong guidance: the small generators follow their class far more often with it (measured 2 -> 5:
@@ -50,6 +53,17 @@ def to_latent(images: torch.Tensor) -> torch.Tensor:
 
 def to_image(latents: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(latents, PATCH)
+
+
+def to_video_latent(clips: torch.Tensor) -> torch.Tensor:
+    """(N, F, 3, H, W) -> (N, 12, F, H/2, W/2): each frame space-to-depth, channels first as Wan takes them."""
+    n, f = clips.shape[:2]
+    return to_latent(clips.flatten(0, 1)).unflatten(0, (n, f)).transpose(1, 2)
+
+
+def to_video(latents: torch.Tensor) -> torch.Tensor:
+    n, f = latents.shape[0], latents.shape[2]
+    return to_image(latents.transpose(1, 2).flatten(0, 1)).unflatten(0, (n, f))
 
 
 class ClassTokens(ModelMixin, ConfigMixin):
@@ -92,14 +106,15 @@ def shapes_unet(token_dim: int = 64) -> UNet2DConditionModel:
     )
 
 
-def shapes_dit() -> DiTTransformer2DModel:
+def shapes_dit(image_size: int = IMAGE_SIZE) -> DiTTransformer2DModel:
+    """tiny-dit's layout; ``image_size=64`` gives the 1,024-token generator (tiny-dit-64), patch 2 either way."""
     return DiTTransformer2DModel(
         num_attention_heads=4,
         attention_head_dim=32,
         in_channels=3,
         out_channels=3,
         num_layers=4,
-        sample_size=IMAGE_SIZE,
+        sample_size=image_size,
         patch_size=2,
         num_embeds_ada_norm=len(CLASSES),  # the label embedding adds the null class at index len(CLASSES)
     )
@@ -119,6 +134,23 @@ def shapes_mmdit(token_dim: int = 64) -> SD3Transformer2DModel:
         caption_projection_dim=128,
         pooled_projection_dim=token_dim,
         pos_embed_max_size=IMAGE_SIZE // 2,
+    )
+
+
+def shapes_wan(token_dim: int = 64) -> WanTransformer3DModel:
+    """Wan 2.1's layout, tiny: 4 blocks of width 128 (self-attention with 3-D rotary, cross-attention on the
+    class tokens), patch (1, 2, 2) on the space-to-depth clip: 8 frames x 8 x 8 = 512 video tokens."""
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=3 * PATCH * PATCH,
+        out_channels=3 * PATCH * PATCH,
+        text_dim=token_dim,
+        freq_dim=64,
+        ffn_dim=256,
+        num_layers=4,
+        rope_max_seq_len=64,
     )
 
 
@@ -146,6 +178,16 @@ class _ShapesPipeline(DiffusionPipeline):
         config = self.denoiser.config
         return (config.in_channels, config.sample_size, config.sample_size)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images it draws (32; 64 for tiny-dit-64)."""
+        return self.denoiser.config.sample_size
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent position along each side (diffusers' pipelines name it so; no VAE here: 1)."""
+        return 1
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -167,7 +209,7 @@ class _ShapesPipeline(DiffusionPipeline):
         generator: Optional[torch.Generator | list[torch.Generator]] = None,
         output_type: str = "pt",
     ) -> ImagePipelineOutput:
-        """Images for ``class_labels``, (N, 3, 32, 32) in [-1, 1] (``output_type="pt"``) or PIL.
+        """Images for ``class_labels``, (N, 3, S, S) in [-1, 1] (``output_type="pt"``) or PIL; S is 32, 64 for tiny-dit-64.
 
         ``guidance_scale`` None: the pipeline's ``default_guidance_scale`` (saved with it).
 
@@ -193,7 +235,9 @@ class _ShapesPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             uncond, cond = self.velocity(torch.cat([x, x]), t.expand(2 * n), both).chunk(2)
             x = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
-        images = self.decode(x).float().clamp(-1, 1)
+        return self.output(self.decode(x).float().clamp(-1, 1), output_type)
+
+    def output(self, images: torch.Tensor, output_type: str):
         if output_type == "pil":
             images = self.numpy_to_pil(((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
         return ImagePipelineOutput(images=images)
@@ -217,6 +261,14 @@ class ShapesUNetPipeline(_ShapesPipeline):
 
     def velocity(self, x, t, labels):
         return self.unet(x, t, self.class_tokens(labels).to(x.dtype)).sample
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * PATCH
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return PATCH  # the space-to-depth stand-in for a VAE
 
     def decode(self, latents):
         return to_image(latents)
@@ -262,3 +314,51 @@ class ShapesMMDiTPipeline(_ShapesPipeline):
         tokens, pooled = self.class_tokens(labels).to(x.dtype), self.class_tokens.pooled(labels).to(x.dtype)
         return self.transformer(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
                                 timestep=t).sample
+
+
+@dataclass
+class ShapesVideoOutput(BaseOutput):
+    """``frames``: (N, F, 3, H, W) in [-1, 1]."""
+
+    frames: torch.Tensor
+
+
+class ShapesWanPipeline(_ShapesPipeline):
+    """tiny-wan: moving shapes from a ``WanTransformer3DModel``; returns ``.frames`` (N, F, 3, 32, 32)."""
+
+    model_cpu_offload_seq = "class_tokens->transformer"
+
+    def __init__(self, transformer: WanTransformer3DModel, class_tokens: ClassTokens,
+                 scheduler: FlowMatchEulerDiscreteScheduler, default_guidance_scale: float = DEFAULT_GUIDANCE,
+                 num_frames: int = FRAMES):
+        super().__init__()
+        self._register(default_guidance_scale, transformer=transformer, class_tokens=class_tokens, scheduler=scheduler)
+        self.register_to_config(num_frames=int(num_frames))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def null_class(self) -> int:
+        return self.class_tokens.config.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return IMAGE_SIZE
+
+    def latent_shape(self) -> tuple[int, ...]:
+        side = IMAGE_SIZE // PATCH
+        return (self.transformer.config.in_channels, self.config.num_frames, side, side)
+
+    def velocity(self, x, t, labels):
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=self.class_tokens(labels).to(x.dtype)
+                                ).sample
+
+    def decode(self, latents):
+        return to_video(latents)
+
+    def output(self, frames: torch.Tensor, output_type: str):
+        if output_type != "pt":
+            raise ValueError("ShapesWanPipeline returns tensors only (output_type='pt')")
+        return ShapesVideoOutput(frames=frames)

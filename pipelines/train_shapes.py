@@ -5,6 +5,8 @@
     python -m pipelines.train_shapes unet --minutes 40 --out pipelines/weights/tiny-unet
     python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
     python -m pipelines.train_shapes mmdit --minutes 40 --out pipelines/weights/tiny-mmdit
+    python -m pipelines.train_shapes wan --minutes 40 --out pipelines/weights/tiny-wan
+    python -m pipelines.train_shapes dit --image-size 64 --init pipelines/weights/tiny-dit --out pipelines/weights/tiny-dit-64
 
 Data is generated on the fly (a fresh seed per batch), so nothing is downloaded. The generators are
 trained with rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0, t drawn
@@ -28,17 +30,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .classifier import ShapesClassifier, load_classifier, shapes_vit, shapes_vit_processor
-from .shapes import CLASSES, HELD_OUT_SEED, generate
+from .shapes import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, generate, generate_clips
 from .shapes_pipeline import (
+    DEFAULT_GUIDANCE,
     ClassTokens,
     ShapesDiTPipeline,
     ShapesMMDiTPipeline,
     ShapesUNetPipeline,
+    ShapesWanPipeline,
     flow_scheduler,
     shapes_dit,
     shapes_mmdit,
     shapes_unet,
+    shapes_wan,
     to_latent,
+    to_video_latent,
 )
 
 
@@ -128,23 +134,51 @@ def class_accuracy(pipe, classifier: ShapesClassifier, per_class: int, seed: int
     ``guidance_scale`` None samples at the pipeline's own default guidance.
     """
     labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
-                  generator=torch.Generator().manual_seed(seed)).images
+    output = pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator().manual_seed(seed))
+    images = output.frames if hasattr(output, "frames") else output.images
+    if images.dim() == 5:  # a video: every frame is scored against its clip's class
+        labels = labels.repeat_interleave(images.shape[1])
+        images = images.flatten(0, 1)
     with torch.no_grad():
         return (classifier(images).argmax(1) == labels).float().mean().item()
 
 
-def build_pipeline(kind: str):
-    """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet), ``"dit"`` (tiny-dit) or ``"mmdit"``."""
+def build_pipeline(kind: str, image_size: int = IMAGE_SIZE):
+    """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet), ``"dit"`` (tiny-dit), ``"mmdit"`` or
+    ``"wan"`` (tiny-wan, moving-shapes clips).
+
+    ``image_size`` other than 32 is offered for the DiT only (tiny-dit-64: 64 px, 1,024 tokens).
+    """
+    if image_size != IMAGE_SIZE and kind != "dit":
+        raise ValueError(f"--image-size {image_size} is offered for the dit only")
     if kind == "unet":
         pipe = ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
+    elif kind == "wan":
+        pipe = ShapesWanPipeline(shapes_wan(), ClassTokens(), flow_scheduler())
     elif kind == "mmdit":
         pipe = ShapesMMDiTPipeline(shapes_mmdit(), ClassTokens(pooled_dim=64), flow_scheduler())
     else:
-        pipe = ShapesDiTPipeline(shapes_dit(), flow_scheduler())
+        pipe = ShapesDiTPipeline(shapes_dit(image_size), flow_scheduler())
     for module in _components(pipe):  # as from_pretrained returns them: DiT drops labels in train mode
         module.eval()
     return pipe
+
+
+def _warm_start(fresh, saved):
+    """``saved`` itself when it has ``fresh``'s image size; otherwise ``fresh`` with ``saved``'s weights.
+
+    A DiT's sin-cos position table is computed from its size, not stored, so a 32 px DiT's weights load
+    into a 64 px one unchanged (positions 0..31 instead of 0..15 per side; the shapes may sit anywhere, so
+    little hangs on absolute position) and the 64 px model starts from everything the 32 px one knows.
+    """
+    if saved.latent_shape() == fresh.latent_shape():
+        return saved
+    for name, module in fresh.components.items():
+        if isinstance(module, torch.nn.Module):
+            module.load_state_dict(getattr(saved, name).state_dict())
+    fresh.register_to_config(default_guidance_scale=saved.config.get("default_guidance_scale", DEFAULT_GUIDANCE))
+    return fresh
 
 
 def _components(pipe) -> list[torch.nn.Module]:
@@ -154,9 +188,10 @@ def _components(pipe) -> list[torch.nn.Module]:
 @torch.enable_grad()
 def train_generator(args) -> None:
     torch.manual_seed(args.seed)
-    pipe = build_pipeline(args.what)
+    size = getattr(args, "image_size", IMAGE_SIZE)
+    pipe = build_pipeline(args.what, size)
     if getattr(args, "init", None):  # continue from a saved pipeline (its EMA weights) with a fresh optimizer
-        pipe = type(pipe).from_pretrained(args.init)
+        pipe = _warm_start(pipe, type(pipe).from_pretrained(args.init))
     ema_pipe = copy.deepcopy(pipe)
     ema_pipe.set_progress_bar_config(disable=True)
     # The models stay in eval mode: they have no dropout, and DiT's train-mode label dropout would add to
@@ -167,13 +202,18 @@ def train_generator(args) -> None:
     start, step, log, best = time.time(), 0, [], -1.0
     print(f"{args.what} parameters: {sum(p.numel() for p in params) / 1e6:.2f}M", flush=True)
     while (time.time() - start) / 60 < args.minutes and step < args.max_steps:
-        images, labels = generate(args.batch, seed=args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step)
-        x0 = to_latent(images) if args.what == "unet" else images
+        data_seed = args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step
+        if args.what == "wan":
+            clips, labels, _ = generate_clips(args.batch, seed=data_seed)
+            x0 = to_video_latent(clips)
+        else:
+            images, labels = generate(args.batch, seed=data_seed, size=size)
+            x0 = to_latent(images) if args.what == "unet" else images
         # 10% "no class" labels teach the unconditional prediction classifier-free guidance needs.
         drop = torch.rand(args.batch, generator=g) < 0.1
         labels = torch.where(drop, torch.full_like(labels, pipe.null_class), labels)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(args.batch, generator=g)).view(-1, 1, 1, 1)  # logit-normal times
+        t = torch.sigmoid(torch.randn(args.batch, generator=g)).view(-1, *[1] * (x0.dim() - 1))  # logit-normal
         xt = (1 - t) * x0 + t * noise
         loss = F.mse_loss(pipe.velocity(xt, t.flatten() * 1000, labels), noise - x0)
         for group in opt.param_groups:
@@ -221,8 +261,10 @@ def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
               "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, min(5, len(log))), "log": log}
     if args.classifier:
         guidance = getattr(args, "score_guidance", None)
-        result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), 32, seed=1, steps=20,
+        per_class = getattr(args, "score_per_class", 32)
+        result["class_accuracy"] = class_accuracy(pipe, load_classifier(args.classifier), per_class, seed=1, steps=20,
                                                   guidance_scale=guidance)
+        result["class_accuracy_samples"] = per_class * len(CLASSES)
         if guidance is not None:
             result["class_accuracy_guidance"] = guidance
         print(f"step {step}: classifier accuracy on samples {result['class_accuracy']:.3f} "
@@ -252,7 +294,7 @@ def main(argv=None) -> None:
             c.add_argument("--init", help="start from this saved tiny-vit folder instead of random weights")
             c.add_argument("--teacher", default="pipelines/weights/shapes-classifier",
                            help="CNN whose soft predictions the ViT also learns from ('' for labels only)")
-    for kind in ("unet", "dit", "mmdit"):
+    for kind in ("unet", "dit", "mmdit", "wan"):
         u = sub.add_parser(kind)
         u.add_argument("--minutes", type=float, default=40)
         u.add_argument("--max-steps", type=int, default=10**9)
@@ -269,7 +311,12 @@ def main(argv=None) -> None:
         u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
         u.add_argument("--score-guidance", type=float,
                        help="guidance scale for scoring snapshots (default: the pipeline's own)")
+        u.add_argument("--score-per-class", type=int, default=32,
+                       help="samples per class when scoring a snapshot (fewer for the costly 64 px model)")
         u.add_argument("--out", default=f"pipelines/weights/tiny-{kind}")
+        if kind == "dit":
+            u.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                           help="64 for the 1,024-token tiny-dit-64 (--init from a 32 px DiT warm-starts it)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,5 +1,6 @@
 """The benchmark's accounting: the ideal speedup comes from FLOPs with planning excluded."""
 
+import pytest
 import torch
 
 import tofu_diffusion as tofu
@@ -32,3 +33,15 @@ def test_overhead_shares_are_attributed():
         shares = _overhead_shares(_step(model))
     assert set(shares) == {"plan", "merge", "unmerge"}
     assert all(0 < value < 1 for value in shares.values())
+
+
+def test_speedup_interval_pairs_interleaved_rounds():
+    from eval.timing import speedup_interval
+
+    # a slow drift hits both variants alike: the paired ratios stay at 2 where unpaired medians would not
+    base, fast = [1.0, 2.0, 4.0], [0.5, 1.0, 2.0]
+    assert speedup_interval(base, fast) == (2.0, 2.0, 2.0)
+    median, low, high = speedup_interval([1.0] * 10, [1.0, 0.5] * 5)
+    assert (median, low, high) == (1.5, 1.0, 2.0)
+    with pytest.raises(ValueError, match="no timed rounds"):
+        speedup_interval([], [])

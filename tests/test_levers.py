@@ -93,7 +93,7 @@ def test_num_train_timesteps_come_from_the_pipeline():
 
     pipe = dit_pipeline()
     pipe.scheduler.register_to_config(num_train_timesteps=500)
-    handle = tofu.apply(pipe, schedule=[(0.0, 0.0), (0.5, 0.5)])
+    handle = tofu.apply(pipe, schedule=[(0.0, 0.0), (0.5, 0.5)], schedule_axis="noise")
     _run(pipe.transformer, *_at("dit", 400))  # progress 0.2 of 500 timesteps: not yet reduced
     assert all(a == b for a, b in handle.token_counts().values())
     _run(pipe.transformer, *_at("dit", 200))  # progress 0.6

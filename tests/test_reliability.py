@@ -244,6 +244,27 @@ def test_concurrent_calls_from_threads_get_their_own_plans():
     assert not errors and not wrong
 
 
+def _live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_state_of_finished_threads_is_not_kept(method):
+    """A server handling each request on its own thread: once the threads end, none of their state stays."""
+    model = dit_transformer()
+    tofu.apply(model, method=method, ratio=0.5, plan_reuse_steps=2)
+    _run(model, *_at("dit", 500))
+    _in_threads(lambda k: _run(model, *_at("dit", 900 - 10 * k)), 4)  # the "latest" values of some thread
+    before = _live_tensors()
+    _in_threads(lambda k: _run(model, *_at("dit", 800 - 10 * k)), 48)
+    # every block's plan and input of 48 finished threads would be well over a thousand tensors
+    assert _live_tensors() - before < 60
+    tofu.remove(model)
+
+
 # ------------------------------------------------------------------ 9. torch.compile
 @pytest.mark.parametrize("method, scope", [("tome", "block"), ("mctf", "sublayers")])
 def test_compiles_fullgraph_and_matches_eager(method, scope):

@@ -34,6 +34,10 @@ def test_sweep_writes_the_table_json_csv_plot_and_grids(unet_folder, tmp_path, c
     assert [(r["method"], r["ratio"]) for r in rows] == [("none", 0.0), ("tome", 0.5), ("mctf", 0.5)]
     base = rows[0]
     assert base["speedup"] == 1.0 and base["psnr"] == 100.0 and base["ssim"] == pytest.approx(1.0)
+    # every speedup carries the spread of its interleaved rounds (one round here: low = high); the baseline's
+    # is its second timing in the round over its first
+    assert all(r["speedup_low"] <= r["speedup_high"] and r["speedup_low"] > 0 for r in rows)
+    assert all(r["speedup_low"] <= r["speedup"] <= r["speedup_high"] for r in rows[1:])
     for row in rows[1:]:  # reduction changes the images, so fidelity drops below identical
         assert row["psnr"] < 100.0 and row["ssim"] < 1.0
         assert row["clip_score"] is None and 0.0 <= row["class_accuracy"] <= 1.0

@@ -100,36 +100,86 @@ def family_of(model_or_pipeline) -> str:
     return adapter_for(_model_of(model_or_pipeline)).family
 
 
-def _num_train_timesteps(model_or_pipeline) -> int:
-    """The scale of the timesteps the denoiser receives (progress = 1 - t / T): the pipeline scheduler's."""
-    scheduler = getattr(model_or_pipeline, "scheduler", None)
-    value = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
-    return int(value) if value else 1000
+def _scheduling(model_or_pipeline, scheduler):
+    """What the hooks read each call's step from: an explicit scheduler, else the pipeline (its scheduler is
+    read at every call, so one swapped after ``apply`` is followed), else nothing (a bare model)."""
+    if scheduler is not None:
+        if not hasattr(scheduler, "timesteps"):
+            raise TypeError(f"scheduler= takes a diffusers scheduler (with timesteps), got {type(scheduler).__name__}")
+        return scheduler
+    return None if isinstance(model_or_pipeline, torch.nn.Module) else model_or_pipeline
 
 
-def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> TokenFusionHandle:
+def _prepare(model_or_pipeline, config: Optional[TokenFusionConfig], options: dict):
+    """(model, adapter, resolved config, what the adapter checked): everything that can refuse, touching nothing."""
+    config = TokenFusionConfig.from_kwargs(config, **options)
+    model = _model_of(model_or_pipeline)
+    adapter = adapter_for(model)
+    config = config.resolve(adapter.family)
+    return model, adapter, config, adapter.check(model, config)
+
+
+def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, scheduler=None,
+          **options) -> TokenFusionHandle:
     """Attach token fusion to a diffusers pipeline or denoiser, or a ViT/DeiT classifier. Returns a handle.
 
     ``config`` is a :class:`TokenFusionConfig`; keyword ``options`` build one or override its fields.
     Levers left unset come from the config's preset for the model's family (``TokenFusionConfig.resolve``);
     ``handle.config`` is the resolved config. Applying again replaces the previous configuration cleanly.
+
+    Schedules are read on the pipeline's own steps (``schedule_axis="steps"``): applied to a pipeline, the
+    hooks ask its scheduler; applied to a bare denoiser, pass the ``scheduler`` that will drive it.
     """
-    config = TokenFusionConfig.from_kwargs(config, **options)
-    model = _model_of(model_or_pipeline)
-    adapter = adapter_for(model)
-    config = config.resolve(adapter.family)
-    checked = adapter.check(model, config)  # everything that can refuse, before an existing patch is touched
+    model, adapter, config, checked = _prepare(model_or_pipeline, config, options)
+    scheduling = _scheduling(model_or_pipeline, scheduler)
     if getattr(model, _HANDLE_ATTR, None) is not None:
         logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
         remove(model)
     try:
-        patch = adapter.attach(model, config, checked, _num_train_timesteps(model_or_pipeline))
+        patch = adapter.attach(model, config, checked, scheduling)
     except Exception:
         unregister_all(model)
         raise
     handle = TokenFusionHandle(model, config, adapter.family, patch)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, num_inference_steps: int,
+            height: Optional[int] = None, width: Optional[int] = None, mu: Optional[float] = None,
+            scheduler=None, **options):
+    """What a configuration will do in one call of ``num_inference_steps`` at ``height`` x ``width`` pixels (None:
+    the pipeline's default size), before it runs: per step the ratio, the reduced blocks' token counts and the
+    share of the transformer blocks' multiply-adds saved. ``print()`` the result for a table.
+
+    The configuration is ``config`` and ``options`` resolved as ``apply`` would, or, with neither, the one
+    applied now (else the default). ``mu``: a dynamically shifting scheduler's shift (default: computed from
+    the image's token count, as Flux's pipeline does). Nothing is attached and the scheduler is not touched.
+    """
+    from .explanation import explain_call
+
+    handle = handle_of(model_or_pipeline) if not isinstance(model_or_pipeline, torch.nn.Module) else \
+        getattr(model_or_pipeline, _HANDLE_ATTR, None)
+    if config is None and not options and handle is not None:
+        config = handle.config
+    model, adapter, config, checked = _prepare(model_or_pipeline, config, options)
+    if adapter.family == "vit":
+        raise TypeError("explain describes the steps of a diffusion pipeline call; a classifier's per-layer token "
+                        "counts are in tofu.apply(model).schedule")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    source = _scheduling(model_or_pipeline, scheduler)
+    pipeline = model_or_pipeline if source is model_or_pipeline else _SchedulerOnly(source)
+    return explain_call(pipeline, model, adapter, config, checked, num_inference_steps, height, width, mu)
+
+
+class _SchedulerOnly:
+    """A bare model with its scheduler given: the pipeline-shaped view explain reads."""
+
+    vae_scale_factor = 8  # every diffusers latent pipeline's VAE (SD, SDXL, SD3, Flux before its 2x2 packing)
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
 
 
 def _target_of(model_or_pipeline) -> torch.nn.Module:

@@ -9,12 +9,13 @@ from typing import Optional, Sequence, Union
 from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
 
 METHODS = ("tome", "tofu", "mctf", "todo")
+SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
 CLASSIFIER_TOKEN_ORDERS = ("reference", "original")  # see TokenFusionConfig.token_order
 
 # A ratio schedule over denoising progress: ((progress, ratio), ...), each ratio holding from its progress
-# on; progress = 1 - timestep / num_train_timesteps (0 at pure noise, 1 at the clean image).
+# on; progress runs from 0 (pure noise) to 1 (the clean image) on the config's schedule_axis.
 Schedule = Sequence[tuple[float, float]]
 Blocks = Union[Sequence[int], slice]
 
@@ -45,8 +46,13 @@ class TokenFusionConfig:
             ``schedule``): the preset's schedule and blocks.
         schedule: the ratio as a function of denoising progress: ``((progress, ratio), ...)`` with
             increasing progress in [0, 1]; each ratio holds from its progress on (0 before the first).
-            Progress is ``1 - timestep / num_train_timesteps`` (0 at pure noise, 1 at the clean image), read
-            from the timestep the denoiser receives. Give ``ratio`` or ``schedule``, not both.
+            Progress runs from 0 (pure noise) to 1 (the clean image) on ``schedule_axis``. Give ``ratio`` or
+            ``schedule``, not both.
+        schedule_axis: what a schedule's progress counts. ``"steps"`` (default): the share of this call's
+            denoising steps done, ``step_index / num_steps`` from the pipeline's scheduler, so ``(0.7, 0.75)``
+            reduces the last 30% of the steps whatever the scheduler's shift or step count. ``"noise"``:
+            ``1 - t / num_train_timesteps`` of the timestep the denoiser receives, which a shifted scheduler
+            (SD3, Flux, Wan) reaches late: the same schedule then reduces far fewer of its steps.
         blocks: diffusion models: which of the eligible blocks (execution order, after ``levels``) are
             reduced: indices (negative ones count from the end) or a ``slice``, e.g. ``slice(1, -1)``
             for all but the first and the last. None: all, or the preset's when neither ``ratio`` nor
@@ -87,6 +93,11 @@ class TokenFusionConfig:
             all queries; with tau_info = 20 the criterion is soft, so a few queries are enough).
         plan_reuse_steps: compute each block's plan every this many denoising steps and reuse it in
             between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching.
+        share_guidance_plans: a classifier-free guidance batch (its halves are the same latents, as diffusers'
+            pipelines build it) plans once, on the conditional half, and both halves merge by that plan.
+            Guidance multiplies cond - uncond by its scale; one shared plan's errors largely cancel in that
+            difference where two plans' errors add (README: the schedules under shifted schedulers). A
+            sample's plan still depends only on its own inputs, so batch composition changes nothing.
         seed: base seed of the random destinations.
 
     Vision-transformer classifiers (ViT, DeiT) reduce tokens for good, layer by layer:
@@ -108,6 +119,7 @@ class TokenFusionConfig:
     method: Optional[str] = None
     ratio: Optional[float] = None
     schedule: Optional[Schedule] = None
+    schedule_axis: str = "steps"
     blocks: Optional[Blocks] = None
     preset: str = "quality"
     merge_mode: Optional[str] = None
@@ -126,6 +138,7 @@ class TokenFusionConfig:
     tau_size: float = 40.0
     info_queries: int = 16
     plan_reuse_steps: int = 1
+    share_guidance_plans: bool = True
     seed: int = 0
     r: Optional[Union[int, tuple, Sequence[int]]] = None
     layers: Optional[Sequence[int]] = None
@@ -163,6 +176,8 @@ class TokenFusionConfig:
             if not progress or any(not 0.0 <= p <= 1.0 for p in progress) or progress != sorted(set(progress)):
                 raise ValueError(f"schedule must be ((progress, ratio), ...) with increasing progress in [0, 1], "
                                  f"e.g. ((0.0, 0.0), (0.5, 0.75)); got {self.schedule!r}")
+        if self.schedule_axis not in SCHEDULE_AXES:
+            raise ValueError(f"unknown schedule_axis {self.schedule_axis!r}; choose one of {SCHEDULE_AXES}")
         from .presets import PRESETS  # the presets are configs' defaults, validated against this class
 
         if self.preset not in PRESETS:

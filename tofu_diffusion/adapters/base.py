@@ -49,8 +49,12 @@ class Adapter:
         """Refuse what this family cannot do (clear errors); return what ``attach`` needs. Touches nothing."""
         raise NotImplementedError
 
-    def attach(self, model: torch.nn.Module, config, checked: Any, num_train_timesteps: int = 1000) -> Patch:
-        """Register the hooks (``hooks.register``); everything registered is removed by ``hooks.unregister_all``."""
+    def attach(self, model: torch.nn.Module, config, checked: Any, scheduling=None) -> Patch:
+        """Register the hooks (``hooks.register``); everything registered is removed by ``hooks.unregister_all``.
+
+        ``scheduling``: the pipeline (or scheduler) whose sampling loop calls the model, None for a bare model;
+        diffusion families locate each call's step in it (``steps.StepLocator``).
+        """
         raise NotImplementedError
 
     def linearity_profile(self, model: torch.nn.Module, sample_inputs: Any) -> list[float]:

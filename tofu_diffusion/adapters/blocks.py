@@ -16,6 +16,7 @@ import torch
 
 from ..config import TokenFusionConfig
 from .base import Adapter, Patch, Site, timestep_reader
+from .steps import StepLocator
 from .hooks import (
     BLOCK_HOOK,
     DOWNSAMPLE_HOOK,
@@ -54,11 +55,16 @@ _WHOLE_BLOCK_PARTS = (("self_attention", ("attn1", "attn")), ("cross_attention",
                       ("feed_forward", ("ff", "proj_mlp")))
 
 
+def block_parts(block: torch.nn.Module) -> tuple[str, ...]:
+    """The sublayers ``block`` has, by role."""
+    return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS if any(getattr(block, attr, None) is not None
+                                                                   for attr in attrs))
+
+
 def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
     """The sublayers of ``block`` that will run on reduced tokens."""
     if config.merge_scope == "block":
-        return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS
-                     if any(getattr(block, attr, None) is not None for attr in attrs))
+        return block_parts(block)
     return tuple(role for attr, role, flag in SUBLAYERS
                  if getattr(block, attr, None) is not None and getattr(config, flag))
 
@@ -133,6 +139,22 @@ def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionC
 
 
 @dataclass(frozen=True)
+class BlockGeometry:
+    """A transformer block at one resolution, for ``tofu.explain``: its token grid, width and sublayers."""
+
+    name: str
+    grid: tuple[int, int]
+    channels: int
+    parts: tuple[str, ...]  # every sublayer it has (what its unreduced cost counts)
+    sublayers: tuple[str, ...]  # those that run on reduced tokens
+    reduced: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
 class BlockAdapter(Adapter):
     """A diffusion family whose blocks are reduced on the token grid of a grid-owning module."""
 
@@ -144,6 +166,34 @@ class BlockAdapter(Adapter):
     image_output: Optional[int] = None
     rotary: bool = False  # the blocks take image_rotary_emb, whose image rows must follow the kept tokens
     timestep_unit: float = 1.0  # the denoiser's timestep per scheduler timestep (Flux: 1/1000)
+    packing: int = 1  # latent positions per token side beyond config.patch_size (Flux packs 2x2 in the pipeline)
+
+    def token_grid(self, model: torch.nn.Module, latent: tuple[int, int]) -> tuple[int, int]:
+        """The full-resolution token grid of a (height, width) latent."""
+        side = int(getattr(model.config, "patch_size", None) or 1) * self.packing
+        if latent[0] % side or latent[1] % side:
+            raise ValueError(f"a {latent[0]}x{latent[1]} latent does not tile into {type(model).__name__}'s tokens of "
+                             f"{side}x{side} latent positions; use a size whose latent is a multiple of {side}")
+        return latent[0] // side, latent[1] // side
+
+    def geometry(self, model: torch.nn.Module, config: TokenFusionConfig, reduced: list[Site],
+                 latent: tuple[int, int]) -> list[BlockGeometry]:
+        """Every block of ``model`` on a (height, width) latent, those in ``reduced`` marked."""
+        rows, cols = self.token_grid(model, latent)
+        chosen = {id(site.block) for site in reduced}
+        out = []
+        for site in self.sites(model):
+            attention = _self_attention(site.block)
+            channels = attention.to_q.in_features if attention is not None else 0
+            grid = (-(-rows // site.level), -(-cols // site.level))  # each downsampler halves, rounding up
+            out.append(BlockGeometry(site.name, grid, channels, block_parts(site.block),
+                                     reduced_sublayers(site.block, config),
+                                     id(site.block) in chosen))
+        return out
+
+    def to_scheduler_units(self, timestep: float) -> float:
+        """The family's timestep convention: what the denoiser receives -> the scheduler's timestep."""
+        return timestep / self.timestep_unit
 
     def check(self, model: torch.nn.Module, config: TokenFusionConfig) -> list[Site]:
         if config.r is not None or config.layers is not None:
@@ -173,8 +223,8 @@ class BlockAdapter(Adapter):
         return sites
 
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],
-               num_train_timesteps: int = 1000) -> Patch:
-        run = RunState(config, num_train_timesteps * self.timestep_unit)
+               scheduling=None) -> Patch:
+        run = RunState(config, StepLocator(scheduling, self.to_scheduler_units))
         register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
         grids: dict[int, GridRecord] = {}
         blocks = []

@@ -53,4 +53,4 @@ def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tupl
 
 
 ADAPTER = BlockAdapter("flux", (FluxTransformer2DModel,), flux_sites, ids_grid, all_levels, image_output=1,
-                       rotary=True, timestep_unit=1e-3)
+                       rotary=True, timestep_unit=1e-3, packing=2)

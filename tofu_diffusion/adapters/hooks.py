@@ -28,6 +28,7 @@ from torch.profiler import record_function
 
 from ..config import TokenFusionConfig
 from ..core.destinations import Key
+from .steps import StepLocator
 from ..core import (
     MergePlan,
     attention_received,
@@ -69,32 +70,43 @@ def _replace_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor) -> tu
     return args, {**kwargs, "hidden_states": value}
 
 
-def caller() -> int:
-    """Whose call this is: the thread (eager), or 0 inside a ``torch.compile`` graph, where the thread
-    cannot be read (a compiled model's per-call state is shared: one call at a time)."""
-    return 0 if torch.compiler.is_compiling() else threading.get_ident()
-
-
 class PerCaller:
-    """A value per calling thread, so concurrent calls of one model never see each other's state. A thread
-    that set none of its own (autograd's backward threads recomputing a checkpointed block on a GPU) reads
-    the latest value any caller set."""
+    """A value per calling thread, so concurrent calls of one model never see each other's state.
+
+    Values live in thread-local storage, so a thread's state goes when the thread ends (a server that runs
+    each request on its own thread keeps nothing of finished requests). A thread that set none of its own
+    (autograd's backward threads recomputing a checkpointed block on a GPU) reads the latest value any caller
+    set. Inside a ``torch.compile`` graph the thread cannot be read: a compiled model keeps one shared slot
+    (one call at a time).
+    """
 
     def __init__(self):
-        self._values: dict = {}
+        self._local = threading.local()
+        self._compiled = None
         self.latest = None
 
     def own(self):
         """The calling thread's value, or None."""
-        return self._values.get(caller())
+        if torch.compiler.is_compiling():
+            return self._compiled
+        return getattr(self._local, "value", None)
 
     def get(self):
         """The calling thread's value, else the latest of any caller (None before the first)."""
-        return self._values.get(caller(), self.latest)
+        value = self.own()
+        return self.latest if value is None else value
 
     def set(self, value):
-        self._values[caller()] = self.latest = value
+        if torch.compiler.is_compiling():
+            self._compiled = value
+        else:
+            self._local.value = value
+        self.latest = value
         return value
+
+    def __deepcopy__(self, memo):
+        # Per-call state belongs to the calls of this model; a copy of the model starts with none.
+        return PerCaller()
 
 
 class GridRecord:
@@ -138,16 +150,18 @@ class StepState:
     key: Key = 0
     index: int = 0  # steps since this caller's sampling run started
     timestep: Optional[float] = None
+    guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent: both halves share one plan
 
 
 class RunState:
     """State shared by all hooks of one patched denoiser; per-call parts are kept per caller (thread),
     so concurrent calls of one model never see each other's steps or plans."""
 
-    def __init__(self, config: TokenFusionConfig, num_train_timesteps: int = 1000):
+    def __init__(self, config: TokenFusionConfig, locator: Optional[StepLocator] = None):
         self.config = config
-        self.num_train_timesteps = num_train_timesteps
+        self.locator = locator or StepLocator()
         self.warned_too_few = False  # "ratio removes no token" is said once per patch
+        self.warned_no_steps = False  # "schedule read on the noise axis" is said once per patch
         self._fixed_partitions: dict = {}
         self._steps = PerCaller()  # of StepState
 
@@ -162,7 +176,7 @@ class RunState:
     def ratio(self) -> float:
         return self.step().ratio
 
-    def begin_step(self, timestep) -> None:
+    def begin_step(self, timestep, latent: Optional[torch.Tensor] = None) -> None:
         """Derive this step's key from (seed, timestep): same call, same destinations.
 
         Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
@@ -171,6 +185,7 @@ class RunState:
         step = self._steps.set(self._steps.own() or StepState(self.config.ratio_at(None)))
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
+        step.guidance_pairs = cfg.share_guidance_plans and is_guidance_batch(latent)
         if cfg.schedule is None and cfg.plan_reuse_steps == 1:
             return
         if torch.compiler.is_compiling():
@@ -178,13 +193,21 @@ class RunState:
         value = None
         if timestep is not None:
             value = float(timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep)
-        # Sampling runs go from high to low timesteps: a timestep that does not fall starts a new run,
-        # so plan reuse never carries a plan from one pipeline call into the next.
-        new_run = value is None or step.timestep is None or value >= step.timestep
-        step.index = 0 if new_run and value is not None else step.index + 1
+        position = self.locator.locate(value)
+        if position.index is not None:
+            step.index = position.index
+        else:
+            # No scheduler to ask: sampling runs go from high to low timesteps, so a timestep that does
+            # not fall starts a new run and plan reuse never carries a plan into the next call.
+            new_run = value is None or step.timestep is None or value >= step.timestep
+            step.index = 0 if new_run and value is not None else step.index + 1
+            if cfg.schedule is not None and cfg.schedule_axis == "steps" and not self.warned_no_steps:
+                self.warned_no_steps = True
+                logger.warning("schedule_axis='steps' needs the pipeline's scheduler, and this denoiser was called "
+                               "outside it (or patched without it): the schedule is read on the noise axis. Apply "
+                               "to the pipeline, or pass scheduler= to apply")
         step.timestep = value
-        progress = None if value is None else min(1.0, max(0.0, 1.0 - value / self.num_train_timesteps))
-        step.ratio = cfg.ratio_at(progress)
+        step.ratio = cfg.ratio_at(position.progress(cfg.schedule_axis))
 
     @property
     def reuse_plans(self) -> bool:
@@ -266,7 +289,7 @@ class BlockState:
             else:
                 # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
                 with record_function("tofu_diffusion::plan"):
-                    call.plan = self._compute_plan(call.input, ratio, attention, attention_input)
+                    call.plan = self._shared_or_own_plan(call.input, ratio, attention, attention_input)
                 if call.plan is not None:
                     self.plans_computed += 1
                 call.reusable = (call.plan, ratio, (b, n))
@@ -274,6 +297,17 @@ class BlockState:
             self.last_plan = call.plan
             self.last_tokens = (n, n if call.plan is None else call.plan.num_kept)
         return call.plan
+
+    def _shared_or_own_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
+        """A guidance batch [uncond; cond] plans on its conditional half and gives both halves that plan:
+        guidance amplifies cond - uncond (by 4-16x), and errors of one shared plan largely cancel in the
+        difference where two plans' errors add. Otherwise every sample plans on its own tokens."""
+        if not (self.run.step().guidance_pairs and x.shape[0] % 2 == 0):
+            return self._compute_plan(x, ratio, attention, attention_input)
+        half = x.shape[0] // 2
+        plan = self._compute_plan(x[half:], ratio, attention,
+                                  None if attention_input is None else attention_input[half:])
+        return None if plan is None else plan.repeat(2)
 
     def checked_grid(self, n: int) -> tuple[int, int]:
         h, w = self.grid.get()
@@ -369,6 +403,16 @@ def estimate_attention_received(
 
 
 # ---------------------------------------------------------------------------------------------- hooks
+def is_guidance_batch(latent: Optional[torch.Tensor]) -> bool:
+    """Whether a denoiser input is a classifier-free guidance batch: its two halves are the same latents
+    (diffusers' pipelines run ``cat([x, x])`` for unconditional and conditional). Not read under
+    ``torch.compile`` (a host comparison), where every sample plans on its own."""
+    if not isinstance(latent, torch.Tensor) or latent.dim() < 2 or latent.shape[0] % 2 or torch.compiler.is_compiling():
+        return False
+    half = latent.shape[0] // 2
+    return bool(torch.equal(latent[:half], latent[half:]))
+
+
 class RootHook(ModelHook):
     def __init__(self, run: RunState, timestep_of: Callable[[tuple, dict], object]):
         super().__init__()
@@ -376,7 +420,9 @@ class RootHook(ModelHook):
         self.timestep_of = timestep_of
 
     def pre_forward(self, module, *args, **kwargs):
-        self.run.begin_step(self.timestep_of(args, kwargs))
+        latent = hidden_states_of(args, kwargs, ("hidden_states", "sample")) if self.run.config.share_guidance_plans \
+            else None
+        self.run.begin_step(self.timestep_of(args, kwargs), latent)
         return args, kwargs
 
 

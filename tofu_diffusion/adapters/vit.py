@@ -428,7 +428,7 @@ class ClassifierAdapter(Adapter):
         return backbone
 
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, backbone: torch.nn.Module,
-               num_train_timesteps: int = 1000) -> Patch:
+               scheduling=None) -> Patch:
         run, states, undo = attach(backbone, config)
         return Patch(states, counts=run.counts, undo=undo)
 

@@ -1,6 +1,6 @@
 """Pure tensor token-reduction algorithms (imports only torch)."""
 
-from .cost import reduction_pays
+from .cost import block_flops, matching_flops, reduction_pays
 from .destinations import DESTINATIONS, alternating_partition, grid_partition, hashed, max_grid_ratio, mix_key
 from .matching import (
     TOKEN_ORDERS,
@@ -25,11 +25,13 @@ __all__ = [
     "attention_received",
     "bidirectional_matching",
     "bipartite_soft_matching",
+    "block_flops",
     "fuse_attention",
     "grid_partition",
     "hashed",
     "interpolation_gap",
     "layer_schedule",
+    "matching_flops",
     "max_grid_ratio",
     "mctf_scores",
     "mean_over_queries",

@@ -68,6 +68,12 @@ class MergePlan:
             self._flat[name] = _flatten_index(index, stride)
         return self._flat[name]
 
+    def repeat(self, times: int) -> "MergePlan":
+        """The plan for a batch of ``times`` copies of this one's items, one after another."""
+        weights = None if self.weights is None else self.weights.repeat(times, 1)
+        return MergePlan(self.kept_idx.repeat(times, 1), self.src_idx.repeat(times, 1),
+                         self.src_slot.repeat(times, 1), self.num_tokens, weights)
+
     # ------------------------------------------------------------------ shape facts
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,193 @@
+"""Where each denoiser call sits in the pipeline's run (the schedule's axis), and ``tofu.explain``."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
+
+import tofu_diffusion as tofu
+from pipelines.tiny import (dit_pipeline, flux_pipeline, flux_prompt, pixart_pipeline, prompt_embeds, sd3_pipeline,
+                            sd3_prompt, sd_pipeline)
+from test_diffusers import _dit_call, _pixart_call
+
+SCHEDULE = ((0.0, 0.0), (0.7, 0.5))
+
+
+def _sd3_call(pipe, steps):
+    return pipe(**sd3_prompt(), num_inference_steps=steps, height=32, width=32, output_type="pt",
+                guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images
+
+
+def _flux_call(pipe, steps):
+    return pipe(**flux_prompt(), num_inference_steps=steps, height=32, width=32, output_type="pt",
+                guidance_scale=0.0, generator=torch.Generator().manual_seed(0)).images
+
+
+def _sd_call(pipe, steps):
+    return pipe(prompt_embeds=prompt_embeds(), negative_prompt_embeds=prompt_embeds(seed=2), num_inference_steps=steps,
+                height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+PIPELINES = {
+    "sd": (sd_pipeline, _sd_call),
+    "dit": (dit_pipeline, lambda pipe, steps: _dit_call(pipe) if steps is None else torch.from_numpy(
+        pipe(class_labels=[1, 2], num_inference_steps=steps, output_type="np",
+             generator=torch.Generator().manual_seed(0)).images)),
+    "pixart": (pixart_pipeline, None),
+    "sd3": (sd3_pipeline, _sd3_call),
+    "flux": (flux_pipeline, _flux_call),
+}
+
+
+def _pixart_steps(pipe, steps):
+    e, m = prompt_embeds(), torch.ones(1, 7)
+    return pipe(prompt=None, negative_prompt=None, prompt_embeds=e, prompt_attention_mask=m,
+                negative_prompt_embeds=torch.zeros_like(e), negative_prompt_attention_mask=m,
+                use_resolution_binning=False, num_inference_steps=steps, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+PIPELINES["pixart"] = (pixart_pipeline, _pixart_steps)
+
+
+class RatioLog:
+    """The ratio each denoiser call ran with, and the token counts of its first reduced block."""
+
+    def __init__(self, pipe, handle):
+        self.handle, self.ratios, self.tokens = handle, [], []
+        denoiser = tofu.api.denoiser_of(pipe)
+        self._hook = denoiser.register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        self.ratios.append(self.handle.blocks[0].run.ratio)
+        self.tokens.append(self.handle.token_counts().get(self.handle.blocks[0].name))
+
+    def close(self):
+        self._hook.remove()
+
+
+@pytest.mark.parametrize("kind", list(PIPELINES))
+def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
+    make, call = PIPELINES[kind]
+    pipe = make()
+    handle = tofu.apply(pipe, method="tome", schedule=SCHEDULE)
+    log = RatioLog(pipe, handle)
+    call(pipe, 10)
+    log.close()
+    # steps 7, 8, 9 of 10 are at progress >= 0.7, whatever the scheduler's timesteps
+    assert log.ratios == [0.0] * 7 + [0.5] * 3
+    plan = tofu.explain(pipe, num_inference_steps=10, height=32, width=32)
+    assert [s.ratio for s in plan.steps] == log.ratios
+    assert plan.reduced_steps == 3 and 0 < plan.flops_saved < 1
+    # the explained token counts are the ones the first reduced block had
+    first = next(b for b in plan.blocks if b.reduced)
+    assert first.name == handle.blocks[0].name
+    assert [s.tokens for s in plan.steps][-1] == log.tokens[-1]
+    assert plan.steps[0].tokens[0] == plan.steps[0].tokens[1] == log.tokens[0][0]
+    text = str(plan)
+    assert "7-9" in text and "3 of 10 steps reduced" in text
+    tofu.remove(pipe)
+
+
+def test_steps_axis_follows_the_steps_noise_axis_the_noise_level():
+    pipe = sd3_pipeline()
+    counts = {}
+    for shift in (1.0, 3.0):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+        for axis in ("steps", "noise"):
+            handle = tofu.apply(pipe, method="tome", schedule=((0.0, 0.0), (0.8, 0.5)), schedule_axis=axis)
+            log = RatioLog(pipe, handle)
+            _sd3_call(pipe, 20)
+            log.close()
+            counts[shift, axis] = sum(r > 0 for r in log.ratios)
+            assert counts[shift, axis] == tofu.explain(pipe, num_inference_steps=20).reduced_steps
+    assert counts[1.0, "steps"] == counts[3.0, "steps"] == 4  # the last 20% of the steps
+    assert counts[3.0, "noise"] < counts[1.0, "noise"]  # a shifted scheduler reaches low noise late
+    tofu.remove(pipe)
+
+
+def _loop(pipe, steps, calls_per_step, scheduler):
+    """A sampling loop that calls the denoiser ``calls_per_step`` times per step (true CFG: separate calls)."""
+    model = pipe.transformer
+    scheduler.set_timesteps(steps)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        outs = [model(x, timestep=t.expand(1), class_labels=torch.tensor([1]), return_dict=False)[0][:, :4]
+                for _ in range(calls_per_step)]
+        x = scheduler.step(outs[-1], t, x).prev_sample
+
+
+def test_true_cfg_calls_are_one_step_and_heun_does_not_restart():
+    pipe = dit_pipeline()
+    handle = tofu.apply(pipe, method="tome", schedule=SCHEDULE, plan_reuse_steps=1)
+    log = RatioLog(pipe, handle)
+    _loop(pipe, 10, 2, pipe.scheduler)  # two denoiser calls per step
+    assert log.ratios == [0.0] * 14 + [0.5] * 6
+    # Heun evaluates twice per step at repeated timesteps: the step count must not restart at a repeat
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    log.ratios.clear()
+    _loop(pipe, 10, 1, pipe.scheduler)
+    n = len(pipe.scheduler.timesteps)
+    expected = [0.5 if i / n >= 0.7 else 0.0 for i in range(n)]
+    assert log.ratios == expected and expected.count(0.5) > 2
+    log.close()
+    tofu.remove(pipe)
+
+
+def test_a_bare_denoiser_reads_steps_from_the_scheduler_it_is_given(caplog):
+    pipe = dit_pipeline()
+    handle = tofu.apply(pipe.transformer, method="tome", schedule=SCHEDULE, scheduler=pipe.scheduler)
+    log = RatioLog(pipe, handle)
+    _loop(pipe, 10, 1, pipe.scheduler)
+    assert log.ratios == [0.0] * 7 + [0.5] * 3
+    log.close()
+    with pytest.raises(TypeError, match="scheduler= takes a diffusers scheduler"):
+        tofu.apply(pipe.transformer, scheduler="euler")
+    tofu.remove(pipe)
+
+
+def test_explain_follows_a_dynamic_shift_and_refuses_what_it_cannot_say():
+    pipe = flux_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True)
+    low = tofu.explain(pipe, num_inference_steps=28, height=64, width=64, schedule_axis="noise",
+                       schedule=SCHEDULE, method="tome")
+    high = tofu.explain(pipe, num_inference_steps=28, height=64, width=64, schedule_axis="noise",
+                        schedule=SCHEDULE, method="tome", mu=1.15)
+    assert high.reduced_steps < low.reduced_steps  # a larger shift spends fewer steps at low noise
+    with pytest.raises(ValueError, match="multiples of the VAE's factor"):
+        tofu.explain(pipe, num_inference_steps=4, height=35, width=35)
+    with pytest.raises(ValueError, match="does not tile"):
+        tofu.explain(pipe, num_inference_steps=4, height=34, width=34)
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        tofu.explain(pipe, num_inference_steps=0)
+    with pytest.raises(ValueError, match="explain needs the pipeline"):
+        tofu.explain(pipe.transformer, num_inference_steps=4, height=32, width=32)
+
+
+def test_a_guidance_batch_shares_the_conditional_plan():
+    from pipelines.tiny import sd3_transformer
+
+    model = sd3_transformer()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    text = torch.randn(2, 9, 32, generator=g)  # unconditional and conditional prompts differ
+    pooled = torch.randn(2, 32, generator=g)
+    call = dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=torch.tensor([500.0, 500.0]), return_dict=False)
+    plans = {}
+    for share in (True, False):
+        handle = tofu.apply(model, method="tome", ratio=0.5, share_guidance_plans=share)
+        out = model(**call)[0]
+        plans[share] = {name: plan.assignment for name, (plan, _) in handle.last_plans().items()}
+        if share:
+            # the conditional half alone plans as it does inside the guidance batch
+            alone = model(hidden_states=x, encoder_hidden_states=text[1:], pooled_projections=pooled[1:],
+                          timestep=torch.tensor([500.0]), return_dict=False)[0]
+            assert torch.allclose(out[1:], alone, atol=1e-5)
+    last = f"transformer_blocks.{len(model.transformer_blocks) - 1}"
+    assert all(torch.equal(a[0], a[1]) for a in plans[True].values())
+    assert not torch.equal(plans[False][last][0], plans[False][last][1])  # the text streams differ by then
+    # distinct latents are no guidance batch: each sample keeps its own plan
+    handle = tofu.apply(model, method="tome", ratio=0.5)
+    model(**{**call, "hidden_states": torch.randn(2, 4, 16, 16, generator=g)})
+    assert not torch.equal(*handle.last_plans()[last][0].assignment)
+    tofu.remove(model)

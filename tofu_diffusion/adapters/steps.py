@@ -1,0 +1,122 @@
+"""Where a denoiser call sits in its sampling run, read from the pipeline's scheduler.
+
+A ratio schedule is keyed on progress in [0, 1] (0 at pure noise, 1 at the clean image) on one of two axes
+(``TokenFusionConfig.schedule_axis``):
+
+* ``"steps"``: the share of this call's denoising steps already taken, ``index / len(scheduler.timesteps)``.
+  The index is the scheduler's own (``step_index``, which a pipeline advances once per loop iteration, so
+  two denoiser calls of one iteration - true CFG - are one step and a Heun scheduler's repeated timesteps
+  do not restart the count), or, before the scheduler's first step, the position of the received timestep
+  in ``scheduler.timesteps``.
+* ``"noise"``: ``1 - t / num_train_timesteps`` of the timestep the denoiser receives, converted to the
+  scheduler's units by the family's convention (Flux receives t / 1000).
+
+At shift 1 both axes agree; a shifted scheduler (SD3: 3; Flux-dev at 1024 px: e^1.15) spends most of its
+steps at high noise, so a schedule keyed on noise reduces far fewer of its steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("tofu_diffusion")
+
+
+@dataclass
+class StepPosition:
+    """One denoiser call's place in its run: the step index and count (None when no scheduler says)."""
+
+    index: Optional[int]
+    count: Optional[int]
+    noise_progress: Optional[float]  # 1 - t / num_train_timesteps, clamped to [0, 1]
+
+    def progress(self, axis: str) -> Optional[float]:
+        if axis == "steps" and self.index is not None and self.count:
+            return self.index / self.count
+        return self.noise_progress
+
+
+class StepLocator:
+    """Locates each denoiser call in the scheduler of the pipeline it was applied through.
+
+    ``source`` is a pipeline (its ``scheduler`` is read at every call, so a scheduler swapped after
+    ``apply`` is followed), a scheduler, or None (a bare denoiser: only the noise axis is known).
+    ``to_scheduler_units`` maps the timestep the denoiser receives to the scheduler's (the family's
+    convention).
+    """
+
+    def __init__(self, source=None, to_scheduler_units: Callable[[float], float] = float):
+        self._source = None if source is None else _reference(source)
+        self.to_scheduler_units = to_scheduler_units
+        self._cached: tuple = (None, None)  # (scheduler.timesteps object, its CPU copy): one copy per run
+
+    @property
+    def scheduler(self):
+        source = None if self._source is None else self._source()
+        if source is None:
+            return None
+        return getattr(source, "scheduler", source)
+
+    @property
+    def num_train_timesteps(self) -> float:
+        """The scale of the scheduler's timesteps (progress = 1 - t / T); 1000 without a scheduler."""
+        value = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", None)
+        return float(value) if value else 1000.0
+
+    def timesteps(self) -> Optional[torch.Tensor]:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+            return None
+        if self._cached[0] is not timesteps:
+            self._cached = (timesteps, timesteps.detach().float().cpu().flatten())
+        return self._cached[1]
+
+    def locate(self, received: Optional[float]) -> StepPosition:
+        """Where a call that received timestep ``received`` (a float, in the denoiser's units) sits."""
+        if received is None:
+            return StepPosition(None, None, None)
+        t, scale = self.to_scheduler_units(received), self.num_train_timesteps
+        noise = min(1.0, max(0.0, 1.0 - t / scale))
+        timesteps = self.timesteps()
+        if timesteps is None:
+            return StepPosition(None, None, noise)
+        tolerance = 0.01 * scale  # half-precision timesteps are off by a few units
+        index = getattr(self.scheduler, "step_index", None)
+        if not (isinstance(index, int) and 0 <= index < len(timesteps)
+                and abs(float(timesteps[index]) - t) <= tolerance):
+            distance = (timesteps - t).abs()
+            index = int(distance.argmin())
+            if float(distance[index]) > tolerance:  # called outside the scheduler's loop
+                return StepPosition(None, None, noise)
+        return StepPosition(index, len(timesteps), noise)
+
+
+def _reference(source):
+    try:
+        return weakref.ref(source)  # the pipeline owns the model; the model's hooks must not own it back
+    except TypeError:
+        return lambda: source
+
+
+def preview_timesteps(scheduler, num_inference_steps: int, mu: Optional[float] = None) -> torch.Tensor:
+    """The timesteps ``scheduler`` will run for ``num_inference_steps``, from a copy (the pipeline's own
+    scheduler is left as it is). ``mu``: the dynamic shift a pipeline passes (Flux, Qwen-Image, LTX)."""
+    import copy
+    import inspect
+
+    preview = copy.deepcopy(scheduler)
+    options = {}
+    if getattr(preview.config, "use_dynamic_shifting", False):
+        if mu is None:
+            raise ValueError(f"{type(scheduler).__name__} shifts dynamically: its shift depends on the image size; "
+                             f"give height and width (or mu)")
+        options["mu"] = mu
+    if "device" in inspect.signature(preview.set_timesteps).parameters:
+        options["device"] = "cpu"
+    preview.set_timesteps(num_inference_steps, **options)
+    return preview.timesteps.detach().float().cpu()

@@ -1,0 +1,175 @@
+"""``tofu.explain``: what a configuration will do in one pipeline call, before it runs.
+
+Per step: the ratio the schedule gives (read on its axis exactly as the hooks read it), the token counts of
+the reduced blocks, and the share of the transformer blocks' multiply-adds saved (``core.cost``, matching
+included); then the whole call's share and the speedup it would give if time followed multiply-adds.
+Nothing is attached and nothing runs: the scheduler's timesteps come from a copy of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .adapters.blocks import BlockAdapter, BlockGeometry
+from .adapters.steps import StepPosition, preview_timesteps
+from .config import TokenFusionConfig
+from .core import block_flops, matching_flops, reduction_pays
+
+
+@dataclass
+class StepPlan:
+    index: int
+    timestep: float
+    progress: float  # on the config's schedule axis
+    ratio: float
+    tokens: tuple[int, int]  # (in, out) of each reduced block at full resolution (todo: keys and values out)
+    flops_saved: float  # share of the transformer blocks' multiply-adds saved in this step
+
+
+@dataclass
+class Explanation:
+    model: str
+    family: str
+    config: TokenFusionConfig
+    latent: tuple[int, int]
+    blocks: list[BlockGeometry]
+    steps: list[StepPlan]
+
+    @property
+    def reduced_steps(self) -> int:
+        return sum(step.flops_saved > 0 for step in self.steps)
+
+    @property
+    def flops_saved(self) -> float:
+        """Share of the call's transformer-block multiply-adds saved (every step costs the same unreduced)."""
+        return sum(step.flops_saved for step in self.steps) / max(1, len(self.steps))
+
+    @property
+    def ideal_speedup(self) -> float:
+        """The call's speedup if its time followed the transformer blocks' multiply-adds."""
+        return 1.0 / max(1e-9, 1.0 - self.flops_saved)
+
+    def __str__(self) -> str:
+        cfg = self.config
+        reduced = [b for b in self.blocks if b.reduced]
+        lines = [
+            f"{self.model} ({self.family}): {cfg.method}, "
+            + (f"ratio {cfg.ratio:g} at every step" if cfg.schedule is None else
+               "schedule " + ", ".join(f"{r:g} from {p:g}" for p, r in cfg.schedule) + f" (axis: {cfg.schedule_axis})"),
+            f"{len(self.steps)} steps, latent {self.latent[0]}x{self.latent[1]}; {len(reduced)} of {len(self.blocks)} "
+            f"blocks reduced ({', '.join(sorted({f'{b.grid[0]}x{b.grid[1]}' for b in reduced}))} tokens)",
+            "",
+            f"{'steps':>9}  {'timestep':>17}  {'progress':>11}  {'ratio':>5}  "
+            f"{'keys per block' if cfg.method == 'todo' else 'tokens per block':>16}  {'saved':>5}",
+        ]
+        for group in _runs(self.steps):
+            first, last = group[0], group[-1]
+            span = f"{first.index}" if first is last else f"{first.index}-{last.index}"
+            times = f"{first.timestep:.1f}" if first is last else f"{first.timestep:.1f}-{last.timestep:.1f}"
+            progress = f"{first.progress:.2f}" if first is last else f"{first.progress:.2f}-{last.progress:.2f}"
+            n_in, n_out = first.tokens
+            tokens = f"{n_in}" if n_in == n_out else f"{n_in} -> {n_out}"
+            lines.append(f"{span:>9}  {times:>17}  {progress:>11}  {first.ratio:>5g}  {tokens:>16}  "
+                         f"{first.flops_saved:>5.0%}")
+        lines += ["", f"{self.reduced_steps} of {len(self.steps)} steps reduced; {self.flops_saved:.0%} of the "
+                      f"transformer blocks' multiply-adds saved over the call (ideal speedup "
+                      f"{self.ideal_speedup:.2f}x; measured speedups are lower: eval.bench)"]
+        return "\n".join(lines)
+
+
+def _runs(steps: list[StepPlan]) -> list[list[StepPlan]]:
+    """Consecutive steps with the same ratio, as one row each."""
+    groups: list[list[StepPlan]] = []
+    for step in steps:
+        if groups and groups[-1][-1].ratio == step.ratio:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def step_savings(blocks: list[BlockGeometry], config: TokenFusionConfig, ratio: float,
+                 stride: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    """(tokens in, out) of the largest reduced block, and the share of all blocks' multiply-adds saved."""
+    total = saved = 0
+    largest = max((b for b in blocks if b.reduced), key=lambda b: b.tokens)
+    shown = (largest.tokens, largest.tokens)
+    for block in blocks:
+        n, c = block.tokens, block.channels
+        full = block_flops(n, c, block.parts)
+        total += full
+        if not block.reduced or ratio <= 0:
+            continue
+        if config.method == "todo":
+            keep = (1.0 - ratio) ** 0.5
+            keys = max(1, round(block.grid[0] * keep)) * max(1, round(block.grid[1] * keep))
+            if keys >= n:
+                continue
+            saved += full - block_flops(n, c, block.parts, key_tokens=keys)
+            out = keys
+        else:
+            r = int(n * ratio)
+            num_dst = (block.grid[0] // stride[0]) * (block.grid[1] // stride[1])
+            if r == 0 or not reduction_pays(n, c, r, num_dst, block.sublayers):
+                continue
+            saved += block_flops(n, c, block.sublayers) - block_flops(n - r, c, block.sublayers)
+            saved -= matching_flops(n, c, num_dst)
+            out = n - r
+        if block is largest:
+            shown = (n, out)
+    return shown, saved / max(1, total)
+
+
+def dynamic_shift(scheduler, image_tokens: int) -> float:
+    """The ``mu`` a Flux-style pipeline passes for ``image_tokens`` tokens: linear in the sequence length
+    between the scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    config = scheduler.config
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + base_shift - slope * base_len
+
+
+def latent_size(pipeline, model: torch.nn.Module, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """The denoiser's latent (height, width) for an image of ``height`` x ``width`` pixels (None: the default)."""
+    scale = getattr(pipeline, "vae_scale_factor", None)
+    if scale is None:
+        vae = getattr(pipeline, "vae", None)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    default = getattr(pipeline, "default_sample_size", None) or getattr(model.config, "sample_size", None)
+    if isinstance(default, (tuple, list)):
+        default = default[0]
+    if height is None or width is None:
+        if default is None:
+            raise ValueError(f"give height and width: {type(model).__name__} has no default sample size")
+        height, width = height or default * scale, width or default * scale
+    if height % scale or width % scale:
+        raise ValueError(f"height and width must be multiples of the VAE's factor {scale}; got {height}x{width}")
+    return height // scale, width // scale
+
+
+def explain_call(pipeline, model: torch.nn.Module, adapter: BlockAdapter, config: TokenFusionConfig, sites,
+                 num_inference_steps: int, height: Optional[int], width: Optional[int],
+                 mu: Optional[float] = None) -> Explanation:
+    """The plan of one call (see ``tofu.explain``)."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    if scheduler is None:
+        raise ValueError("explain needs the pipeline (or scheduler=): the steps come from its scheduler")
+    latent = latent_size(pipeline, model, height, width)
+    blocks = adapter.geometry(model, config, sites, latent)
+    if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
+        rows, cols = adapter.token_grid(model, latent)
+        mu = dynamic_shift(scheduler, rows * cols)
+    timesteps = preview_timesteps(scheduler, num_inference_steps, mu)
+    scale = float(getattr(scheduler.config, "num_train_timesteps", None) or 1000)
+    steps = []
+    for index, t in enumerate(timesteps.tolist()):
+        position = StepPosition(index, len(timesteps), min(1.0, max(0.0, 1.0 - t / scale)))
+        progress = position.progress(config.schedule_axis)
+        ratio = config.ratio_at(progress)
+        tokens, saved = step_savings(blocks, config, ratio, config.stride)
+        steps.append(StepPlan(index, t, progress, ratio, tokens, saved))
+    return Explanation(type(model).__name__, adapter.family, config, latent, blocks, steps)
