@@ -13,6 +13,7 @@ share of steps reduced is what speed follows); writes ``results.json`` under ``-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -21,7 +22,27 @@ import torch
 import tofu_diffusion as tofu
 from eval import metrics, workloads
 from eval.sweep import parse_variant
+from eval.timing import interleaved_times, speedup_interval
 from eval.variants import use_variant
+
+
+def time_calls(work, variants, args) -> dict:
+    """Whole pipeline calls, every variant interleaved with the baseline (and the baseline against itself)."""
+    seeds = [args.seed + i for i in range(args.timing_batch)]
+    conditions = [work.condition(i) for i in range(args.timing_batch)]
+    calls = {name: (lambda: work.draw(seeds, conditions)) for name, _ in variants}
+    setups = {name: functools.partial(use_variant, work.pipe, config) for name, config in variants}
+    calls[AGAIN], setups[AGAIN] = calls["baseline"], setups["baseline"]
+    times = interleaved_times(calls, setups, repeats=args.time, warmup=1)
+    use_variant(work.pipe, None)
+    out = {}
+    for name, _ in variants:
+        speedup, low, high = speedup_interval(times["baseline"], times[AGAIN if name == "baseline" else name])
+        out[name] = {"speedup": speedup, "speedup_low": low, "speedup_high": high}
+    return out
+
+
+AGAIN = "baseline, timed again"
 
 
 def main(argv=None) -> None:
@@ -36,6 +57,11 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                   help="also time whole pipeline calls of --timing-batch images, every variant interleaved with the "
+                        "baseline for ROUNDS rounds (speedup with the spread of the rounds)")
+    p.add_argument("--timing-batch", type=int, default=8)
+    p.add_argument("--time-only", action="store_true", help="skip the quality rows")
     p.add_argument("--out", default="results/axis")
     args = p.parse_args(argv)
     device = torch.device("cpu")
@@ -44,8 +70,7 @@ def main(argv=None) -> None:
         shift, steps = float(spec.split(":")[0]), int(spec.split(":")[1])
         work = workloads.embedded(args.model, device, steps, None, shift)
         conditions = [work.condition(i) for i in range(args.num_images)]
-        real = work.real_images(2048)
-        fid = metrics.FID(work.fid_metric(), real)
+        fid = None if args.time_only else metrics.FID(work.fid_metric(), work.real_images(2048))
 
         def draw():
             out = [work.draw([args.seed + i for i in range(s, min(s + args.batch_size, args.num_images))],
@@ -53,7 +78,7 @@ def main(argv=None) -> None:
             return metrics.from_uint8(metrics.to_uint8(torch.cat(out)))
 
         use_variant(work.pipe, None)
-        base = draw()
+        base = None if args.time_only else draw()
         variants = [("baseline", None)] + [
             (f"{axis} from {start:g}", tofu.TokenFusionConfig(method="tome", schedule=((0, 0), (start, args.ratio)),
                                                               schedule_axis=axis))
@@ -61,17 +86,24 @@ def main(argv=None) -> None:
         variants += [(f"preset {name}", tofu.TokenFusionConfig(**({} if name == "default" else {"preset": name})))
                      for name in args.presets]
         variants += [(spec, tofu.TokenFusionConfig(**parse_variant(spec))) for spec in args.variants]
+        speed = time_calls(work, variants, args) if args.time else {}
         for name, config in variants:
+            if args.time_only:
+                rows.append({"shift": shift, "steps": steps, "schedule": name, **speed[name]})
+                print(f"shift {shift:g} steps {steps:2d} {name:36s} {speed[name]['speedup']:.2f}x "
+                      f"({speed[name]['speedup_low']:.2f}-{speed[name]['speedup_high']:.2f})", flush=True)
+                continue
             use_variant(work.pipe, config)
             images = base if config is None else draw()
             row = {"shift": shift, "steps": steps, "schedule": name,
                    "share_reduced": 0.0 if config is None else
                    tofu.explain(work.pipe, config, num_inference_steps=steps).reduced_steps / steps,
                    "class_accuracy": work.score(images, conditions)["class_accuracy"],
-                   "fid": fid(images), "psnr": float(metrics.psnr(images, base).mean())}
+                   "fid": fid(images), "psnr": float(metrics.psnr(images, base).mean()), **speed.get(name, {})}
             rows.append(row)
+            timing = f" {row['speedup']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})" if speed else ""
             print(f"shift {shift:g} steps {steps:2d} {name:36s} reduced {row['share_reduced']:.0%} "
-                  f"acc {row['class_accuracy']:.1%} FID {row['fid']:.2f} PSNR {row['psnr']:.1f}", flush=True)
+                  f"acc {row['class_accuracy']:.1%} FID {row['fid']:.2f} PSNR {row['psnr']:.1f}{timing}", flush=True)
         use_variant(work.pipe, None)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -31,7 +31,7 @@ def embedded_path(name: str) -> str:
 
 def shapes_pipeline_class(name_or_path: str):
     """The shapes pipeline class of a bundled name or of a folder saved from one; None for anything else."""
-    from .shapes_pipeline import ShapesDiTPipeline, ShapesMMDiTPipeline, ShapesUNetPipeline
+    from .shapes_pipeline import ShapesDiTPipeline, ShapesMMDiTPipeline, ShapesUNetPipeline, ShapesWanPipeline
 
     classes = {"tiny-unet": ShapesUNetPipeline, "tiny-dit": ShapesDiTPipeline, "tiny-mmdit": ShapesMMDiTPipeline}
     if name_or_path in classes:
@@ -40,7 +40,8 @@ def shapes_pipeline_class(name_or_path: str):
     if os.path.isfile(index):
         with open(index) as f:
             class_name = json.load(f).get("_class_name")
-        return {c.__name__: c for c in classes.values()}.get(class_name)
+        saved = (*classes.values(), ShapesWanPipeline)  # tiny-wan is trained but not shipped yet
+        return {c.__name__: c for c in saved}.get(class_name)
     return None
 
 

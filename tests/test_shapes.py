@@ -34,3 +34,21 @@ def test_images_have_texture_not_flat_colour():
     # neighbouring pixels differ (noise, stripes, edges): no flat single-colour pictures
     horizontal = (images[..., 1:] - images[..., :-1]).abs().mean(dim=(1, 2, 3))
     assert (horizontal > 0.02).all()
+
+
+def test_clips_move_one_shape_at_constant_velocity():
+    from pipelines.shapes import generate_clips
+
+    clips, labels, centres = generate_clips(16, seed=3)
+    assert clips.shape == (16, 8, 3, 32, 32) and labels.shape == (16,) and centres.shape == (16, 8, 2)
+    steps = centres[:, 1:] - centres[:, :-1]
+    assert torch.allclose(steps, steps[:, :1].expand_as(steps), atol=1e-6)  # the same displacement every frame
+    assert centres.abs().max() < 1
+    again = generate_clips(16, seed=3)[0]
+    assert torch.equal(clips, again) and not torch.equal(clips, generate_clips(16, seed=4)[0])
+    # the shipped classifier, trained on stills, recognises the clips' frames
+    from pipelines import load_shapes_classifier
+
+    with torch.no_grad():
+        predicted = load_shapes_classifier()(clips.flatten(0, 1)).argmax(1)
+    assert (predicted == labels.repeat_interleave(8)).float().mean() > 0.9

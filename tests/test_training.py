@@ -47,3 +47,29 @@ def test_generator_training_lowers_the_loss_and_saves_a_pipeline(tmp_path, what)
     pipe = load_embedded(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe([1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 32, 32)
+
+
+def test_a_64_px_dit_warm_starts_from_a_32_px_one():
+    from pipelines.train_shapes import _warm_start, build_pipeline
+
+    small = build_pipeline("dit")
+    large = _warm_start(build_pipeline("dit", 64), small)
+    assert large.latent_shape() == (3, 64, 64) and large.transformer.config.sample_size == 64
+    small_state, large_state = small.transformer.state_dict(), large.transformer.state_dict()
+    assert small_state.keys() == large_state.keys()
+    assert all(torch.equal(small_state[k], large_state[k]) for k in small_state)
+    large.set_progress_bar_config(disable=True)
+    assert large([1], num_inference_steps=1).images.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="offered for the dit only"):
+        build_pipeline("unet", 64)
+
+
+def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
+    out = str(tmp_path / "wan")
+    train_generator(Namespace(what="wan", minutes=60, max_steps=2, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0,
+                              snapshot_every=0, classifier=None, out=out))
+    pipe = load_embedded(out)
+    assert type(pipe).__name__ == "ShapesWanPipeline" and type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe([1, 4], num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (2, 8, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
