@@ -213,14 +213,20 @@ def _overhead_shares(fn) -> dict[str, float]:
     return shares
 
 
-def run_workload(key: str, args) -> list[dict]:
-    spec = WORKLOADS[key]
+def _build(spec: Workload, args):
+    """(model, depth, resolution, positional inputs, keyword inputs, device) of a workload as the args ask."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     depth = args.depth if (spec.full_depth and args.depth) else spec.full_depth
     resolution = args.resolution or spec.resolution
     torch.manual_seed(0)
     model = (spec.build(depth, args.width) if args.width else spec.build(depth)).to(device, dtype).eval()
     call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
+    return model, depth, resolution, call_args, call_kwargs, device
+
+
+def run_workload(key: str, args) -> list[dict]:
+    spec = WORKLOADS[key]
+    model, depth, resolution, call_args, call_kwargs, device = _build(spec, args)
 
     clock = iter(range(999, -1_000_000, -1))
 
@@ -305,12 +311,7 @@ def trajectory_rows(key: str, args) -> list[dict]:
     if spec.scheduler is None:
         raise ValueError(f"--trajectory: no real scheduler is recorded for {key}; choose from "
                          f"{[k for k, w in WORKLOADS.items() if w.scheduler]}")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    depth = args.depth if (spec.full_depth and args.depth) else spec.full_depth
-    resolution = args.resolution or spec.resolution
-    torch.manual_seed(0)
-    model = (spec.build(depth, args.width) if args.width else spec.build(depth)).to(device, dtype).eval()
-    call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
+    model, depth, resolution, call_args, call_kwargs, device = _build(spec, args)
     plan = tofu.explain(model, num_inference_steps=args.steps, height=resolution, width=resolution,
                         scheduler=spec.scheduler())
     default = plan.config

@@ -209,7 +209,7 @@ class _ShapesPipeline(DiffusionPipeline):
         generator: Optional[torch.Generator | list[torch.Generator]] = None,
         output_type: str = "pt",
     ) -> ImagePipelineOutput:
-        """Images for ``class_labels``, (N, 3, S, S) in [-1, 1] (``output_type="pt"``) or PIL; S is 32, 64 for tiny-dit-64.
+        """Images for ``class_labels``, (N, 3, S, S) in [-1, 1] (``output_type="pt"``) or PIL (S: 32; tiny-dit-64: 64).
 
         ``guidance_scale`` None: the pipeline's ``default_guidance_scale`` (saved with it).
 

@@ -6,7 +6,8 @@
     python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
     python -m pipelines.train_shapes mmdit --minutes 40 --out pipelines/weights/tiny-mmdit
     python -m pipelines.train_shapes wan --minutes 40 --out pipelines/weights/tiny-wan
-    python -m pipelines.train_shapes dit --image-size 64 --init pipelines/weights/tiny-dit --out pipelines/weights/tiny-dit-64
+    python -m pipelines.train_shapes dit --image-size 64 --init pipelines/weights/tiny-dit \\
+        --out pipelines/weights/tiny-dit-64
 
 Data is generated on the fly (a fresh seed per batch), so nothing is downloaded. The generators are
 trained with rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0, t drawn

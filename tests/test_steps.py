@@ -7,7 +7,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
 import tofu_diffusion as tofu
 from pipelines.tiny import (dit_pipeline, flux_pipeline, flux_prompt, pixart_pipeline, prompt_embeds, sd3_pipeline,
                             sd3_prompt, sd_pipeline)
-from test_diffusers import _dit_call, _pixart_call
 
 SCHEDULE = ((0.0, 0.0), (0.7, 0.5))
 
@@ -27,18 +26,12 @@ def _sd_call(pipe, steps):
                 height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
 
-PIPELINES = {
-    "sd": (sd_pipeline, _sd_call),
-    "dit": (dit_pipeline, lambda pipe, steps: _dit_call(pipe) if steps is None else torch.from_numpy(
-        pipe(class_labels=[1, 2], num_inference_steps=steps, output_type="np",
-             generator=torch.Generator().manual_seed(0)).images)),
-    "pixart": (pixart_pipeline, None),
-    "sd3": (sd3_pipeline, _sd3_call),
-    "flux": (flux_pipeline, _flux_call),
-}
+def _dit_call(pipe, steps):
+    return pipe(class_labels=[1, 2], num_inference_steps=steps, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
 
 
-def _pixart_steps(pipe, steps):
+def _pixart_call(pipe, steps):
     e, m = prompt_embeds(), torch.ones(1, 7)
     return pipe(prompt=None, negative_prompt=None, prompt_embeds=e, prompt_attention_mask=m,
                 negative_prompt_embeds=torch.zeros_like(e), negative_prompt_attention_mask=m,
@@ -46,7 +39,8 @@ def _pixart_steps(pipe, steps):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-PIPELINES["pixart"] = (pixart_pipeline, _pixart_steps)
+PIPELINES = {"sd": (sd_pipeline, _sd_call), "dit": (dit_pipeline, _dit_call), "pixart": (pixart_pipeline, _pixart_call),
+             "sd3": (sd3_pipeline, _sd3_call), "flux": (flux_pipeline, _flux_call)}
 
 
 class RatioLog:
@@ -191,3 +185,35 @@ def test_a_guidance_batch_shares_the_conditional_plan():
     model(**{**call, "hidden_states": torch.randn(2, 4, 16, 16, generator=g)})
     assert not torch.equal(*handle.last_plans()[last][0].assignment)
     tofu.remove(model)
+
+
+@pytest.mark.parametrize("with_scheduler", [True, False])
+def test_true_cfg_calls_reuse_their_own_plans(with_scheduler):
+    """With plan reuse, the conditional call gives the same result whether or not an unconditional call
+    runs between its steps (each call position within a step keeps its own plan)."""
+    pipe = dit_pipeline()
+    scheduler = pipe.scheduler
+    options = {"scheduler": scheduler} if with_scheduler else {}
+    tofu.apply(pipe.transformer, method="tome", ratio=0.5, plan_reuse_steps=2, **options)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    scheduler.set_timesteps(6)
+
+    def call(label, shift):
+        return lambda t: pipe.transformer(x + shift, timestep=t.expand(1), class_labels=torch.tensor([label]),
+                                          return_dict=False)[0]
+
+    unconditional, conditional = call(1000, 1.0), call(3, 0.0)
+
+    def outputs(*calls):  # one step = these calls in order, at one timestep; the outputs of each, per step
+        out = [[] for _ in calls]
+        for t in scheduler.timesteps:
+            for results, fn in zip(out, calls):
+                results.append(fn(t))
+        return out
+
+    (uncond_alone,), (cond_alone,) = outputs(unconditional), outputs(conditional)
+    uncond_paired, cond_paired = outputs(unconditional, conditional)
+    assert all(torch.equal(a, b) for a, b in zip(uncond_alone, uncond_paired))
+    assert all(torch.equal(a, b) for a, b in zip(cond_alone, cond_paired))
+    tofu.remove(pipe.transformer)

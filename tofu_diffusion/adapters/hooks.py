@@ -151,6 +151,7 @@ class StepState:
     index: int = 0  # steps since this caller's sampling run started
     timestep: Optional[float] = None
     guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent: both halves share one plan
+    call_in_step: int = 0  # 0 for a step's first denoiser call, 1 for the second (true CFG's separate calls), ...
 
 
 class RunState:
@@ -194,13 +195,18 @@ class RunState:
         if timestep is not None:
             value = float(timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else timestep)
         position = self.locator.locate(value)
+        same_step = value is not None and value == step.timestep
         if position.index is not None:
+            same_step = same_step and position.index == step.index
             step.index = position.index
-        else:
-            # No scheduler to ask: sampling runs go from high to low timesteps, so a timestep that does
-            # not fall starts a new run and plan reuse never carries a plan into the next call.
-            new_run = value is None or step.timestep is None or value >= step.timestep
+        elif not same_step:
+            # No scheduler to ask: sampling runs go from high to low timesteps, so a timestep that rises
+            # starts a new run and plan reuse never carries a plan into the next call; an equal one is another
+            # call of the same step (true CFG).
+            new_run = value is None or step.timestep is None or value > step.timestep
             step.index = 0 if new_run and value is not None else step.index + 1
+        step.call_in_step = step.call_in_step + 1 if same_step else 0
+        if position.index is None:
             if cfg.schedule is not None and cfg.schedule_axis == "steps" and not self.warned_no_steps:
                 self.warned_no_steps = True
                 logger.warning("schedule_axis='steps' needs the pipeline's scheduler, and this denoiser was called "
@@ -235,7 +241,9 @@ class BlockCall:
     plan: Optional[MergePlan] = None
     planned: bool = False
     merged: Optional[torch.Tensor] = None  # whole-block scope: the merged input, for the residual
-    reusable: Optional[tuple] = None  # (plan, ratio, (B, N)) of the latest planning
+    # call position within a step -> (plan, ratio, (B, N)) of its latest planning: true CFG's unconditional and
+    # conditional calls each reuse their own plan, never each other's
+    reusable: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -260,7 +268,7 @@ class BlockState:
         state = self._calls.own()
         if state is None:
             latest = self._calls.latest
-            state = self._calls.set(BlockCall(reusable=None if latest is None else latest.reusable))
+            state = self._calls.set(BlockCall(reusable={} if latest is None else dict(latest.reusable)))
         return state
 
     def begin(self, hidden_states: torch.Tensor) -> BlockCall:
@@ -281,7 +289,8 @@ class BlockState:
             if call.input is None:
                 raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; "
                                    f"token fusion cannot plan it")
-            previous = call.reusable
+            slot = self.run.step().call_in_step
+            previous = call.reusable.get(slot)
             b, n = call.input.shape[:2]
             ratio = self.run.ratio
             if self.run.reuse_plans and previous is not None and previous[1:] == (ratio, (b, n)):
@@ -292,7 +301,7 @@ class BlockState:
                     call.plan = self._shared_or_own_plan(call.input, ratio, attention, attention_input)
                 if call.plan is not None:
                     self.plans_computed += 1
-                call.reusable = (call.plan, ratio, (b, n))
+                call.reusable[slot] = (call.plan, ratio, (b, n))
             call.planned = True
             self.last_plan = call.plan
             self.last_tokens = (n, n if call.plan is None else call.plan.num_kept)
