@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import os
 from typing import Optional
 
@@ -31,12 +32,14 @@ from tqdm.auto import tqdm
 import tofu_diffusion as tofu
 from eval import report
 from eval.flops import count_flops
-from eval.timing import interleaved_median
+from eval.timing import interleaved_times, speedup_interval
 from eval.variants import use_variant
 from eval.workloads import IMAGE_SUFFIXES
 
-COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "gflops", "tokens_per_layer")
-BENCH_COLUMNS = ("geometry", "method", "r", "images_per_second", "speedup", "gflops", "ideal_speedup", "efficiency")
+COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "speedup_low", "speedup_high", "gflops",
+           "tokens_per_layer")
+BENCH_COLUMNS = ("geometry", "method", "r", "images_per_second", "speedup", "speedup_low", "speedup_high", "gflops",
+                 "ideal_speedup", "efficiency")
 # ViT-S/16 and ViT-B/16 (DeiT-S/B have the same shapes): 12 layers, 224 px, patch 16 -> 196 patches + CLS.
 GEOMETRIES = {
     "vit-s": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
@@ -152,6 +155,12 @@ def tokens_per_layer(model, sample) -> list[int]:
     return [n_in for n_in, _ in ordered] + [ordered[-1][1]]
 
 
+def _speedup(rounds: dict, base: str, name: str) -> dict:
+    """``speedup`` (median of the interleaved rounds' paired ratios) with ``speedup_low`` / ``speedup_high``."""
+    speedup, low, high = speedup_interval(rounds[base], rounds[name])
+    return {"speedup": speedup, "speedup_low": low, "speedup_high": high}
+
+
 def evaluate(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = load_model(args.model, device, dtype)
@@ -162,8 +171,9 @@ def evaluate(args) -> dict:
 
     names = [f"{m}_{r}" for m, r in settings]
     setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
-    seconds = interleaved_median({n: (lambda: model(timing_batch)) for n in names}, setups,
-                                 repeats=args.repeats, device=device)
+    rounds = interleaved_times({n: (lambda: model(timing_batch)) for n in names}, setups,
+                               repeats=args.repeats, device=device)
+    seconds = {n: statistics.median(t) for n, t in rounds.items()}
     rows = []
     for name, (method, r) in tqdm(list(zip(names, settings)), desc="evaluating"):
         use(model, method, r)
@@ -171,7 +181,7 @@ def evaluate(args) -> dict:
             "method": method, "r": r,
             "accuracy": accuracy(model, images, labels, args.batch_size, device, dtype),
             "images_per_second": timing_batch.shape[0] / seconds[name],
-            "speedup": seconds[names[0]] / seconds[name],
+            **_speedup(rounds, names[0], name),
             "gflops": count_flops(lambda: model(one)) / 1e9,
             "tokens_per_layer": tokens_per_layer(model, one),
         })
@@ -198,8 +208,9 @@ def bench(args) -> dict:
         model = geometry_model(geometry, device, dtype)
         batch = torch.randn(args.bench_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
-        seconds = interleaved_median({n: (lambda: model(batch)) for n in names}, setups, repeats=args.repeats,
-                                     device=device)
+        rounds = interleaved_times({n: (lambda: model(batch)) for n in names}, setups, repeats=args.repeats,
+                                   device=device)
+        seconds = {n: statistics.median(t) for n, t in rounds.items()}
         flops = {}
         for name, (method, r) in zip(names, settings):
             use(model, method, r)
@@ -207,31 +218,32 @@ def bench(args) -> dict:
         use(model, "none", 0)
         base = names[0]
         for name, (method, r) in zip(names, settings):
-            speedup, ideal = seconds[base] / seconds[name], flops[base] / flops[name]
+            timed, ideal = _speedup(rounds, base, name), flops[base] / flops[name]
+            speedup = timed["speedup"]
             rows.append({"geometry": geometry, "method": method, "r": r,
-                         "images_per_second": batch.shape[0] / seconds[name], "speedup": speedup,
+                         "images_per_second": batch.shape[0] / seconds[name], **timed,
                          "gflops": flops[name] / 1e9, "ideal_speedup": ideal, "efficiency": speedup / ideal})
     return {"device": str(device), "dtype": args.dtype, "batch": args.bench_batch, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "rows": rows}
 
 
 def format_bench(result: dict) -> str:
-    header = (f"{'geometry':<9}{'method':<7}{'r':>4}{'img/s':>9}{'speedup':>9}{'GFLOPs':>8}{'FLOP ideal':>12}"
+    header = (f"{'geometry':<9}{'method':<7}{'r':>4}{'img/s':>9}{'speedup':>21}{'GFLOPs':>8}{'FLOP ideal':>12}"
               f"{'of ideal':>10}")
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(f"{row['geometry']:<9}{row['method']:<7}{row['r']:>4}{row['images_per_second']:>9.1f}"
-                     f"{row['speedup']:>8.2f}x{row['gflops']:>8.2f}{row['ideal_speedup']:>11.2f}x"
+                     f"{report.format_speedup(row):>21}{row['gflops']:>8.2f}{row['ideal_speedup']:>11.2f}x"
                      f"{row['efficiency']:>10.2f}")
     return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
-    header = f"{'method':<7}{'r':>4}{'top-1':>8}{'img/s':>10}{'speedup':>9}{'GFLOPs':>9}  tokens per layer"
+    header = f"{'method':<7}{'r':>4}{'top-1':>8}{'img/s':>10}{'speedup':>21}{'GFLOPs':>9}  tokens per layer"
     lines = [header, "-" * (len(header) + 20)]
     for row in result["rows"]:
         lines.append(f"{row['method']:<7}{row['r']:>4}{100 * row['accuracy']:>7.2f}%{row['images_per_second']:>10.0f}"
-                     f"{row['speedup']:>8.2f}x{row['gflops']:>9.4f}  {' '.join(map(str, row['tokens_per_layer']))}")
+                     f"{report.format_speedup(row):>21}{row['gflops']:>9.4f}  {' '.join(map(str, row['tokens_per_layer']))}")
     return "\n".join(lines)
 
 

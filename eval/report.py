@@ -34,6 +34,13 @@ def mark_pareto(rows: list[dict], speed: str, quality: str, lower_is_better: boo
         )
 
 
+def format_speedup(row: dict) -> str:
+    """``1.21x (1.15-1.27)``: the speedup and the spread of its interleaved rounds."""
+    if row.get("speedup_low") is None:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})"
+
+
 def tradeoff_plot(path: str, rows: list[dict], x: str, y: str, label: str, xlabel: str, ylabel: str, title: str,
                   band: Optional[tuple[float, float, str]] = None) -> None:
     """One line per series (``row["series"]``, else its method) from the baseline (the first row, marked

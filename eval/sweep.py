@@ -412,13 +412,6 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int =
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
-def format_speedup(row: dict) -> str:
-    """``1.21x (1.15-1.27)``: the speedup and the spread of its interleaved rounds."""
-    if row.get("speedup_low") is None:
-        return f"{row['speedup']:.2f}x"
-    return f"{row['speedup']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})"
-
-
 def format_table(result: dict) -> str:
     def cell(value, fmt):
         return "n/a" if value is None else format(value, fmt)
@@ -433,7 +426,7 @@ def format_table(result: dict) -> str:
         kid = "n/a" if r["kid"] is None else f"{1e3 * r['kid']:.2f}+-{1e3 * r['kid_std']:.2f}"
         reduces = r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")
         lines.append(f"{r['setting']:<{width}}{r['method']:<8}{reduces:<24}{r['seconds_per_image']:>9.4f}"
-                     f"{format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
+                     f"{report.format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
                      f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>8.0f}"
                      f" {'*' if r['pareto'] else ''}")
     floor = result.get("noise_floor_fid")

@@ -266,3 +266,14 @@ def test_mctf_never_fuses_below_ten_tokens():
         assert handle.token_counts()["layers.3"] == (17, 10)
     with tofu.fused(model, method="tome", r=16) as handle:
         assert handle.schedule == [16, 16, 16, 8]
+
+
+def test_an_r_list_longer_than_the_model_is_refused_before_the_patch_is_touched():
+    model = _model()
+    images = _images()
+    first = tofu.apply(model, method="tome", r=2)
+    reduced = model(images).logits
+    with pytest.raises(ValueError, match="r lists 9 layers but the model has 4"):
+        tofu.apply(model, method="tome", r=[1] * 9)
+    assert tofu.handle_of(model) is first and torch.equal(model(images).logits, reduced)
+    tofu.remove(model)

@@ -425,6 +425,8 @@ class ClassifierAdapter(Adapter):
         n = len(backbone.layers)
         if config.layers is not None and max(config.layers) >= n:
             raise ValueError(f"layers {list(config.layers)} out of range: the model has {n} layers (0..{n - 1})")
+        if isinstance(config.r, list) and len(config.r) > n:  # refused here, before a previous patch is removed
+            raise ValueError(f"r lists {len(config.r)} layers but the model has {n}; give at most {n} values")
         return backbone
 
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, backbone: torch.nn.Module,
