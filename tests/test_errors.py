@@ -112,3 +112,13 @@ def test_a_ratio_that_removes_no_token_warns_once(caplog):
         model(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
         model(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
     assert caplog.text.count("removes no token") == 1
+
+
+@pytest.mark.parametrize("positional", [0.5, "tome"])
+def test_a_positional_ratio_or_method_is_refused_with_the_keyword_form(positional):
+    from pipelines.tiny import dit_transformer
+
+    model = dit_transformer()
+    with pytest.raises(TypeError, match=r"pass options by keyword, e.g. apply\(model, ratio=0.5\)"):
+        tofu.apply(model, positional)
+    assert tofu.handle_of(model) is None

@@ -305,6 +305,9 @@ class TokenFusionConfig:
     @classmethod
     def from_kwargs(cls, config: Optional["TokenFusionConfig"] = None, **kwargs) -> "TokenFusionConfig":
         """A config from keyword arguments, or ``config`` with those fields replaced."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"the second argument is a TokenFusionConfig, got {config!r}; pass options by keyword, "
+                            f"e.g. apply(model, ratio=0.5) or apply(model, method='tome')")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
