@@ -158,8 +158,7 @@ def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, nu
     """
     from .explanation import explain_call
 
-    handle = handle_of(model_or_pipeline) if not isinstance(model_or_pipeline, torch.nn.Module) else \
-        getattr(model_or_pipeline, _HANDLE_ATTR, None)
+    handle = handle_of(model_or_pipeline)
     if config is None and not options and handle is not None:
         config = handle.config
     model, adapter, config, checked = _prepare(model_or_pipeline, config, options)
