@@ -60,32 +60,50 @@ def _backgrounds(g: torch.Generator, n: int, x: torch.Tensor, y: torch.Tensor) -
     return a.view(n, 3, 1, 1) * (1 - mix) + b.view(n, 3, 1, 1) * mix
 
 
+def _pixel_grid(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres x, y in [-1, 1], each (N, size, size)."""
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return x.expand(n, size, size), y.expand(n, size, size)
+
+
+def _fill(g: torch.Generator, n: int) -> tuple:
+    """Solid or striped fill: two colours, whether striped, the stripes' frequency (drawn in this order)."""
+    fill_a, fill_b = _colours(g, n), _colours(g, n)
+    striped = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1)
+    return fill_a, fill_b, striped, _uniform(g, n, 3, 6).view(n, 1, 1)
+
+
+def _paint(image, labels, x, y, cx, cy, radius, theta, fill) -> torch.Tensor:
+    """``image`` with each item's shape drawn at centre (cx, cy), in its own rotated coordinates u, v.
+
+    An outline-free shape on any background stays visible by contrast."""
+    fill_a, fill_b, striped, frequency = fill
+    n = image.shape[0]
+    dx, dy = (x - cx) / radius, (y - cy) / radius
+    u = dx * torch.cos(theta) + dy * torch.sin(theta)
+    v = -dx * torch.sin(theta) + dy * torch.cos(theta)
+    mask = _shape_masks(labels, u, v).unsqueeze(1).float()
+    stripe = (torch.sin(frequency * math.pi * u) > 0) & striped
+    colour = torch.where(stripe.unsqueeze(1), fill_b.view(n, 3, 1, 1), fill_a.view(n, 3, 1, 1))
+    return image * (1 - mask) + colour * mask
+
+
 def generate(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` images (N, 3, size, size) in [-1, 1] and their class labels (N,)."""
     g = torch.Generator().manual_seed(seed)
     n = count
     labels = torch.randint(len(CLASSES), (n,), generator=g)
-    coords = (torch.arange(size) + 0.5) / size * 2 - 1
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    x, y = x.expand(n, size, size), y.expand(n, size, size)
-
+    x, y = _pixel_grid(n, size)
     image = _backgrounds(g, n, x, y)
-    # The shape: centre, radius, rotation; its own coordinates u, v.
+    # The shape: centre, radius, rotation.
     radius = _uniform(g, n, 0.45, 0.8).view(n, 1, 1)
     cx = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius)
     cy = _uniform(g, n, -1, 1).view(n, 1, 1) * (1 - radius)
     # Small tilts only: a square turned by 45 degrees would be a diamond.
     theta = _uniform(g, n, -0.35, 0.35).view(n, 1, 1)
-    dx, dy = (x - cx) / radius, (y - cy) / radius
-    u = dx * torch.cos(theta) + dy * torch.sin(theta)
-    v = -dx * torch.sin(theta) + dy * torch.cos(theta)
-    mask = _shape_masks(labels, u, v).unsqueeze(1).float()
-    # Solid or striped fill; a dark outline-free shape on any background stays visible by contrast.
-    fill_a, fill_b = _colours(g, n), _colours(g, n)
-    striped = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1)
-    stripe = (torch.sin(_uniform(g, n, 3, 6).view(n, 1, 1) * math.pi * u) > 0) & striped
-    fill = torch.where(stripe.unsqueeze(1), fill_b.view(n, 3, 1, 1), fill_a.view(n, 3, 1, 1))
-    image = image * (1 - mask) + fill * mask
+    fill = _fill(g, n)
+    image = _paint(image, labels, x, y, cx, cy, radius, theta, fill)
     image = image + 0.04 * torch.randn(image.shape, generator=g)
     return (image.clamp(0, 1) * 2 - 1), labels
 
@@ -104,28 +122,19 @@ def generate_clips(count: int, seed: int = 0, frames: int = FRAMES,
     g = torch.Generator().manual_seed(seed)
     n = count
     labels = torch.randint(len(CLASSES), (n,), generator=g)
-    coords = (torch.arange(size) + 0.5) / size * 2 - 1
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    x, y = x.expand(n, size, size), y.expand(n, size, size)
+    x, y = _pixel_grid(n, size)
     background = _backgrounds(g, n, x, y)
     radius = _uniform(g, n, 0.45, 0.7).view(n, 1, 1)  # a little smaller than the stills: room to move
     start = (torch.rand(n, 2, generator=g) * 2 - 1) * (1 - radius.view(n, 1))
     end = (torch.rand(n, 2, generator=g) * 2 - 1) * (1 - radius.view(n, 1))
     theta = _uniform(g, n, -0.35, 0.35).view(n, 1, 1)
-    fill_a, fill_b = _colours(g, n), _colours(g, n)
-    striped = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1)
-    stripe_freq = _uniform(g, n, 3, 6).view(n, 1, 1)
+    fill = _fill(g, n)
     along = torch.linspace(0, 1, frames).view(1, frames, 1)
     centres = start.unsqueeze(1) + (end - start).unsqueeze(1) * along  # (N, F, 2)
     clips = []
     for f in range(frames):
         cx, cy = centres[:, f, 0].view(n, 1, 1), centres[:, f, 1].view(n, 1, 1)
-        dx, dy = (x - cx) / radius, (y - cy) / radius
-        u = dx * torch.cos(theta) + dy * torch.sin(theta)
-        v = -dx * torch.sin(theta) + dy * torch.cos(theta)
-        mask = _shape_masks(labels, u, v).unsqueeze(1).float()
-        stripe = (torch.sin(stripe_freq * math.pi * u) > 0) & striped
-        fill = torch.where(stripe.unsqueeze(1), fill_b.view(n, 3, 1, 1), fill_a.view(n, 3, 1, 1))
-        frame = background * (1 - mask) + fill * mask + 0.04 * torch.randn(background.shape, generator=g)
+        frame = _paint(background, labels, x, y, cx, cy, radius, theta, fill)
+        frame = frame + 0.04 * torch.randn(background.shape, generator=g)
         clips.append(frame.clamp(0, 1) * 2 - 1)
     return torch.stack(clips, dim=1), labels, centres
