@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: install demo classify test clean
+.PHONY: install demo classify lint test test-fast clean
 
 # The main job on the three bundled generators: every method at ratio 0.5, the default and the "fast" preset,
 # tomesd on the UNet; sized to finish in about fifteen minutes on 2 CPU cores.
@@ -32,8 +32,15 @@ demo: install
 classify: install
 	$(BIN)/python -m eval.classify --model tiny-vit --out results/classify
 
-test: install
+lint: install
+	$(BIN)/ruff check tofu_diffusion pipelines eval tests
+
+test: lint
 	$(BIN)/python -m pytest tests
+
+# The fast lane while developing (about two minutes); CI runs everything.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) results

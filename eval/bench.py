@@ -27,10 +27,10 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 import tofu_diffusion as tofu
-from tofu_diffusion.adapters import hooks as _hooks
 from eval.flops import count_flops
 from eval.timing import interleaved_median, interleaved_times, speedup_interval
 from eval.variants import Variant, tomesd, use_variant
+from tofu_diffusion.adapters import planning as _planning
 
 
 @dataclass
@@ -43,6 +43,8 @@ class Workload:
     tomesd: bool
     scheduler: Optional[Callable[[], object]] = None  # the real pipeline's scheduler, for --trajectory
     scheduler_note: str = ""
+    frames: int = 0  # video: frames of the clip (``--frames``); inputs then take frames=
+    width_px: int = 0  # video: the frame's width in pixels (``resolution`` is its height); 0 = square
 
 
 def _sd35_scheduler():
@@ -148,6 +150,57 @@ def _flux_inputs(batch, resolution, dtype, device):
     }
 
 
+def _wan(depth, width=None):
+    from diffusers import WanTransformer3DModel
+
+    width = width or 1536
+    return WanTransformer3DModel(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (width 1536)
+        patch_size=(1, 2, 2), num_attention_heads=width // 128, attention_head_dim=128, in_channels=16,
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=depth, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+
+
+def _video_latent(batch, height, width, frames, channels, g):
+    """A Wan / HunyuanVideo VAE's latent: 8x in space, 4x in time (plus the first frame)."""
+    return torch.randn(batch, channels, (frames - 1) // 4 + 1, height // 8, width // 8, generator=g)
+
+
+def _wan_inputs(batch, resolution, dtype, device, frames=17, width_px=832):
+    g = torch.Generator().manual_seed(0)
+    x = _video_latent(batch, resolution, width_px, frames, 16, g)
+    return (x.to(device, dtype),), {"encoder_hidden_states": torch.randn(batch, 512, 4096, generator=g).to(
+        device, dtype), "timestep": torch.full((batch,), 500.0, device=device)}  # 512 umT5 tokens
+
+
+def _hunyuan_video(depth, width=None):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    width = width or 3072
+    double = max(1, round(depth * 20 / 60))  # HunyuanVideo: 20 dual-stream and 40 single-stream blocks
+    return HunyuanVideoTransformer3DModel(  # hunyuanvideo-community/HunyuanVideo transformer/config.json
+        in_channels=16, out_channels=16, num_attention_heads=width // 128, attention_head_dim=128,
+        num_layers=double, num_single_layers=depth - double, num_refiner_layers=2, patch_size=2, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
+
+
+def _hunyuan_video_inputs(batch, resolution, dtype, device, frames=5, width_px=1280):
+    g = torch.Generator().manual_seed(0)
+    x = _video_latent(batch, resolution, width_px, frames, 16, g)
+    return (x.to(device, dtype),), {
+        "encoder_hidden_states": torch.randn(batch, 256, 4096, generator=g).to(device, dtype),  # 256 Llama tokens
+        "encoder_attention_mask": torch.ones(batch, 256, device=device),
+        "pooled_projections": torch.randn(batch, 768, generator=g).to(device, dtype),
+        "guidance": torch.full((batch,), 6000.0, device=device), "timestep": torch.full((batch,), 500.0, device=device)}
+
+
+def _wan_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    # Wan2.1 480p: UniPC with flow_shift 3.0 (5.0 at 720p), as the model card's example sets it
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                   num_train_timesteps=1000)
+
+
 def _unet_inputs(text_dim, text_len, added=False):
     def make(batch, resolution, dtype, device):
         g = torch.Generator().manual_seed(0)
@@ -156,8 +209,9 @@ def _unet_inputs(text_dim, text_len, added=False):
         e = torch.randn(batch, text_len, text_dim, generator=g)
         kwargs = {}
         if added:
+            ids = [[resolution, resolution, 0, 0, resolution, resolution]] * batch
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
-                                           "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype, device=device)}
+                                           "time_ids": torch.tensor(ids, dtype=dtype, device=device)}
         return (x.to(device, dtype), torch.tensor(500, device=device), e.to(device, dtype)), kwargs
     return make
 
@@ -182,23 +236,28 @@ WORKLOADS = {
     "pixart": Workload("PixArt-alpha", _pixart, _transformer_inputs(4096), 1024, 28, False),
     "dit": Workload("DiT-XL/2", _dit, _transformer_inputs(), 256, 28, True),
     "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False, _sd35_scheduler, "shift 3"),
-    "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False, _flux_dev_scheduler, "dynamic shift, mu from size"),
+    "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False, _flux_dev_scheduler,
+                     "dynamic shift, mu from size"),
+    "wan": Workload("Wan2.1-1.3B", _wan, _wan_inputs, 480, 30, False, _wan_scheduler, "UniPC, flow shift 3",
+                    frames=17, width_px=832),
+    "hunyuan_video": Workload("HunyuanVideo", _hunyuan_video, _hunyuan_video_inputs, 720, 60, False, None, "",
+                              frames=5, width_px=1280),
 }
 
 
 def _count_flops(fn) -> int:
     """FLOPs of one call, without the planning (matching) work: that is the reducer's overhead."""
-    original = _hooks.BlockState._compute_plan
+    original = _planning.BlockState._compute_plan
 
     def unplanned(self, *a, **k):
         with _disable_current_modes():
             return original(self, *a, **k)
 
-    _hooks.BlockState._compute_plan = unplanned
+    _planning.BlockState._compute_plan = unplanned
     try:
         return count_flops(fn)
     finally:
-        _hooks.BlockState._compute_plan = original
+        _planning.BlockState._compute_plan = original
 
 
 def _overhead_shares(fn) -> dict[str, float]:
@@ -213,6 +272,19 @@ def _overhead_shares(fn) -> dict[str, float]:
     return shares
 
 
+def _geometry(spec: Workload, resolution: int, args) -> str:
+    if not spec.frames:
+        return f"{resolution}px"
+    return f"{resolution}x{spec.width_px}px, {args.frames or spec.frames} frames"
+
+
+def _tokens(model) -> Optional[int]:
+    """Tokens per reduced block in the latest call (the first block's), for the table."""
+    handle = tofu.handle_of(model)
+    counts = handle.token_counts() if handle is not None else {}
+    return next(iter(counts.values()))[0] if counts else None
+
+
 def _build(spec: Workload, args):
     """(model, depth, resolution, positional inputs, keyword inputs, device) of a workload as the args ask."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -220,7 +292,8 @@ def _build(spec: Workload, args):
     resolution = args.resolution or spec.resolution
     torch.manual_seed(0)
     model = (spec.build(depth, args.width) if args.width else spec.build(depth)).to(device, dtype).eval()
-    call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device)
+    video = {"frames": args.frames or spec.frames, "width_px": spec.width_px} if spec.frames else {}
+    call_args, call_kwargs = spec.inputs(args.batch, resolution, dtype, device, **video)
     return model, depth, resolution, call_args, call_kwargs, device
 
 
@@ -258,9 +331,11 @@ def run_workload(key: str, args) -> list[dict]:
                                       plan_reuse_steps=v["plan_reuse_steps"], max_downsample=args.max_downsample)
 
     setups = {name: functools.partial(use_variant, model, config_of(v)) for name, v in variants.items()}
-    depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if spec.full_depth and depth != spec.full_depth else ""
+    cut = spec.full_depth and depth != spec.full_depth
+    depth_note = f", depth cut to {depth} of {spec.full_depth} blocks" if cut else ""
     depth_note += f", width {args.width}" if args.width else ""
-    print(f"\n{spec.name} @ {resolution}px, batch {args.batch}, {args.dtype}, {args.device}{depth_note}: "
+    print(f"\n{spec.name} @ {_geometry(spec, resolution, args)}, batch {args.batch}, {args.dtype}, {args.device}"
+          f"{depth_note}: "
           f"{len(variants)} variants x {args.repeats} interleaved repeats", flush=True)
     # Each timed (and profiled) sample is `steps` consecutive denoising steps, so a plan can be reused
     # inside it; times are reported per step.
@@ -289,6 +364,7 @@ def run_workload(key: str, args) -> list[dict]:
             ideal = base_flops / flops
             rows.append({
                 "model": spec.name, "resolution": resolution, "depth": depth or None, "width": args.width,
+                "frames": (args.frames or spec.frames) or None, "tokens": _tokens(model),
                 "batch": args.batch,
                 "dtype": args.dtype, "device": args.device, "variant": name, **v,
                 "ms_per_step": seconds[name] * 1000, "speedup": speedup, "ideal_speedup": ideal,
@@ -383,12 +459,14 @@ def _fmt(value, pattern):
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'model':<14}{'variant':<34}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}{'plan%':>7}{'merge%':>7}{'unm%':>6}"
+    header = (f"{'model':<14}{'variant':<34}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}"
+              f"{'plan%':>7}{'merge%':>7}{'unm%':>6}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:<14}{r['variant']:<34}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x{r['ideal_speedup']:>7.2f}x"
-              f"{_fmt(r['achieved_over_ideal'], '{:.2f}'):>10}{_fmt(r['share_plan'] and 100 * r['share_plan'], '{:.1f}'):>7}"
-              f"{_fmt(r['share_merge'] and 100 * r['share_merge'], '{:.1f}'):>7}{_fmt(r['share_unmerge'] and 100 * r['share_unmerge'], '{:.1f}'):>6}")
+        shares = [_fmt(r[k] and 100 * r[k], "{:.1f}") for k in ("share_plan", "share_merge", "share_unmerge")]
+        print(f"{r['model']:<14}{r['variant']:<34}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x"
+              f"{r['ideal_speedup']:>7.2f}x{_fmt(r['achieved_over_ideal'], '{:.2f}'):>10}"
+              f"{shares[0]:>7}{shares[1]:>7}{shares[2]:>6}")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -405,7 +483,10 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sd15", "pixart"], choices=sorted(WORKLOADS))
-    parser.add_argument("--resolution", type=int, default=None, help="pixels; default per model")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (video: the frame's height); default "
+                        "per model")
+    parser.add_argument("--frames", type=int, default=None, help="video models: frames of the clip (default: "
+                        "17 for Wan, 5 for HunyuanVideo on a CPU)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.5])
     parser.add_argument("--methods", nargs="+", default=["tome"], choices=list(tofu.METHODS))
     parser.add_argument("--scopes", nargs="+", default=["sublayers", "block"], choices=["sublayers", "block"])

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import os
+import statistics
 from typing import Optional
 
 import torch
@@ -243,7 +243,8 @@ def format_table(result: dict) -> str:
     lines = [header, "-" * (len(header) + 20)]
     for row in result["rows"]:
         lines.append(f"{row['method']:<7}{row['r']:>4}{100 * row['accuracy']:>7.2f}%{row['images_per_second']:>10.0f}"
-                     f"{report.format_speedup(row):>21}{row['gflops']:>9.4f}  {' '.join(map(str, row['tokens_per_layer']))}")
+                     f"{report.format_speedup(row):>21}{row['gflops']:>9.4f}  "
+                     f"{' '.join(map(str, row['tokens_per_layer']))}")
     return "\n".join(lines)
 
 
@@ -264,7 +265,8 @@ def main(argv=None) -> Optional[dict]:
                          [dict(r, accuracy=100 * r["accuracy"]) for r in result["rows"]],
                          "images_per_second", "accuracy", "r", "images per second", "top-1 accuracy (%)",
                          f"{result['model']}: accuracy vs throughput ({result['num_images']} images)")
-    print(f"\n{result['model']}: {result['num_images']} images, {result['device']}, timing batch {result['timing_batch']}")
+    print(f"\n{result['model']}: {result['num_images']} images, {result['device']}, "
+          f"timing batch {result['timing_batch']}")
     print(format_table(result))
     print(f"\nwrote {args.out}/results.json, results.csv, accuracy_vs_throughput.png")
     return result

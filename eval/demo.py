@@ -57,7 +57,8 @@ def main(argv=None) -> None:
 
     setups = {name: functools.partial(use_variant, unet, config) for name, config in configs.items()}
     step = {name: (lambda: unet(sample, timestep, text)) for name in configs}
-    print(f"SD-shaped UNet (random weights), {args.resolution}px ({side}x{side} latent), batch 2 (CFG), ratio {args.ratio}, "
+    print(f"SD-shaped UNet (random weights), {args.resolution}px ({side}x{side} latent), batch 2 (CFG), "
+          f"ratio {args.ratio}, "
           f"{torch.get_num_threads()} threads; timing {args.repeats} interleaved repeats...")
     seconds = interleaved_median(step, setups, repeats=args.repeats)
 

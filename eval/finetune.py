@@ -57,6 +57,14 @@ def accuracies(model, images, labels, student) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:  # a caller in the same process (a test, a notebook) keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
     from transformers import AutoModelForImageClassification
 
     from eval.classify import embedded_or

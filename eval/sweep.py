@@ -142,7 +142,8 @@ def settings_of(args) -> list[Setting]:
                     tofu.TokenFusionConfig(method=method, ratio=ratio, **common)
                 settings.append(Setting(f"{method}_{ratio:g}", method, ratio, variant, method, f"{ratio:g}"))
     for preset in args.presets:
-        config = tofu.TokenFusionConfig(**common) if preset == "default" else tofu.TokenFusionConfig(preset=preset, **common)
+        named = {} if preset == "default" else {"preset": preset}
+        config = tofu.TokenFusionConfig(**named, **common)
         settings.append(Setting(f"preset_{preset}", "preset", None, config, "presets", preset))
     for spec in args.variants:
         options = {**common, **parse_variant(spec)}

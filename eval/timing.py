@@ -19,14 +19,14 @@ def interleaved_median(
     setup: dict[str, Callable[[], None]],
     repeats: int = 5,
     warmup: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
     peak_memory: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     """Median seconds per call of each variant; ``setup[name]()`` switches the model to that variant.
 
     When ``peak_memory`` is a dict it receives each variant's peak memory (MB) over its calls.
     """
-    times = interleaved_times(variants, setup, repeats, warmup, device, peak_memory)
+    times = interleaved_times(variants, setup, repeats, warmup, torch.device(device), peak_memory)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -56,10 +56,11 @@ def interleaved_times(
     setup: dict[str, Callable[[], None]],
     repeats: int = 5,
     warmup: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
     peak_memory: Optional[dict[str, float]] = None,
 ) -> dict[str, list[float]]:
     """Seconds of every timed round of each variant (``interleaved_median``'s rounds, unreduced)."""
+    device = torch.device(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
         for name, fn in variants.items():

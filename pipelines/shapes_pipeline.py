@@ -23,14 +23,19 @@ takes from its text encoders.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass
-
-from diffusers import (DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       UNet2DConditionModel, WanTransformer3DModel)
+from diffusers import (
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
+)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -197,7 +202,8 @@ class _ShapesPipeline(DiffusionPipeline):
     def check_labels(self, class_labels) -> torch.Tensor:
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
-            raise ValueError(f"class labels must lie in [0, {self.null_class}) ({', '.join(CLASSES)}); got {labels.tolist()}")
+            raise ValueError(f"class labels must lie in [0, {self.null_class}) ({', '.join(CLASSES)}); "
+                             f"got {labels.tolist()}")
         return labels
 
     @torch.no_grad()

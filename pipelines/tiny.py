@@ -254,7 +254,8 @@ def sd_pipeline_with_text(folder, seed: int = 0) -> StableDiffusionPipeline:
 
     torch.manual_seed(seed)
     pipe = sd_pipeline()
-    pipe.register_modules(tokenizer=tiny_tokenizer(folder), text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config())).eval())
+    encoder = CLIPTextModel(CLIPTextConfig(**_text_config())).eval()
+    pipe.register_modules(tokenizer=tiny_tokenizer(folder), text_encoder=encoder)
     return pipe
 
 

@@ -48,7 +48,6 @@ from .shapes_pipeline import (
     to_video_latent,
 )
 
-
 KD_TEMPERATURE = 2.0
 FEATURE_LAYER = 3  # tiny-vit hidden state whose patch tokens match the CNN's feature map
 
@@ -272,12 +271,23 @@ def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
               f"(chance {1 / len(CLASSES):.3f})", flush=True)
     accuracy = result.get("class_accuracy", 0.0)
     folder = args.out
+    if getattr(args, "keep_best", False):
+        best = max(best, _saved_accuracy(args.out))  # a resumed run never overwrites a better earlier model
     if getattr(args, "keep_best", False) and args.classifier and accuracy <= best:
         folder = args.out.rstrip("/") + "-last"
     save_half(pipe, folder)
     with open(os.path.join(folder, "training_log.json"), "w") as f:
         json.dump(result, f, indent=1)
     return max(best, accuracy) if folder == args.out else best
+
+
+def _saved_accuracy(folder: str) -> float:
+    """The class accuracy recorded with the model saved in ``folder`` (-1 when there is none)."""
+    try:
+        with open(os.path.join(folder, "training_log.json")) as f:
+            return float(json.load(f).get("class_accuracy", -1.0))
+    except (OSError, ValueError):
+        return -1.0
 
 
 def main(argv=None) -> None:

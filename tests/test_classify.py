@@ -27,6 +27,7 @@ def vit_and_data(tmp_path_factory):
     return str(root / "model"), str(root / "data")
 
 
+@pytest.mark.slow
 def test_classify_on_an_image_folder(vit_and_data, tmp_path):
     model, data = vit_and_data
     out = tmp_path / "out"
@@ -58,9 +59,11 @@ def test_classify_explains_bad_data(vit_and_data, tmp_path):
         classify.main(["--model", model, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_bench_reports_speed_beside_the_flop_ideal(monkeypatch, tmp_path):
     # the real geometries' 12 layers and 197 tokens, at a width small enough for a test
-    monkeypatch.setitem(classify.GEOMETRIES, "narrow", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64))
+    narrow = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    monkeypatch.setitem(classify.GEOMETRIES, "narrow", narrow)
     result = classify.main(["--bench", "--geometries", "narrow", "--methods", "none", "tome", "mctf", "--r", "8", "13",
                             "--bench-batch", "2", "--repeats", "1", "--out", str(tmp_path)])
     rows = result["rows"]

@@ -24,7 +24,7 @@ from tofu_diffusion.core import (
 def test_grid_partition_one_destination_per_cell(h, w, stride):
     sy, sx = stride
     for options in ({}, {"generator": torch.Generator().manual_seed(3)}, {"key": mix_key(3, 981000)}):
-        src, dst = grid_partition(h, w, stride, **options)
+        src, dst = grid_partition((h, w), stride, **options)
         assert sorted(torch.cat([src, dst]).tolist()) == list(range(h * w))
         rows, cols = dst // w, dst % w
         cells = set(zip((rows // sy).tolist(), (cols // sx).tolist()))
@@ -34,11 +34,11 @@ def test_grid_partition_one_destination_per_cell(h, w, stride):
 
 
 def test_grid_partition_fixed_position_and_seeded_randomness():
-    _, dst = grid_partition(4, 4, (2, 2), position=3)
+    _, dst = grid_partition((4, 4), (2, 2), position=3)
     assert sorted(dst.tolist()) == [5, 7, 13, 15]  # bottom-right of each 2x2 cell
-    a = grid_partition(16, 16, generator=torch.Generator().manual_seed(7))[1]
-    b = grid_partition(16, 16, generator=torch.Generator().manual_seed(7))[1]
-    c = grid_partition(16, 16, generator=torch.Generator().manual_seed(8))[1]
+    a = grid_partition((16, 16), generator=torch.Generator().manual_seed(7))[1]
+    b = grid_partition((16, 16), generator=torch.Generator().manual_seed(7))[1]
+    c = grid_partition((16, 16), generator=torch.Generator().manual_seed(8))[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -52,14 +52,14 @@ def test_hashed_draws_are_uniform_repeatable_and_the_same_for_int_and_tensor_key
     # neighbouring keys (consecutive steps or blocks) give unrelated draws
     agree = (hashed(mix_key(0, 981000, 3), 40_000) % 4 == hashed(mix_key(0, 981000, 4), 40_000) % 4).float().mean()
     assert abs(agree.item() - 0.25) < 0.02
-    a = grid_partition(16, 16, key=mix_key(7))[1]
-    assert torch.equal(a, grid_partition(16, 16, key=mix_key(7))[1])
-    assert not torch.equal(a, grid_partition(16, 16, key=mix_key(8))[1])
+    a = grid_partition((16, 16), key=mix_key(7))[1]
+    assert torch.equal(a, grid_partition((16, 16), key=mix_key(7))[1])
+    assert not torch.equal(a, grid_partition((16, 16), key=mix_key(8))[1])
 
 
 def test_grid_smaller_than_stride_is_a_clear_error():
     with pytest.raises(ValueError, match="smaller than the 2x2 merge stride"):
-        grid_partition(1, 5, (2, 2))
+        grid_partition((1, 5), (2, 2))
 
 
 def test_alternating_partition():
@@ -132,7 +132,7 @@ def test_tome_fixed_destinations_reproduce_tomesd(h, w, ratio):
     x = torch.randn(3, h * w, 16)
     r = int(h * w * ratio)
     merge, unmerge = tomesd_merge.bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=True)
-    src, dst = grid_partition(h, w, (2, 2))
+    src, dst = grid_partition((h, w), (2, 2))
     plan = bipartite_soft_matching(x, src, dst, r)
     ours = plan.merge(x, "mean")
     assert torch.equal(ours, merge(x))
@@ -233,14 +233,14 @@ def test_reduction_cost_model():
 def test_stratified_grid_queries_cover_the_grid(h, w, q):
     from tofu_diffusion.core import stratified_grid_queries
 
-    index, weight = stratified_grid_queries(h, w, q, torch.Generator().manual_seed(0))
+    index, weight = stratified_grid_queries((h, w), q, torch.Generator().manual_seed(0))
     assert torch.isclose(weight.sum(), torch.tensor(1.0))
     assert index.unique().numel() == index.numel() <= h * w
     rows, cols = index // w, index % w
     assert min(q, h * w) / 2 <= index.numel() <= 2 * q
     # spread over the image in both directions, not along one column or row
     assert rows.max() - rows.min() >= (h - 1) / 2 and cols.max() - cols.min() >= (w - 1) / 2
-    again, _ = stratified_grid_queries(h, w, q, torch.Generator().manual_seed(0))
+    again, _ = stratified_grid_queries((h, w), q, torch.Generator().manual_seed(0))
     assert torch.equal(index, again)
 
 

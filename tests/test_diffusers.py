@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
 from pipelines.tiny import (
@@ -9,81 +10,55 @@ from pipelines.tiny import (
     dit_pipeline,
     dit_transformer,
     pixart_pipeline,
-    pixart_transformer,
     prompt_embeds,
     sd_pipeline,
     sd_unet,
-    sdxl_added_cond,
     sdxl_unet,
 )
 
 METHODS = ["tome", "tofu", "mctf"]
 
 
-def _inputs(kind, batch=2, h=16, w=16, dtype=torch.float32):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(batch, 4, h, w, generator=g).to(dtype)
-    t = torch.tensor([500] * batch)
-    if kind == "sd":
-        return (x, t, torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype)), {}
-    if kind == "sdxl":
-        cond = {k: v.to(dtype) for k, v in sdxl_added_cond(batch).items()}
-        return (x, t, torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype)), {"added_cond_kwargs": cond}
-    if kind == "dit":
-        return (x,), {"timestep": t, "class_labels": torch.arange(batch) % 10}
-    if kind == "pixart":
-        cond = {"resolution": None, "aspect_ratio": None}
-        return (x,), {"encoder_hidden_states": torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype), "timestep": t,
-                      "added_cond_kwargs": cond}
-    raise ValueError(kind)
-
-
-BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet, "dit": dit_transformer, "pixart": pixart_transformer}
-
-
-def _run(model, args, kwargs):
-    return model(*args, **kwargs, return_dict=False)[0]
-
-
-@pytest.fixture(params=list(BUILDERS))
+@pytest.fixture(params=list(DENOISERS))
 def family(request):
-    return request.param, BUILDERS[request.param]()
+    return request.param, DENOISERS[request.param]()
 
 
 # ------------------------------------------------------------------ exactness
 def test_ratio_zero_and_remove_are_bit_identical(family):
     kind, model = family
-    args, kwargs = _inputs(kind)
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs(kind)
+    base = run_denoiser(model, args, kwargs)
     for method in METHODS:
         with tofu.fused(model, method=method, ratio=0.0):
-            assert torch.equal(_run(model, args, kwargs), base)
+            assert torch.equal(run_denoiser(model, args, kwargs), base)
     tofu.apply(model, method="tome", ratio=0.5)
-    assert not torch.equal(_run(model, args, kwargs), base)
+    assert not torch.equal(run_denoiser(model, args, kwargs), base)
     tofu.remove(model)
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
     # nothing of ours is left on any module
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.slow
 def test_apply_twice_replaces_cleanly():
     model = sd_unet()
-    args, kwargs = _inputs("sd")
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs("sd")
+    base = run_denoiser(model, args, kwargs)
     tofu.apply(model, method="tome", ratio=0.5)
     handle = tofu.apply(model, method="mctf", ratio=0.25)
     assert tofu.handle_of(model) is handle
-    with_mctf = _run(model, args, kwargs)
+    with_mctf = run_denoiser(model, args, kwargs)
     tofu.remove(model)
     tofu.apply(model, method="mctf", ratio=0.25)
-    assert torch.equal(_run(model, args, kwargs), with_mctf)  # no leftover of the first apply
+    assert torch.equal(run_denoiser(model, args, kwargs), with_mctf)  # no leftover of the first apply
     tofu.remove(model)
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
 
 
 def test_fused_restores_previous_configuration():
     model = sd_unet()
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     tofu.apply(model, method="tofu", ratio=0.5)
     with tofu.fused(model, method="mctf", ratio=0.5):
         assert tofu.handle_of(model).config.method == "mctf"
@@ -103,16 +78,17 @@ def _tokens_entering_self_attention(model):
     return counts, handles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_changes_output_and_tokens_fall_with_ratio(family, method):
     kind, model = family
-    args, kwargs = _inputs(kind)
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs(kind)
+    base = run_denoiser(model, args, kwargs)
     counts, hooks = _tokens_entering_self_attention(model)
     per_ratio = {}
     for ratio in (0.0, 0.25, 0.5, 0.7):
         with tofu.fused(model, method=method, ratio=ratio) as handle:
-            out = _run(model, args, kwargs)
+            out = run_denoiser(model, args, kwargs)
             reduced = [b.name for b in handle.blocks]
             per_ratio[ratio] = {n: c for n, c in counts.items() if n.removesuffix(".attn1") in reduced}
         if ratio == 0.5:
@@ -128,12 +104,12 @@ def test_each_method_changes_output_and_tokens_fall_with_ratio(family, method):
 
 def test_random_destinations_are_repeatable_and_seeded():
     model = sd_unet()
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     tofu.apply(model, method="tome", ratio=0.5, destination="random", seed=3)
-    first = _run(model, args, kwargs)
-    assert torch.equal(_run(model, args, kwargs), first)
+    first = run_denoiser(model, args, kwargs)
+    assert torch.equal(run_denoiser(model, args, kwargs), first)
     tofu.apply(model, method="tome", ratio=0.5, destination="random", seed=4)
-    assert not torch.equal(_run(model, args, kwargs), first)
+    assert not torch.equal(run_denoiser(model, args, kwargs), first)
     tofu.remove(model)
 
 
@@ -156,12 +132,12 @@ def test_tofu_and_mctf_use_their_merge_modes(method):
 def test_tome_matches_tomesd_end_to_end():
     tomesd = pytest.importorskip("tomesd")
     model = sd_unet()
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     with tofu.fused(model, method="tome", ratio=0.5, destination="fixed", merge_scope="sublayers"):
-        ours = _run(model, args, kwargs)
+        ours = run_denoiser(model, args, kwargs)
     tomesd.apply_patch(model, ratio=0.5, use_rand=False)
     try:
-        theirs = _run(model, args, kwargs)
+        theirs = run_denoiser(model, args, kwargs)
     finally:
         tomesd.remove_patch(model)
     assert torch.equal(ours, theirs)
@@ -170,7 +146,8 @@ def test_tome_matches_tomesd_end_to_end():
 # ------------------------------------------------------------------ levels, grids, sublayers
 def test_levels_default_and_explicit():
     sd, xl = sd_unet(), sdxl_unet()
-    assert {b.name.split(".")[0] + b.name.split(".")[1] for b in tofu.apply(sd).blocks} == {"down_blocks0", "up_blocks1"}
+    stages = {b.name.split(".")[0] + b.name.split(".")[1] for b in tofu.apply(sd).blocks}
+    assert stages == {"down_blocks0", "up_blocks1"}
     # SDXL's default reduces its highest-resolution attention level (1/2), not nothing
     handle = tofu.apply(xl)
     assert handle.blocks and all(b.name.startswith(("down_blocks.1", "up_blocks.1")) for b in handle.blocks)
@@ -191,12 +168,12 @@ LATENT_SIZES = [("sd", (16, 24)), ("sd", (18, 14)), ("sd", (22, 22)), ("sdxl", (
 
 @pytest.mark.parametrize("kind,size", LATENT_SIZES)
 def test_any_latent_size(kind, size):
-    model = BUILDERS[kind]()
-    args, kwargs = _inputs(kind, h=size[0], w=size[1])
-    base = _run(model, args, kwargs)
+    model = DENOISERS[kind]()
+    args, kwargs = denoiser_inputs(kind, h=size[0], w=size[1])
+    base = run_denoiser(model, args, kwargs)
     handle = tofu.apply(model, method="tome", ratio=0.5, merge_scope="sublayers", merge_cross_attention=kind != "dit",
                         merge_feed_forward=True)
-    out = _run(model, args, kwargs)
+    out = run_denoiser(model, args, kwargs)
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert all(n_out < n_in for n_in, n_out in handle.token_counts().values())
     tofu.remove(model)
@@ -205,16 +182,16 @@ def test_any_latent_size(kind, size):
 def test_sdxl_stride_not_dividing_grid():
     # 18x14 latent: the 1/2 level is 9x7, not divisible by the 2x2 stride
     model = sdxl_unet()
-    args, kwargs = _inputs("sdxl", h=18, w=14)
+    args, kwargs = denoiser_inputs("sdxl", h=18, w=14)
     handle = tofu.apply(model, ratio=0.5)
-    _run(model, args, kwargs)
+    run_denoiser(model, args, kwargs)
     assert set(handle.token_counts().values()) == {(63, 32)}
     tofu.remove(model)
 
 
 def test_keyword_call_equals_positional_call():
     model = sd_unet()
-    (x, t, e), _ = _inputs("sd")
+    (x, t, e), _ = denoiser_inputs("sd")
     tofu.apply(model, method="mctf", ratio=0.5)
     positional = model(x, t, e).sample
     keyword = model(sample=x, timestep=t, encoder_hidden_states=e).sample
@@ -224,30 +201,30 @@ def test_keyword_call_equals_positional_call():
 
 def test_sublayer_options_reduce_cross_attention_and_feed_forward():
     model = sd_unet()
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     seen = {}
     block = model.down_blocks[0].attentions[0].transformer_blocks[0]
     block.attn2.to_q.register_forward_pre_hook(lambda m, a: seen.__setitem__("attn2", a[0].shape[1]))
     block.ff.net[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ff", a[0].shape[1]))
     with tofu.fused(model, ratio=0.5, merge_scope="sublayers"):
-        _run(model, args, kwargs)
+        run_denoiser(model, args, kwargs)
         assert seen == {"attn2": 256, "ff": 256}
     with tofu.fused(model, ratio=0.5, merge_scope="sublayers", merge_cross_attention=True, merge_feed_forward=True):
-        _run(model, args, kwargs)
+        run_denoiser(model, args, kwargs)
         assert seen == {"attn2": 128, "ff": 128}
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_batch_sizes(batch):
     model = sd_unet()
-    args, kwargs = _inputs("sd", batch=batch)
+    args, kwargs = denoiser_inputs("sd", batch=batch)
     with tofu.fused(model, method="mctf", ratio=0.5):
-        out = _run(model, args, kwargs)
+        out = run_denoiser(model, args, kwargs)
     assert out.shape[0] == batch and torch.isfinite(out).all()
     # each item is reduced on its own: item 0 of a batch equals item 0 run alone
     single_args = tuple(a[:1] for a in args)
     with tofu.fused(model, method="mctf", ratio=0.5):
-        single = _run(model, single_args, kwargs)
+        single = run_denoiser(model, single_args, kwargs)
     assert torch.allclose(out[:1], single, atol=1e-5)
 
 
@@ -255,13 +232,13 @@ def test_batch_sizes(batch):
 @pytest.mark.parametrize("method", METHODS)
 def test_half_precision(dtype, method):
     model = dit_transformer().to(dtype)
-    args, kwargs = _inputs("dit", dtype=dtype)
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs("dit", dtype=dtype)
+    base = run_denoiser(model, args, kwargs)
     with tofu.fused(model, method=method, ratio=0.5):
-        out = _run(model, args, kwargs)
+        out = run_denoiser(model, args, kwargs)
     assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base)
     with tofu.fused(model, method=method, ratio=0.0):
-        assert torch.equal(_run(model, args, kwargs), base)
+        assert torch.equal(run_denoiser(model, args, kwargs), base)
 
 
 def test_feed_forward_chunking_gets_a_clear_error():
@@ -269,10 +246,10 @@ def test_feed_forward_chunking_gets_a_clear_error():
     for module in model.modules():
         if hasattr(module, "set_chunk_feed_forward"):
             module.set_chunk_feed_forward(8, dim=1)
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     with tofu.fused(model, ratio=0.5, merge_scope="sublayers", merge_feed_forward=True):
         with pytest.raises(ValueError, match=r"set_chunk_feed_forward\(None\)"):
-            _run(model, args, kwargs)
+            run_denoiser(model, args, kwargs)
 
 
 # ------------------------------------------------------------------ pipelines end to end
@@ -294,8 +271,10 @@ def _dit_call(pipe, seed=0):
                                  generator=torch.Generator().manual_seed(seed)).images)
 
 
-@pytest.mark.parametrize("make,call", [(sd_pipeline, _sd_call), (dit_pipeline, _dit_call), (pixart_pipeline, _pixart_call)],
+@pytest.mark.parametrize("make,call",
+                         [(sd_pipeline, _sd_call), (dit_pipeline, _dit_call), (pixart_pipeline, _pixart_call)],
                          ids=["stable-diffusion", "dit", "pixart-alpha"])
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_pipeline_end_to_end(make, call, method):
     pipe = make()
@@ -309,6 +288,7 @@ def test_pipeline_end_to_end(make, call, method):
     assert torch.equal(call(pipe), base)
 
 
+@pytest.mark.slow
 def test_sdxl_style_unet_in_pipeline_loop():
     # SDXL pipelines need two text encoders; drive its UNet through a CFG denoising loop directly.
     from diffusers import EulerDiscreteScheduler
@@ -321,7 +301,8 @@ def test_sdxl_style_unet_in_pipeline_loop():
         g = torch.Generator().manual_seed(0)
         latents = torch.randn(1, 4, 16, 16, generator=g) * scheduler.init_noise_sigma
         text = torch.cat([torch.zeros(1, 7, TEXT_DIM), prompt_embeds()])
-        cond = {"text_embeds": torch.randn(2, TEXT_DIM, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+        cond = {"text_embeds": torch.randn(2, TEXT_DIM, generator=g),
+                "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             uncond, cond_out = model(inp, t, text, added_cond_kwargs=cond).sample.chunk(2)
@@ -337,19 +318,20 @@ def test_sdxl_style_unet_in_pipeline_loop():
 
 
 # ------------------------------------------------------------------ whole-block scope
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_whole_block_scope(family, method):
     kind, model = family
-    args, kwargs = _inputs(kind)
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs(kind)
+    base = run_denoiser(model, args, kwargs)
     with tofu.fused(model, method=method, ratio=0.0, merge_scope="block"):
-        assert torch.equal(_run(model, args, kwargs), base)
+        assert torch.equal(run_denoiser(model, args, kwargs), base)
     seen = {}
     norms = [m for n, m in model.named_modules() if n.endswith("attn1")]
     hooks = [m.to_q.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].shape[1]))
              for i, m in enumerate(norms)]
     with tofu.fused(model, method=method, ratio=0.5, merge_scope="block") as handle:
-        out = _run(model, args, kwargs)
+        out = run_denoiser(model, args, kwargs)
         counts = handle.token_counts()
     for h in hooks:
         h.remove()
@@ -358,9 +340,10 @@ def test_whole_block_scope(family, method):
     # attention inside the reduced blocks ran on the reduced tokens, never on the full count
     full, reduced = {n for n, _ in counts.values()}, {k for _, k in counts.values()}
     assert reduced <= set(seen.values()) and not full & set(seen.values())
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["sublayers", "block"])
 def test_plan_reuse_across_steps(scope):
     pipe = sd_pipeline()
@@ -376,26 +359,26 @@ def test_plan_reuse_across_steps(scope):
     tofu.remove(pipe)
 
 
+@pytest.mark.slow
 def test_unprofitable_blocks_are_skipped_with_a_debug_log(caplog):
     model = sd_unet()
-    args, kwargs = _inputs("sd")
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs("sd")
+    base = run_denoiser(model, args, kwargs)
     with caplog.at_level("DEBUG", logger="tofu_diffusion"):
         with tofu.fused(model, method="tome", ratio=0.01) as handle:  # 2 of 256 tokens: matching costs more
-            assert torch.equal(_run(model, args, kwargs), base)
+            assert torch.equal(run_denoiser(model, args, kwargs), base)
             assert set(handle.token_counts().values()) == {(256, 256)}
     assert "matching would cost more than it saves" in caplog.text
 
 
 def test_informativeness_estimate_equals_explicit_attention():
-    from tofu_diffusion.adapters.hooks import estimate_attention_received
-    from tofu_diffusion.core import attention_received, stratified_grid_queries
+    from tofu_diffusion.core import attention_received, estimate_attention_received, stratified_grid_queries
 
     attn = sd_unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1
     hidden = torch.randn(2, 256, 32, generator=torch.Generator().manual_seed(0))
     # 8 heads x 2 queries < 32 channels: the queries are projected to the input space
     fast = estimate_attention_received(attn, hidden, 2, (16, 16), torch.Generator().manual_seed(3))
-    index, weight = stratified_grid_queries(16, 16, 2, torch.Generator().manual_seed(3))
+    index, weight = stratified_grid_queries((16, 16), 2, torch.Generator().manual_seed(3))
     explicit = attention_received(attn.to_q(hidden[:, index]), attn.to_k(hidden), attn.heads, query_weights=weight)
     assert torch.allclose(fast, explicit, atol=1e-6)
     # one query per token: the exact mean attention (keys projected: more queries than pays)
@@ -403,12 +386,12 @@ def test_informativeness_estimate_equals_explicit_attention():
     assert torch.allclose(slow, attention_received(attn.to_q(hidden), attn.to_k(hidden), attn.heads), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid", [(16, 16), (12, 20), (7, 9)])
 def test_informativeness_estimate_is_unbiased_over_the_image(grid):
     """Against the exact mean attention on inputs whose attention depends on where the query is: the
     mean of the estimate over seeds converges to the exact value, and a single estimate is close."""
-    from tofu_diffusion.adapters.hooks import estimate_attention_received
-    from tofu_diffusion.core import attention_received
+    from tofu_diffusion.core import attention_received, estimate_attention_received
 
     h, w = grid
     attn = sd_unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1

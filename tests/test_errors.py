@@ -57,7 +57,8 @@ def test_pipeline_without_denoiser_is_named():
     class NotAPipeline:
         components = {"vae": torch.nn.Identity()}
 
-    with pytest.raises(TypeError, match=r"no.*`unet` or\s+`transformer`.*vae=Identity|`unet` or `transformer` component.*vae=Identity"):
+    message = r"no.*`unet` or\s+`transformer`.*vae=Identity|`unet` or `transformer` component.*vae=Identity"
+    with pytest.raises(TypeError, match=message):
         tofu.apply(NotAPipeline())
 
 
@@ -104,6 +105,7 @@ def test_nothing_to_reduce_is_said():
 
 def test_a_ratio_that_removes_no_token_warns_once(caplog):
     import torch
+
     from pipelines.tiny import dit_transformer
 
     model = dit_transformer()  # 64 tokens per block: ratio 0.01 removes none

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import tofu_diffusion as tofu
@@ -10,6 +11,7 @@ from pipelines.classifier import shapes_vit
 from pipelines.shapes import HELD_OUT_SEED, generate
 
 
+@pytest.mark.slow
 def test_finetune_reports_what_it_measured(tmp_path):
     torch.manual_seed(0)
     shapes_vit().save_pretrained(tmp_path / "vit")

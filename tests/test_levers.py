@@ -4,16 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
-from pipelines.tiny import dit_transformer, pixart_transformer, sd_unet, sdxl_unet
-from test_diffusers import _inputs, _run
-
-BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet, "dit": dit_transformer, "pixart": pixart_transformer}
+from pipelines.tiny import dit_transformer, sd_unet
 
 
 def _at(kind, t):
-    args, kwargs = _inputs(kind)
+    args, kwargs = denoiser_inputs(kind)
     if "timestep" in kwargs:
         kwargs = {**kwargs, "timestep": torch.tensor([t] * args[0].shape[0])}
     else:
@@ -28,15 +26,16 @@ def test_ratio_at_follows_the_schedule():
     assert tofu.TokenFusionConfig(ratio=0.5).ratio_at(0.0) == tofu.TokenFusionConfig(ratio=0.5).ratio_at(1.0) == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd", "dit"])
 def test_schedule_reduces_only_late_steps(kind):
-    model = BUILDERS[kind]()
+    model = DENOISERS[kind]()
     early, late = _at(kind, 900), _at(kind, 100)  # progress 0.1 and 0.9 of 1000 training timesteps
-    base_early, base_late = _run(model, *early), _run(model, *late)
+    base_early, base_late = run_denoiser(model, *early), run_denoiser(model, *late)
     handle = tofu.apply(model, method="tome", schedule=[(0.0, 0.0), (0.5, 0.75)])
-    assert torch.equal(_run(model, *early), base_early)  # no reduction while the layout forms: exact
+    assert torch.equal(run_denoiser(model, *early), base_early)  # no reduction while the layout forms: exact
     assert all(n_in == n_out for n_in, n_out in handle.token_counts().values())
-    assert not torch.allclose(_run(model, *late), base_late)
+    assert not torch.allclose(run_denoiser(model, *late), base_late)
     assert all(n_out == n_in - int(0.75 * n_in) for n_in, n_out in handle.token_counts().values())
     tofu.remove(model)
 
@@ -46,7 +45,7 @@ def test_explicit_ratio_means_every_step_and_every_eligible_block():
     handle = tofu.apply(model, ratio=0.5)
     assert handle.config.schedule is None and len(handle.blocks) == 4
     for t in (999, 500, 1):
-        _run(model, *_at("dit", t))
+        run_denoiser(model, *_at("dit", t))
         assert set(handle.token_counts().values()) == {(64, 32)}
     tofu.remove(model)
 
@@ -94,9 +93,9 @@ def test_num_train_timesteps_come_from_the_pipeline():
     pipe = dit_pipeline()
     pipe.scheduler.register_to_config(num_train_timesteps=500)
     handle = tofu.apply(pipe, schedule=[(0.0, 0.0), (0.5, 0.5)], schedule_axis="noise")
-    _run(pipe.transformer, *_at("dit", 400))  # progress 0.2 of 500 timesteps: not yet reduced
+    run_denoiser(pipe.transformer, *_at("dit", 400))  # progress 0.2 of 500 timesteps: not yet reduced
     assert all(a == b for a, b in handle.token_counts().values())
-    _run(pipe.transformer, *_at("dit", 200))  # progress 0.6
+    run_denoiser(pipe.transformer, *_at("dit", 200))  # progress 0.6
     assert all(a > b for a, b in handle.token_counts().values())
     tofu.remove(pipe)
 
@@ -121,10 +120,10 @@ def test_numpy_and_torch_ratios_are_accepted():
 # ------------------------------------------------------------------ blocks
 def test_blocks_select_among_the_eligible_ones():
     model = dit_transformer()
-    args, kwargs = _inputs("dit")
+    args, kwargs = denoiser_inputs("dit")
     with tofu.fused(model, ratio=0.5, blocks=slice(1, -1)) as handle:
         assert [b.name for b in handle.blocks] == ["transformer_blocks.1", "transformer_blocks.2"]
-        _run(model, args, kwargs)
+        run_denoiser(model, args, kwargs)
         assert set(handle.token_counts()) == {"transformer_blocks.1", "transformer_blocks.2"}
     with tofu.fused(model, ratio=0.5, blocks=[0, -1]) as handle:
         assert [b.name for b in handle.blocks] == ["transformer_blocks.0", "transformer_blocks.3"]
@@ -136,20 +135,20 @@ def test_blocks_select_among_the_eligible_ones():
 
 
 # ------------------------------------------------------------------ todo
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(DENOISERS))
 def test_todo_ratio_zero_exact_and_shapes_kept(kind):
-    model = BUILDERS[kind]()
-    args, kwargs = _inputs(kind)
-    base = _run(model, args, kwargs)
+    model = DENOISERS[kind]()
+    args, kwargs = denoiser_inputs(kind)
+    base = run_denoiser(model, args, kwargs)
     with tofu.fused(model, method="todo", ratio=0.0):
-        assert torch.equal(_run(model, args, kwargs), base)
+        assert torch.equal(run_denoiser(model, args, kwargs), base)
     with tofu.fused(model, method="todo", ratio=0.75) as handle:
-        out = _run(model, args, kwargs)
+        out = run_denoiser(model, args, kwargs)
         counts = handle.token_counts()
     assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
     # queries keep every token; keys/values are a quarter of them (2x2 downsampling)
     assert counts and all(keys == n // 4 for n, keys in counts.values())
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
 
 
 def test_todo_is_attention_on_strided_keys_and_values():
@@ -163,7 +162,7 @@ def test_todo_is_attention_on_strided_keys_and_values():
     attn.register_forward_hook(lambda m, a, k, o: got.setdefault("out", o), with_kwargs=True)
     handle = tofu.apply(model, method="todo", ratio=0.75)
     state = handle.blocks[0]
-    state.grid.set(8, 8)
+    state.grid.set((8, 8))
     out = attn(x)
     tofu.remove(model)
     grid = x.view(2, 8, 8, -1)[:, 1::2, 1::2].reshape(2, 16, -1)
@@ -186,13 +185,13 @@ def test_todo_refused_on_classifiers():
 
 def test_mctf_informativeness_defaults_per_family_and_is_wired_on_denoisers():
     model = sd_unet()
-    args, kwargs = _inputs("sd")
+    args, kwargs = denoiser_inputs("sd")
     with tofu.fused(model, method="mctf", ratio=0.5) as handle:
         assert handle.config.tau_info == 0.0  # denoisers: the criterion is off by default
-        plain = _run(model, args, kwargs)
+        plain = run_denoiser(model, args, kwargs)
     with tofu.fused(model, method="mctf", ratio=0.5, tau_info=20.0) as handle:
         assert handle.config.tau_info == 20.0
-        informed = _run(model, args, kwargs)
+        informed = run_denoiser(model, args, kwargs)
     assert not torch.allclose(plain, informed)  # the estimate reaches the matching
     from transformers import ViTConfig, ViTForImageClassification
 

@@ -7,14 +7,14 @@ import traceback
 
 import pytest
 import torch
+from conftest import DENOISERS, denoiser_inputs, run_denoiser
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tofu_diffusion as tofu
 from pipelines.tiny import TEXT_DIM, flux_transformer, sd3_transformer
-from test_diffusers import BUILDERS, _inputs, _run
 
-_BUILDERS = {**BUILDERS, "sd3": sd3_transformer, "flux": flux_transformer}
+_BUILDERS = {**DENOISERS, "sd3": sd3_transformer, "flux": flux_transformer}
 _MODELS = {}
 _LIBRARY = os.path.dirname(tofu.__file__)
 
@@ -28,7 +28,7 @@ def _model(kind):
 def _family_inputs(kind, batch, height, width, dtype):
     """Inputs of a (height x width) latent; Flux takes it packed 2x2 with its img_ids."""
     if kind not in ("sd3", "flux"):
-        return _inputs(kind, batch=batch, h=height, w=width, dtype=dtype)
+        return denoiser_inputs(kind, batch=batch, h=height, w=width, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     text = {"encoder_hidden_states": torch.randn(batch, 7, TEXT_DIM, generator=g).to(dtype),
             "pooled_projections": torch.randn(batch, TEXT_DIM, generator=g).to(dtype)}
@@ -58,32 +58,33 @@ def _raised_by_library(error: BaseException) -> bool:
     batch=st.integers(1, 2),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
+@pytest.mark.slow
 def test_token_fusion_invariants(kind, method, ratio, scope, height, width, batch, dtype):
     model = _model(kind).to(dtype)
     args, kwargs = _family_inputs(kind, batch, height, width, dtype)
     try:
-        base = _run(model, args, kwargs)
+        base = run_denoiser(model, args, kwargs)
     except Exception:
         assume(False)  # an input the model itself cannot take says nothing about token fusion
     try:
         tofu.apply(model, method=method, ratio=ratio, merge_scope=scope)
     except (ValueError, TypeError) as error:  # e.g. a ratio the stride cannot reach: refused, model untouched
         assert _raised_by_library(error), f"an error from outside the library: {error!r}"
-        assert torch.equal(_run(model, args, kwargs), base)
+        assert torch.equal(run_denoiser(model, args, kwargs), base)
         return
     try:
         try:
-            first = _run(model, args, kwargs)
+            first = run_denoiser(model, args, kwargs)
         except (ValueError, TypeError, RuntimeError) as error:
             assert _raised_by_library(error), f"an error from outside the library: {error!r}"
             return
         assert first.shape == base.shape and first.dtype == base.dtype
-        assert torch.equal(_run(model, args, kwargs), first)  # the same call gives the same output
+        assert torch.equal(run_denoiser(model, args, kwargs), first)  # the same call gives the same output
         if ratio == 0.0:
             assert torch.equal(first, base)
     finally:
         tofu.remove(model)
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
 
 

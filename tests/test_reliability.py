@@ -6,16 +6,16 @@ import threading
 
 import pytest
 import torch
+from conftest import denoiser_inputs, run_denoiser
 from diffusers import hooks as diffusers_hooks
 from diffusers.hooks import HookRegistry
 
 import tofu_diffusion as tofu
 from pipelines.tiny import dit_transformer, pixart_transformer, prompt_embeds, sd_pipeline, sd_unet
-from test_diffusers import _inputs, _run
 
 
 def _at(kind, t, h=16, w=16):
-    args, kwargs = _inputs(kind, h=h, w=w)
+    args, kwargs = denoiser_inputs(kind, h=h, w=w)
     if kind in ("dit", "pixart"):
         kwargs = {**kwargs, "timestep": torch.tensor([t] * args[0].shape[0])}
     else:
@@ -40,24 +40,24 @@ def test_remove_keeps_accelerate_hooks_registered_on_top():
             return args, kwargs
 
     model = dit_transformer()
-    args, kwargs = _inputs("dit")
-    base = _run(model, args, kwargs)
+    args, kwargs = denoiser_inputs("dit")
+    base = run_denoiser(model, args, kwargs)
     tofu.apply(model, method="tome", ratio=0.5)
     block = model.transformer_blocks[1]
     add_hook_to_module(block, Count())
     add_hook_to_module(model, Count())
-    reduced = _run(model, args, kwargs)
+    reduced = run_denoiser(model, args, kwargs)
     assert Count.calls == 2 and not torch.equal(reduced, base)
     tofu.remove(model)
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
     assert Count.calls == 4  # both accelerate hooks still run
     # no stale token-fusion hook left under accelerate's: another grid size runs unreduced
-    other_args, other_kwargs = _inputs("dit", h=24, w=24)
-    _run(model, other_args, other_kwargs)
+    other_args, other_kwargs = denoiser_inputs("dit", h=24, w=24)
+    run_denoiser(model, other_args, other_kwargs)
     assert Count.calls == 6
     remove_hook_from_module(block)
     remove_hook_from_module(model)
-    assert torch.equal(_run(model, args, kwargs), base)
+    assert torch.equal(run_denoiser(model, args, kwargs), base)
 
 
 def test_accelerate_hook_below_token_fusion_stays():
@@ -69,13 +69,13 @@ def test_accelerate_hook_below_token_fusion_stays():
             return output * 2
 
     model = dit_transformer()
-    args, kwargs = _inputs("dit")
+    args, kwargs = denoiser_inputs("dit")
     add_hook_to_module(model.transformer_blocks[0], Double())
-    doubled = _run(model, args, kwargs)
+    doubled = run_denoiser(model, args, kwargs)
     tofu.apply(model, method="tome", ratio=0.5)
-    assert not torch.equal(_run(model, args, kwargs), doubled)
+    assert not torch.equal(run_denoiser(model, args, kwargs), doubled)
     tofu.remove(model)
-    assert torch.equal(_run(model, args, kwargs), doubled)
+    assert torch.equal(run_denoiser(model, args, kwargs), doubled)
 
 
 CACHES = {
@@ -118,10 +118,11 @@ def _denoise(model, kind):
     for t in _STEPS:
         _NOW["t"] = t
         args, kwargs = _at(kind, t)
-        outputs.append(_run(model, args, kwargs))
+        outputs.append(run_denoiser(model, args, kwargs))
     return torch.stack(outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", list(CACHES))
 @pytest.mark.parametrize("order", ["cache_first", "tofu_first"])
 def test_diffusers_caches_compose_and_each_removes_exactly(cache, order):
@@ -158,10 +159,10 @@ def test_diffusers_caches_compose_and_each_removes_exactly(cache, order):
 
 # ------------------------------------------------------------------ 2. gradient checkpointing
 def _grads(model, kind):
-    args, kwargs = _inputs(kind)
+    args, kwargs = denoiser_inputs(kind)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        _run(model, args, kwargs).square().mean().backward()
+        run_denoiser(model, args, kwargs).square().mean().backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
@@ -180,7 +181,7 @@ def test_a_thread_that_started_no_call_sees_the_latest_step():
     model = dit_transformer()
     handle = tofu.apply(model, method="tome", ratio=0.5)
     args, kwargs = _at("dit", 321)
-    _run(model, args, kwargs)
+    run_denoiser(model, args, kwargs)
     run = handle.blocks[0].run
     seen = {}
     worker = threading.Thread(target=lambda: seen.update(key=run.step().key))
@@ -194,9 +195,9 @@ def test_a_thread_that_started_no_call_sees_the_latest_step():
 def test_deepcopy_is_an_independent_patched_model(method):
     original = dit_transformer()
     unpatched_twin = copy.deepcopy(original)
-    args, kwargs = _inputs("dit")
+    args, kwargs = denoiser_inputs("dit")
     tofu.apply(original, method=method, ratio=0.5)
-    reduced = _run(original, args, kwargs)
+    reduced = run_denoiser(original, args, kwargs)
     twin = copy.deepcopy(original)
     with torch.no_grad():
         for model in (twin, unpatched_twin):
@@ -204,12 +205,12 @@ def test_deepcopy_is_an_independent_patched_model(method):
                 p.mul_(1.01)
     tofu.apply(unpatched_twin, method=method, ratio=0.5)
     # the copy runs its own weights, reduced like a model patched on its own
-    assert torch.equal(_run(twin, args, kwargs), _run(unpatched_twin, args, kwargs))
-    assert torch.equal(_run(original, args, kwargs), reduced)
+    assert torch.equal(run_denoiser(twin, args, kwargs), run_denoiser(unpatched_twin, args, kwargs))
+    assert torch.equal(run_denoiser(original, args, kwargs), reduced)
     assert tofu.handle_of(twin).model is twin
     tofu.remove(twin)
     assert _no_trace_left(twin)
-    assert torch.equal(_run(original, args, kwargs), reduced)  # the original keeps its patch
+    assert torch.equal(run_denoiser(original, args, kwargs), reduced)  # the original keeps its patch
     tofu.remove(original)
     assert _no_trace_left(original)
 
@@ -224,18 +225,19 @@ def _in_threads(work, count):
         thread.join()
 
 
+@pytest.mark.slow
 def test_concurrent_calls_from_threads_get_their_own_plans():
     model = dit_transformer()
     tofu.apply(model, method="mctf", ratio=0.5)
     jobs = [(t, size) for t in (900, 600, 300) for size in (16, 24)]
-    expected = {job: _run(model, *_at("dit", job[0], job[1], job[1])) for job in jobs}
+    expected = {job: run_denoiser(model, *_at("dit", job[0], job[1], job[1])) for job in jobs}
     wrong, errors = [], []
 
     def work(offset):
         try:
             for i in range(12):
                 job = jobs[(i + offset) % len(jobs)]
-                if not torch.equal(_run(model, *_at("dit", job[0], job[1], job[1])), expected[job]):
+                if not torch.equal(run_denoiser(model, *_at("dit", job[0], job[1], job[1])), expected[job]):
                     wrong.append(job)
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
@@ -251,28 +253,30 @@ def _live_tensors() -> int:
     return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tome", "mctf"])
 def test_state_of_finished_threads_is_not_kept(method):
     """A server handling each request on its own thread: once the threads end, none of their state stays."""
     model = dit_transformer()
     tofu.apply(model, method=method, ratio=0.5, plan_reuse_steps=2)
-    _run(model, *_at("dit", 500))
-    _in_threads(lambda k: _run(model, *_at("dit", 900 - 10 * k)), 4)  # the "latest" values of some thread
+    run_denoiser(model, *_at("dit", 500))
+    _in_threads(lambda k: run_denoiser(model, *_at("dit", 900 - 10 * k)), 4)  # the "latest" values of some thread
     before = _live_tensors()
-    _in_threads(lambda k: _run(model, *_at("dit", 800 - 10 * k)), 48)
+    _in_threads(lambda k: run_denoiser(model, *_at("dit", 800 - 10 * k)), 48)
     # every block's plan and input of 48 finished threads would be well over a thousand tensors
     assert _live_tensors() - before < 60
     tofu.remove(model)
 
 
 # ------------------------------------------------------------------ 9. torch.compile
+@pytest.mark.slow
 @pytest.mark.parametrize("method, scope", [("tome", "block"), ("mctf", "sublayers")])
 def test_compiles_fullgraph_and_matches_eager(method, scope):
     torch._dynamo.reset()
     model = dit_transformer()
-    args, kwargs = _inputs("dit")
+    args, kwargs = denoiser_inputs("dit")
     with tofu.fused(model, method=method, ratio=0.5, merge_scope=scope):
-        eager = _run(model, args, kwargs)
+        eager = run_denoiser(model, args, kwargs)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(*args, **kwargs, return_dict=False)[0], eager)
     torch._dynamo.reset()
@@ -281,7 +285,7 @@ def test_compiles_fullgraph_and_matches_eager(method, scope):
 def test_compile_fullgraph_with_a_schedule_says_why():
     torch._dynamo.reset()
     model = dit_transformer()
-    args, kwargs = _inputs("dit")
+    args, kwargs = denoiser_inputs("dit")
     with tofu.fused(model, method="tome", schedule=((0.0, 0.0), (0.4, 0.5))):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         with pytest.raises(Exception, match="reads each step's timestep on the host"):
@@ -295,6 +299,7 @@ def _sd_call():
                 height=32, width=32, output_type="pt")
 
 
+@pytest.mark.slow
 def test_model_cpu_offload_pipeline_keeps_its_hooks():
     pipe = sd_pipeline(sd_unet())
     base = pipe(**_sd_call(), generator=torch.Generator().manual_seed(0)).images
@@ -318,7 +323,7 @@ def test_model_cpu_offload_pipeline_keeps_its_hooks():
 def test_sequential_cpu_offload_bookkeeping():
     """Sequential offload moves every leaf at call time (not runnable without an accelerator here): token
     fusion goes on and comes off around accelerate's hooks and leaves each of them as it was."""
-    from tofu_diffusion.adapters.hooks import HookedForward
+    from tofu_diffusion.adapters.registry import HookedForward
 
     pipe = sd_pipeline(sd_unet())
     pipe.enable_sequential_cpu_offload(device="cpu")
@@ -344,6 +349,7 @@ def test_apply_on_the_meta_device_touches_no_data():
     assert _no_trace_left(model)
 
 
+@pytest.mark.slow
 def test_an_exception_mid_generation_leaves_the_model_restorable():
     pipe = sd_pipeline(sd_unet())
     model = pipe.unet
@@ -459,6 +465,7 @@ def test_vit_deepcopy_is_independent():
     assert torch.equal(original(x).logits, reduced)  # the original keeps its patch
 
 
+@pytest.mark.slow
 def test_vit_threads_share_one_patched_model():
     model = _vit()
     tofu.apply(model, method="mctf", ratio=0.25)

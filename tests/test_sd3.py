@@ -23,6 +23,7 @@ def _run(model, args, kwargs):
     return model(*args, **kwargs, return_dict=False)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sd35", [False, True], ids=["sd3", "sd3.5"])
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_at_ratio_zero_and_after_remove_and_repeatable(sd35, method):
@@ -100,7 +101,7 @@ def test_todo_downsamples_image_keys_and_values_only():
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(2, 64, 16, generator=g), torch.randn(2, 9, 16, generator=g)
     handle = tofu.apply(model, method="todo", ratio=0.75)
-    handle.blocks[0].grid.set(8, 8)
+    handle.blocks[0].grid.set((8, 8))
     got_image, got_text = attn(hidden_states=image, encoder_hidden_states=text)
     tofu.remove(model)
     # the reference: the same processor with keys/values from the strided grid, queries from all tokens

@@ -27,6 +27,7 @@ def test_latent_is_an_exact_rearrangement():
     assert torch.equal(to_image(to_latent(images)), images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet", "dit", "mmdit"])
 def test_save_and_load_folder_round_trip(tmp_path, kind):
     pipe = _pipe(kind)
@@ -46,6 +47,7 @@ def test_save_and_load_folder_round_trip(tmp_path, kind):
     assert torch.equal(explicit, images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet", "dit", "mmdit"])
 def test_token_fusion_on_the_shapes_generators(kind):
     pipe = _pipe(kind)

@@ -8,6 +8,8 @@ from eval.flops import count_flops
 from pipelines import EMBEDDED_GENERATORS, load_embedded, load_shapes_classifier
 from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
+pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
+
 
 @pytest.fixture(scope="module")
 def classifier():
@@ -27,7 +29,8 @@ def test_shipped_generators_draw_the_requested_class(name, classifier):
     labels = torch.arange(len(CLASSES)).repeat_interleave(5)
     images = pipe(labels, num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
     accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
-    assert accuracy > 2 / len(CLASSES)  # chance is 1/6
+    # the README's 79-85% is at 20 steps on 72 images; these 30 at 10 steps measured 77-93% (chance is 1/6)
+    assert accuracy >= 0.7
 
 
 def test_shipped_vit_keeps_its_accuracy_at_a_small_r_with_fewer_flops():

@@ -5,8 +5,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
 
 import tofu_diffusion as tofu
-from pipelines.tiny import (dit_pipeline, flux_pipeline, flux_prompt, pixart_pipeline, prompt_embeds, sd3_pipeline,
-                            sd3_prompt, sd_pipeline)
+from pipelines.tiny import (
+    dit_pipeline,
+    flux_pipeline,
+    flux_prompt,
+    pixart_pipeline,
+    prompt_embeds,
+    sd3_pipeline,
+    sd3_prompt,
+    sd_pipeline,
+)
 
 SCHEDULE = ((0.0, 0.0), (0.7, 0.5))
 
@@ -59,6 +67,7 @@ class RatioLog:
         self._hook.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(PIPELINES))
 def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
     make, call = PIPELINES[kind]
@@ -82,6 +91,7 @@ def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
     tofu.remove(pipe)
 
 
+@pytest.mark.slow
 def test_steps_axis_follows_the_steps_noise_axis_the_noise_level():
     pipe = sd3_pipeline()
     counts = {}
@@ -110,6 +120,7 @@ def _loop(pipe, steps, calls_per_step, scheduler):
         x = scheduler.step(outs[-1], t, x).prev_sample
 
 
+@pytest.mark.slow
 def test_true_cfg_calls_are_one_step_and_heun_does_not_restart():
     pipe = dit_pipeline()
     handle = tofu.apply(pipe, method="tome", schedule=SCHEDULE, plan_reuse_steps=1)
@@ -187,6 +198,7 @@ def test_a_guidance_batch_shares_the_conditional_plan():
     tofu.remove(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_scheduler", [True, False])
 def test_true_cfg_calls_reuse_their_own_plans(with_scheduler):
     """With plan reuse, the conditional call gives the same result whether or not an unconditional call

@@ -13,6 +13,8 @@ import tofu_diffusion as tofu
 from eval import sweep, workloads
 from pipelines.train_shapes import build_pipeline
 
+pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num-images", "6", "--batch-size", "3", "--steps", "2", "--repeats", "1", "--num-reference", "32"]
 

@@ -11,6 +11,8 @@ from pipelines import load_embedded
 from pipelines.classifier import load_classifier
 from pipelines.train_shapes import train_classifier, train_generator
 
+pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
+
 
 def _log(out):
     with open(os.path.join(out, "training_log.json")) as f:
@@ -73,3 +75,21 @@ def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     frames = pipe([1, 4], num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (2, 8, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
+
+
+def test_a_resumed_run_never_overwrites_a_better_saved_model(tmp_path, monkeypatch):
+    import json
+
+    from pipelines import train_shapes
+
+    out = tmp_path / "generator"
+    out.mkdir()
+    (out / "training_log.json").write_text(json.dumps({"class_accuracy": 0.46}))
+    monkeypatch.setattr(train_shapes, "class_accuracy", lambda *a, **k: 0.32)
+    monkeypatch.setattr(train_shapes, "load_classifier", lambda path: None)
+    monkeypatch.setattr(train_shapes, "save_half", lambda pipe, folder: os.makedirs(folder, exist_ok=True))
+    args = Namespace(what="dit", seed=0, batch=16, lr=1e-3, out=str(out), classifier="c", keep_best=True,
+                     score_per_class=1)
+    best = train_shapes._save_generator(args, None, 200, 0.0, [{"loss": 1.0}])
+    assert best == 0.46 and json.loads((out / "training_log.json").read_text())["class_accuracy"] == 0.46
+    assert json.loads((tmp_path / "generator-last" / "training_log.json").read_text())["class_accuracy"] == 0.32

@@ -2,20 +2,19 @@
 
 import pytest
 import torch
+from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
 from eval import visualize
 from pipelines.train_shapes import build_pipeline
-from test_levers import BUILDERS
-from test_diffusers import _inputs, _run
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(DENOISERS))
 def test_last_plans_cover_every_token_of_the_grid(kind):
-    model = BUILDERS[kind]()
-    args, kwargs = _inputs(kind)
+    model = DENOISERS[kind]()
+    args, kwargs = denoiser_inputs(kind)
     with tofu.fused(model, method="tome", ratio=0.5) as handle:
-        _run(model, args, kwargs)
+        run_denoiser(model, args, kwargs)
         plans = handle.last_plans()
     assert set(plans) == {b.name for b in handle.blocks}
     for plan, (rows, cols) in plans.values():
@@ -36,6 +35,7 @@ def test_group_colours_paint_each_group_its_mean_colour():
     assert visualize.group_borders(plan, (2, 2), 0).tolist() == [[True, True], [False, False]]
 
 
+@pytest.mark.slow
 def test_visualize_writes_the_picture_for_a_dit(tmp_path):
     folder = tmp_path / "dit"
     torch.manual_seed(0)

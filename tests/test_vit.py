@@ -128,7 +128,7 @@ def test_fused_attention_is_applied_without_forming_it():
 def test_fused_attention_in_the_model_is_the_fused_matrix_times_the_values():
     model, x = _model(DeiTForImageClassificationWithTeacher, DeiTConfig), _images()
     checked = []
-    from tofu_diffusion.adapters import vit
+    from tofu_diffusion.adapters.vit import attention as vit
 
     original = vit.fused_attention
 
@@ -227,6 +227,7 @@ def test_mctf_projects_no_query_or_key_for_merged_tokens():
     assert math.isfinite(float(model(x).logits.sum()))
 
 
+@pytest.mark.slow
 def test_consistency_loss_decreases_over_a_few_steps():
     from tofu_diffusion.training import consistency_loss
 

@@ -14,7 +14,8 @@ import torch
 
 from .adapters import adapter_for
 from .adapters.base import Patch
-from .adapters.hooks import unregister_all
+from .adapters.blocks import BlockAdapter
+from .adapters.registry import unregister_all
 from .config import TokenFusionConfig
 from .core import switch_depth_from_gaps
 
@@ -27,6 +28,8 @@ _HANDLE_ATTR = "_tofu_diffusion_handle"
 # |D|^2 / 2 + 2 |gap * D|^2, which is smaller exactly when gap < 0.5.
 SWITCH_TOLERANCE = 0.5
 _DENOISER_NAMES = ("unet", "transformer")
+# A second denoiser that takes over part of the steps (Wan 2.2 A14B: the low-noise ones): patched alongside.
+_SECOND_STAGE_NAMES = ("transformer_2",)
 
 
 class TokenFusionHandle:
@@ -39,6 +42,7 @@ class TokenFusionHandle:
         self.blocks = patch.blocks
         self._counts = patch.counts
         self._undo = patch.undo
+        self.stages: list[TokenFusionHandle] = []  # the handles of a pipeline's second-stage denoisers
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
         """(tokens in, tokens out) of each reduced block (classifiers: each layer) in its latest call."""
@@ -130,11 +134,24 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, sche
     Schedules are read on the pipeline's own steps (``schedule_axis="steps"``): applied to a pipeline, the
     hooks ask its scheduler; applied to a bare denoiser, pass the ``scheduler`` that will drive it.
     """
-    model, adapter, config, checked = _prepare(model_or_pipeline, config, options)
+    requested = config
+    model, adapter, config, checked = _prepare(model_or_pipeline, requested, options)
+    stages = [_prepare(stage, requested, options) for stage in _second_stages(model_or_pipeline, model)]
     scheduling = _scheduling(model_or_pipeline, scheduler)
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        logger.info("token fusion was already applied to %s; replacing it", type(model).__name__)
+    for target in [model] + [stage[0] for stage in stages]:
+        if getattr(target, _HANDLE_ATTR, None) is not None:
+            logger.info("token fusion was already applied to %s; replacing it", type(target).__name__)
+            remove(target)
+    handle = _attach(model, adapter, config, checked, scheduling)
+    try:
+        handle.stages = [_attach(*stage, scheduling) for stage in stages]
+    except Exception:
         remove(model)
+        raise
+    return handle
+
+
+def _attach(model, adapter, config, checked, scheduling) -> TokenFusionHandle:
     try:
         patch = adapter.attach(model, config, checked, scheduling)
     except Exception:
@@ -143,6 +160,13 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, sche
     handle = TokenFusionHandle(model, config, adapter.family, patch)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _second_stages(model_or_pipeline, model: torch.nn.Module) -> list[torch.nn.Module]:
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return []
+    stages = [getattr(model_or_pipeline, name, None) for name in _SECOND_STAGE_NAMES]
+    return [stage for stage in stages if isinstance(stage, torch.nn.Module) and stage is not model]
 
 
 def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, num_inference_steps: int,
@@ -162,7 +186,7 @@ def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, nu
     if config is None and not options and handle is not None:
         config = handle.config
     model, adapter, config, checked = _prepare(model_or_pipeline, config, options)
-    if adapter.family == "vit":
+    if not isinstance(adapter, BlockAdapter):
         raise TypeError("explain describes the steps of a diffusion pipeline call; a classifier's per-layer token "
                         "counts are in tofu.apply(model).schedule")
     if num_inference_steps < 1:
@@ -197,6 +221,9 @@ def remove(model_or_pipeline) -> None:
     if handle._undo is not None:
         handle._undo()
     delattr(model, _HANDLE_ATTR)
+    for stage in handle.stages:
+        if getattr(stage.model, _HANDLE_ATTR, None) is stage:
+            remove(stage.model)
 
 
 def handle_of(model_or_pipeline) -> Optional[TokenFusionHandle]:

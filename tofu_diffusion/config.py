@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Union
 
-from .core import DESTINATIONS, MERGE_MODES, max_grid_ratio
+from .core import DESTINATIONS, MERGE_MODES, grid_text, max_grid_ratio
 
 METHODS = ("tome", "tofu", "mctf", "todo")
 SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
@@ -62,7 +63,8 @@ class TokenFusionConfig:
             ``"balanced"`` or ``"fast"``; chosen per model family from measured sweeps.
         merge_mode: override the method's merge mode for every block: ``"mean"``, ``"size_weighted"``,
             ``"mlerp"`` or ``"prune"``.
-        stride: ``(sy, sx)`` cell of the 2-D token grid that holds one destination token.
+        stride: the cell of the token grid that holds one destination token: ``(sy, sx)`` (on a video, a
+            cell within one frame) or ``(sf, sy, sx)`` for video grids (``(2, 2, 2)`` merges across frames).
         destination: ``"random"`` (a random position per cell, drawn from a generator seeded with
             ``seed`` and the step's timestep, so a seeded pipeline call is repeatable) or ``"fixed"``
             (``destination_position`` in every cell; 0 = top-left).
@@ -168,7 +170,8 @@ class TokenFusionConfig:
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.ratio is not None and self.schedule is not None:
-            raise ValueError("give ratio (the same at every step) or schedule (a ratio per denoising progress), not both")
+            raise ValueError("give ratio (the same at every step) or schedule (a ratio per denoising progress), "
+                             "not both")
         for ratio in self.ratios():
             self._check_ratio(ratio)
         if self.schedule is not None:
@@ -184,11 +187,12 @@ class TokenFusionConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {tuple(PRESETS)}")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
             raise ValueError(f"unknown merge_mode {self.merge_mode!r}; choose one of {MERGE_MODES} or None")
-        if len(self.stride) != 2 or min(self.stride) < 1:
-            raise ValueError(f"stride must be two positive ints (sy, sx), got {self.stride!r}")
+        if len(self.stride) not in (2, 3) or min(self.stride) < 1:
+            raise ValueError(f"stride must be two positive ints (sy, sx) or, for video, three (sf, sy, sx); "
+                             f"got {self.stride!r}")
         if self.destination not in DESTINATIONS:
             raise ValueError(f"unknown destination {self.destination!r}; choose one of {DESTINATIONS}")
-        cell = self.stride[0] * self.stride[1]
+        cell = math.prod(self.stride)
         if not 0 <= self.destination_position < cell:
             raise ValueError(f"destination_position must be in [0, {cell}) for a {self.stride} stride")
         for name in ("tau_sim", "tau_info", "tau_size"):
@@ -231,7 +235,7 @@ class TokenFusionConfig:
         cap = max_grid_ratio(self.stride)
         if self.method != "todo" and ratio > cap:
             raise ValueError(
-                f"ratio {ratio} removes more tokens than a {self.stride[0]}x{self.stride[1]} stride allows "
+                f"ratio {ratio} removes more tokens than a {grid_text(self.stride)} stride allows "
                 f"(one destination per cell caps it at {cap:.3f}); lower the ratio or use a larger stride, "
                 f"e.g. stride=(4, 4)"
             )
@@ -254,12 +258,11 @@ class TokenFusionConfig:
         An explicit ``ratio`` or ``schedule`` is used as given, on every eligible block unless ``blocks``
         says otherwise: the preset then only supplies ``method`` if that was not given.
         """
-        from .presets import METHOD_DEFAULTS, preset_options
+        from .presets import method_defaults, preset_options
 
         preset = preset_options(self.preset, family)
         explicit = self.ratio is not None or self.schedule is not None
-        updates = {name: value for name, value in METHOD_DEFAULTS.get(family, METHOD_DEFAULTS["dit"]).items()
-                   if getattr(self, name) is None}
+        updates = {name: value for name, value in method_defaults(family).items() if getattr(self, name) is None}
         if self.method is None:
             updates["method"] = preset.get("method", "tome")
         if not explicit:

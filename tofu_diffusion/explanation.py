@@ -16,7 +16,7 @@ import torch
 from .adapters.blocks import BlockAdapter, BlockGeometry
 from .adapters.steps import StepPosition, preview_timesteps
 from .config import TokenFusionConfig
-from .core import block_flops, matching_flops, reduction_pays
+from .core import block_flops, cells, downsampled_size, grid_text, matching_flops, num_tokens, reduction_pays
 
 
 @dataclass
@@ -59,8 +59,8 @@ class Explanation:
             f"{self.model} ({self.family}): {cfg.method}, "
             + (f"ratio {cfg.ratio:g} at every step" if cfg.schedule is None else
                "schedule " + ", ".join(f"{r:g} from {p:g}" for p, r in cfg.schedule) + f" (axis: {cfg.schedule_axis})"),
-            f"{len(self.steps)} steps, latent {self.latent[0]}x{self.latent[1]}; {len(reduced)} of {len(self.blocks)} "
-            f"blocks reduced ({', '.join(sorted({f'{b.grid[0]}x{b.grid[1]}' for b in reduced}))} tokens)",
+            f"{len(self.steps)} steps, latent {grid_text(self.latent)}; {len(reduced)} of {len(self.blocks)} "
+            f"blocks reduced ({', '.join(sorted({grid_text(b.grid) for b in reduced}))} tokens)",
             "",
             f"{'steps':>9}  {'timestep':>17}  {'progress':>11}  {'ratio':>5}  "
             f"{'keys per block' if cfg.method == 'todo' else 'tokens per block':>16}  {'saved':>5}",
@@ -92,7 +92,7 @@ def _runs(steps: list[StepPlan]) -> list[list[StepPlan]]:
 
 
 def step_savings(blocks: list[BlockGeometry], config: TokenFusionConfig, ratio: float,
-                 stride: tuple[int, int]) -> tuple[tuple[int, int], float]:
+                 stride: tuple[int, ...]) -> tuple[tuple[int, int], float]:
     """(tokens in, out) of the largest reduced block, and the share of all blocks' multiply-adds saved."""
     total = saved = 0
     largest = max((b for b in blocks if b.reduced), key=lambda b: b.tokens)
@@ -104,15 +104,14 @@ def step_savings(blocks: list[BlockGeometry], config: TokenFusionConfig, ratio: 
         if not block.reduced or ratio <= 0:
             continue
         if config.method == "todo":
-            keep = (1.0 - ratio) ** 0.5
-            keys = max(1, round(block.grid[0] * keep)) * max(1, round(block.grid[1] * keep))
+            keys = num_tokens(downsampled_size(block.grid, ratio))
             if keys >= n:
                 continue
             saved += full - block_flops(n, c, block.parts, key_tokens=keys)
             out = keys
         else:
             r = int(n * ratio)
-            num_dst = (block.grid[0] // stride[0]) * (block.grid[1] // stride[1])
+            num_dst = num_tokens(cells(block.grid, stride))
             if r == 0 or not reduction_pays(n, c, r, num_dst, block.sublayers):
                 continue
             saved += block_flops(n, c, block.sublayers) - block_flops(n - r, c, block.sublayers)
@@ -155,14 +154,16 @@ def explain_call(pipeline, model: torch.nn.Module, adapter: BlockAdapter, config
                  num_inference_steps: int, height: Optional[int], width: Optional[int],
                  mu: Optional[float] = None) -> Explanation:
     """The plan of one call (see ``tofu.explain``)."""
+    if adapter.grid_rank != 2:
+        raise TypeError(f"explain describes image pipelines; {type(model).__name__}'s video calls are not described "
+                        f"yet (the token counts are in tofu.handle_of(pipe).token_counts() after a call)")
     scheduler = getattr(pipeline, "scheduler", None)
     if scheduler is None:
         raise ValueError("explain needs the pipeline (or scheduler=): the steps come from its scheduler")
     latent = latent_size(pipeline, model, height, width)
     blocks = adapter.geometry(model, config, sites, latent)
     if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
-        rows, cols = adapter.token_grid(model, latent)
-        mu = dynamic_shift(scheduler, rows * cols)
+        mu = dynamic_shift(scheduler, num_tokens(adapter.token_grid(model, latent)))
     timesteps = preview_timesteps(scheduler, num_inference_steps, mu)
     scale = float(getattr(scheduler.config, "num_train_timesteps", None) or 1000)
     steps = []

@@ -65,3 +65,8 @@ def preset_options(name: str, family: str) -> dict:
         raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
     options = PRESETS[name]
     return dict(options[family if family in options else FALLBACK.get(family, "dit")])
+
+
+def method_defaults(family: str) -> dict:
+    """The method parameters of a model ``family`` (classifiers and denoisers differ; others take a DiT's)."""
+    return dict(METHOD_DEFAULTS.get(family, METHOD_DEFAULTS.get(FALLBACK.get(family, "dit"), METHOD_DEFAULTS["dit"])))

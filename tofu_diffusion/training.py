@@ -71,7 +71,8 @@ def consistency_loss(
     if student.r is None and student.ratio == 0:
         raise ValueError("the student config reduces nothing: give it r (tokens per layer) or a ratio > 0")
     if teacher_max_r < 1:
-        raise ValueError(f"teacher_max_r must be >= 1 (the teacher's r is drawn from [0, teacher_max_r)), got {teacher_max_r}")
+        raise ValueError(f"teacher_max_r must be >= 1 (the teacher's r is drawn from [0, teacher_max_r)), "
+                         f"got {teacher_max_r}")
     inner = _unwrap(model)
     teacher_r = int(torch.randint(teacher_max_r, (1,), generator=generator))
     teacher = dataclasses.replace(student, r=teacher_r)

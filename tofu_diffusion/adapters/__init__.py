@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from . import dit, flux, sd3, unet, vit
+from . import cogvideox, dit, flux, hunyuan_video, ltx, sd3, unet, vit, wan
 from .base import Adapter, Patch, Site
 
-FAMILIES: tuple[Adapter, ...] = (unet.ADAPTER, dit.ADAPTER, sd3.ADAPTER, flux.ADAPTER, vit.ADAPTER)
+FAMILIES: tuple[Adapter, ...] = (unet.ADAPTER, dit.ADAPTER, sd3.ADAPTER, flux.ADAPTER, wan.ADAPTER, ltx.ADAPTER,
+                                  cogvideox.ADAPTER, hunyuan_video.ADAPTER, vit.ADAPTER)
 
 SUPPORTED_MODELS = tuple(cls.__name__ for adapter in FAMILIES for cls in adapter.classes) + (
     "transformers ViT/DeiT classifiers",

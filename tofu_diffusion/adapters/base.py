@@ -7,7 +7,6 @@ family is one adapter file and one line in the registry (``adapters/__init__.py`
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -50,7 +49,8 @@ class Adapter:
         raise NotImplementedError
 
     def attach(self, model: torch.nn.Module, config, checked: Any, scheduling=None) -> Patch:
-        """Register the hooks (``hooks.register``); everything registered is removed by ``hooks.unregister_all``.
+        """Register the hooks (``registry.register``); everything registered is removed by
+        ``registry.unregister_all``.
 
         ``scheduling``: the pipeline (or scheduler) whose sampling loop calls the model, None for a bare model;
         diffusion families locate each call's step in it (``steps.StepLocator``).
@@ -62,17 +62,3 @@ class Adapter:
         to the end, on ``sample_inputs``. Families whose blocks do not form one chain do not provide it."""
         raise TypeError(f"switch-depth calibration is not available for {self.family} models (their blocks do not "
                         "form one chain of layers); set switch_depth explicitly")
-
-
-def timestep_reader(module: torch.nn.Module) -> Callable[[tuple, dict], Optional[object]]:
-    params = list(inspect.signature(type(module).forward).parameters)[1:]
-    position = params.index("timestep") if "timestep" in params else None
-
-    def read(args: tuple, kwargs: dict):
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        if position is not None and position < len(args):
-            return args[position]
-        return None
-
-    return read

@@ -1,43 +1,42 @@
-"""What the diffusion families share: reduce ``BasicTransformerBlock``-style blocks on a 2-D token grid.
+"""What the diffusion families share: reduce transformer blocks on a token grid of any rank.
 
 A family gives three functions (``sites``: its blocks in execution order with the module whose input
 defines their grid; ``grid_of``: that grid from the input; ``default_levels``: the resolution levels
 reduced by default) and ``BlockAdapter`` does the rest: choose the blocks, check the request, and
-register the hooks of ``hooks.py`` on them.
+register the hooks of ``hooks.py`` on them. ``BlockAdapter.attach_block`` composes the hooks of a
+``BasicTransformerBlock``-style block (``attn1`` / ``attn2`` / ``ff``); a family whose blocks differ
+overrides it (and ``refuse``, for what it cannot do) in its own file, from the same pieces.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from ..config import TokenFusionConfig
-from .base import Adapter, Patch, Site, timestep_reader
-from .steps import StepLocator
+from . import todo
+from .base import Adapter, Patch, Site
 from .hooks import (
     BLOCK_HOOK,
-    DOWNSAMPLE_HOOK,
     GRID_HOOK,
     MERGE_HOOK,
     ROOT_HOOK,
-    ROTARY_BLOCK_HOOK,
     WHOLE_BLOCK_HOOK,
     BlockHook,
-    BlockState,
+    Followers,
     GridHook,
-    GridRecord,
-    KeyValueDownsampleHook,
     MergeHook,
-    ProjectionDownsampleHook,
     RootHook,
-    RotaryJointBlockHook,
-    RunState,
     WholeBlockHook,
-    register,
 )
+from .planning import BlockState
+from .registry import register
+from .state import GridRecord, RunState
+from .steps import StepLocator
 
 logger = logging.getLogger("tofu_diffusion")
 
@@ -49,10 +48,10 @@ SUBLAYERS = (
 )
 
 
-# Joint-attention blocks name their parts differently (SD3/Flux: "attn"; Flux single blocks: "proj_mlp");
-# they are reduced whole, so these only feed the cost model.
+# Joint-attention blocks name their parts differently ("attn"; single-stream blocks: "proj_mlp"); they are
+# reduced whole, so these only feed the cost model.
 _WHOLE_BLOCK_PARTS = (("self_attention", ("attn1", "attn")), ("cross_attention", ("attn2",)),
-                      ("feed_forward", ("ff", "proj_mlp")))
+                      ("feed_forward", ("ff", "ffn", "proj_mlp")))
 
 
 def block_parts(block: torch.nn.Module) -> tuple[str, ...]:
@@ -61,11 +60,12 @@ def block_parts(block: torch.nn.Module) -> tuple[str, ...]:
                                                                    for attr in attrs))
 
 
-def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig) -> tuple[str, ...]:
-    """The sublayers of ``block`` that will run on reduced tokens."""
+def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig,
+                      attributes: tuple = SUBLAYERS) -> tuple[str, ...]:
+    """The sublayers of ``block`` that will run on reduced tokens (``attributes``: as in ``SUBLAYERS``)."""
     if config.merge_scope == "block":
         return block_parts(block)
-    return tuple(role for attr, role, flag in SUBLAYERS
+    return tuple(role for attr, role, flag in attributes
                  if getattr(block, attr, None) is not None and getattr(config, flag))
 
 
@@ -105,7 +105,7 @@ def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
     return [site for i, site in enumerate(sites) if i in wanted]
 
 
-def _self_attention(block: torch.nn.Module) -> Optional[torch.nn.Module]:
+def self_attention(block: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The block's self-attention (joint blocks: their joint attention), for mctf's informativeness."""
     for attr in ("attn1", "attn"):
         if getattr(block, attr, None) is not None:
@@ -113,37 +113,12 @@ def _self_attention(block: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
-def attach_block(block: torch.nn.Module, state: BlockState, config: TokenFusionConfig,
-                 image_output: Optional[int] = None, rotary: bool = False) -> None:
-    """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
-    attention = _self_attention(block) if config.method == "mctf" else None
-    if rotary:
-        register(block, RotaryJointBlockHook(state, attention), ROTARY_BLOCK_HOOK)
-        return
-    if config.method == "todo" and image_output is not None:  # joint attention: image keys/values only
-        for joint in (getattr(block, "attn", None), getattr(block, "attn2", None)):
-            if joint is not None:
-                register(joint.to_k, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
-                register(joint.to_v, ProjectionDownsampleHook(state), DOWNSAMPLE_HOOK)
-        return
-    if config.method == "todo":
-        register(block.attn1, KeyValueDownsampleHook(state), DOWNSAMPLE_HOOK)
-        return
-    if config.merge_scope == "block":
-        register(block, WholeBlockHook(state, attention, image_output), WHOLE_BLOCK_HOOK)
-        return
-    register(block, BlockHook(state), BLOCK_HOOK)
-    for attr, role, _ in SUBLAYERS:
-        if role in state.sublayers:
-            register(getattr(block, attr), MergeHook(state, role), MERGE_HOOK)
-
-
 @dataclass(frozen=True)
 class BlockGeometry:
     """A transformer block at one resolution, for ``tofu.explain``: its token grid, width and sublayers."""
 
     name: str
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     channels: int
     parts: tuple[str, ...]  # every sublayer it has (what its unreduced cost counts)
     sublayers: tuple[str, ...]  # those that run on reduced tokens
@@ -151,7 +126,7 @@ class BlockGeometry:
 
     @property
     def tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
 
 @dataclass(frozen=True)
@@ -161,14 +136,19 @@ class BlockAdapter(Adapter):
     sites: Callable[[torch.nn.Module], list[Site]]  # the blocks, in execution order
     grid_of: Callable[[torch.nn.Module, torch.Tensor, dict], tuple[int, int]]  # (owner, input, kwargs) -> grid
     default_levels: Callable[[list[Site]], set[int]]  # the resolution levels reduced by default
-    # Joint-attention blocks (text and image in one attention) return (text, image): the image stream's
-    # index. They are reduced whole: only the image tokens are merged, every text token stays.
-    image_output: Optional[int] = None
-    rotary: bool = False  # the blocks take image_rotary_emb, whose image rows must follow the kept tokens
+    timestep_argument: str = "timestep"  # the denoiser's forward parameter that carries the timestep
+    grid_rank: int = 2  # axes of the token grid: (rows, cols), or (frames, rows, cols) for video
+    sublayer_attributes: tuple = SUBLAYERS  # (attribute, role, config flag) of the sublayers, as SUBLAYERS
+    # Arguments with a row per token that follow the merged tokens (``hooks.follow``), of the self-attention
+    # (merge_scope="sublayers") and of the block (merge_scope="block"); e.g. a rotary table.
+    self_attention_followers: Optional[Followers] = None
+    block_followers: Optional[Followers] = None
+    # The attention applies one rotary table to queries and keys together: ToDo cannot shrink the keys alone.
+    rotary_attention: bool = False
     timestep_unit: float = 1.0  # the denoiser's timestep per scheduler timestep (Flux: 1/1000)
     packing: int = 1  # latent positions per token side beyond config.patch_size (Flux packs 2x2 in the pipeline)
 
-    def token_grid(self, model: torch.nn.Module, latent: tuple[int, int]) -> tuple[int, int]:
+    def token_grid(self, model: torch.nn.Module, latent: tuple[int, ...]) -> tuple[int, ...]:
         """The full-resolution token grid of a (height, width) latent."""
         side = int(getattr(model.config, "patch_size", None) or 1) * self.packing
         if latent[0] % side or latent[1] % side:
@@ -179,15 +159,16 @@ class BlockAdapter(Adapter):
     def geometry(self, model: torch.nn.Module, config: TokenFusionConfig, reduced: list[Site],
                  latent: tuple[int, int]) -> list[BlockGeometry]:
         """Every block of ``model`` on a (height, width) latent, those in ``reduced`` marked."""
-        rows, cols = self.token_grid(model, latent)
+        full = self.token_grid(model, latent)
         chosen = {id(site.block) for site in reduced}
         out = []
         for site in self.sites(model):
-            attention = _self_attention(site.block)
+            attention = self_attention(site.block)
             channels = attention.to_q.in_features if attention is not None else 0
-            grid = (-(-rows // site.level), -(-cols // site.level))  # each downsampler halves, rounding up
+            # each downsampler halves the spatial sides, rounding up
+            grid = tuple(full[:-2]) + tuple(-(-side // site.level) for side in full[-2:])
             out.append(BlockGeometry(site.name, grid, channels, block_parts(site.block),
-                                     reduced_sublayers(site.block, config),
+                                     reduced_sublayers(site.block, config, self.sublayer_attributes),
                                      id(site.block) in chosen))
         return out
 
@@ -200,14 +181,11 @@ class BlockAdapter(Adapter):
             raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
                              "ratio (and levels / max_downsample to choose blocks)")
         model_name = type(model).__name__
-        if self.image_output is not None and config.merge_scope != "block":
-            raise ValueError(f"{model_name}'s joint-attention blocks are reduced whole (image tokens merged, text "
-                             f"tokens kept): use merge_scope='block'; merge_scope='sublayers' is not available "
-                             f"for them")
-        if self.rotary and config.method == "todo":
-            raise ValueError(f"todo is not available for {model_name} yet: its attention applies one rotary table to "
-                             f"queries and keys together, so image keys cannot be downsampled alone; use tome, "
-                             f"tofu or mctf")
+        if len(config.stride) > self.grid_rank:
+            raise ValueError(f"stride {config.stride} has {len(config.stride)} axes but {model_name}'s token grid has "
+                             f"{self.grid_rank} ({'frames, ' if self.grid_rank == 3 else ''}rows, cols); give at "
+                             f"most {self.grid_rank} values")
+        self.refuse(model_name, config)
         all_sites = self.sites(model)
         if not all_sites:
             raise ValueError(f"{model_name} has no transformer block to reduce")
@@ -215,17 +193,40 @@ class BlockAdapter(Adapter):
         sites = pick_blocks(sites, config.blocks, model_name)
         if not sites:
             raise ValueError(f"blocks={config.blocks!r} selects none of the eligible blocks of {model_name}")
-        if config.method != "todo" and not any(reduced_sublayers(site.block, config) for site in sites):
+        if config.method != "todo" and not any(reduced_sublayers(site.block, config, self.sublayer_attributes)
+                                               for site in sites):
             raise ValueError(f"nothing to reduce: the selected sublayers (merge_self_attention / "
                              f"merge_cross_attention / merge_feed_forward) exist in none of {model_name}'s blocks "
                              f"(e.g. DiT blocks have no cross-attention); select another sublayer or use "
                              f"merge_scope='block'")
         return sites
 
+    def refuse(self, model_name: str, config: TokenFusionConfig) -> None:
+        """Raise for what this family's blocks cannot do (a family with other blocks adds its own)."""
+        if self.rotary_attention and config.method == "todo":
+            raise ValueError(f"todo is not available for {model_name}: its attention applies one rotary table to "
+                             f"queries and keys together, so the keys cannot be downsampled alone; use tome, tofu "
+                             f"or mctf")
+
+    def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+        """Register the hooks that run ``block`` (or its selected sublayers) on reduced tokens."""
+        if config.method == "todo":
+            todo.attach_self_attention(block.attn1, state)
+            return
+        if config.merge_scope == "block":
+            attention = self_attention(block) if config.method == "mctf" else None
+            register(block, WholeBlockHook(state, attention, followers=self.block_followers), WHOLE_BLOCK_HOOK)
+            return
+        register(block, BlockHook(state), BLOCK_HOOK)
+        for attr, role, _ in self.sublayer_attributes:
+            if role in state.sublayers:
+                followers = self.self_attention_followers if role == "self_attention" else None
+                register(getattr(block, attr), MergeHook(state, role, followers), MERGE_HOOK)
+
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],
                scheduling=None) -> Patch:
         run = RunState(config, StepLocator(scheduling, self.to_scheduler_units))
-        register(model, RootHook(run, timestep_reader(model)), ROOT_HOOK)
+        register(model, RootHook(run, self.timestep_argument), ROOT_HOOK)
         grids: dict[int, GridRecord] = {}
         blocks = []
         for depth, site in enumerate(sites):
@@ -234,7 +235,40 @@ class BlockAdapter(Adapter):
                 grids[owner_key] = GridRecord()
                 register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
-                               sublayers=reduced_sublayers(site.block, config))
-            attach_block(site.block, state, config, self.image_output, self.rotary)
+                               sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
+            self.attach_block(site.block, state, config)
             blocks.append(state)
         return Patch(blocks)
+
+
+def all_levels(sites: list[Site]) -> set[int]:
+    """Every block is reduced by default (transformers whose blocks share one grid)."""
+    return {site.level for site in sites}
+
+
+def patch_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
+    """The token grid of a (B, C, H, W) latent patchified by ``model.config.patch_size``."""
+    if hidden.dim() != 4:
+        raise ValueError(f"expected a (batch, channels, height, width) latent, got {tuple(hidden.shape)}")
+    p = model.config.patch_size
+    if hidden.shape[-2] % p or hidden.shape[-1] % p:
+        raise ValueError(
+            f"latent {hidden.shape[-2]}x{hidden.shape[-1]} is not divisible by the patch size {p}; "
+            f"use a resolution that is a multiple of {p * 8} pixels"
+        )
+    return hidden.shape[-2] // p, hidden.shape[-1] // p
+
+
+def video_latent_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int, int]:
+    """(frames, rows, cols) of a (B, C, F, H, W) latent patchified by ``model.config.patch_size``: a (pt, ph, pw)
+    tuple, or one spatial size with ``patch_size_t`` for the frames."""
+    if hidden.dim() != 5:
+        raise ValueError(f"expected a (batch, channels, frames, height, width) latent, got {tuple(hidden.shape)}")
+    patch = model.config.patch_size
+    if isinstance(patch, int):
+        patch = (getattr(model.config, "patch_size_t", None) or 1, patch, patch)
+    sizes = tuple(hidden.shape[2:])
+    if any(s % p for s, p in zip(sizes, patch)):
+        raise ValueError(f"latent {sizes[0]}x{sizes[1]}x{sizes[2]} (frames x height x width) does not tile into "
+                         f"patches of {tuple(patch)}; use a frame count and size the patch divides")
+    return tuple(s // p for s, p in zip(sizes, patch))

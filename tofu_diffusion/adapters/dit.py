@@ -11,7 +11,7 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 
 from .base import Site
-from .blocks import BlockAdapter
+from .blocks import BlockAdapter, all_levels, patch_grid
 
 
 def transformer_sites(model: torch.nn.Module) -> list[Site]:
@@ -20,22 +20,6 @@ def transformer_sites(model: torch.nn.Module) -> list[Site]:
         for i, block in enumerate(model.transformer_blocks)
         if isinstance(block, BasicTransformerBlock)
     ]
-
-
-def patch_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[int, int]:
-    if hidden.dim() != 4:
-        raise ValueError(f"expected a (batch, channels, height, width) latent, got {tuple(hidden.shape)}")
-    p = model.config.patch_size
-    if hidden.shape[-2] % p or hidden.shape[-1] % p:
-        raise ValueError(
-            f"latent {hidden.shape[-2]}x{hidden.shape[-1]} is not divisible by the patch size {p}; "
-            f"use a resolution that is a multiple of {p * 8} pixels"
-        )
-    return hidden.shape[-2] // p, hidden.shape[-1] // p
-
-
-def all_levels(sites: list[Site]) -> set[int]:
-    return {site.level for site in sites}
 
 
 ADAPTER = BlockAdapter("dit", (DiTTransformer2DModel, PixArtTransformer2DModel), transformer_sites, patch_grid,

@@ -12,13 +12,19 @@ row, column 2 = column of the packed 2x2 latent). Tokens off the main grid (Kont
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
+from ..config import TokenFusionConfig
 from .base import Site
-from .blocks import BlockAdapter
-from .dit import all_levels
+from .blocks import all_levels, self_attention
+from .joint import JointBlockAdapter
+from .planning import BlockState
+from .registry import register
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
 
 
 def flux_sites(model: torch.nn.Module) -> list[Site]:
@@ -30,9 +36,9 @@ def flux_sites(model: torch.nn.Module) -> list[Site]:
     return sites
 
 
-def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
     """The (rows, cols) grid of the image tokens, from ``img_ids``; they must tile it row-major."""
-    ids = kwargs.get("img_ids")
+    ids = arguments.get("img_ids")
     if ids is None:
         raise ValueError("token fusion reads Flux's token grid from img_ids; pass img_ids by keyword "
                          "(as FluxPipeline does)")
@@ -52,5 +58,18 @@ def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tupl
     return h, w
 
 
-ADAPTER = BlockAdapter("flux", (FluxTransformer2DModel,), flux_sites, ids_grid, all_levels, image_output=1,
-                       rotary=True, timestep_unit=1e-3, packing=2)
+def text_rows(arguments: dict) -> int:
+    """Flux's rotary table covers [text; image]: the text's rows come first."""
+    return arguments["encoder_hidden_states"].shape[1]
+
+
+@dataclass(frozen=True)
+class FluxAdapter(JointBlockAdapter):
+    def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+        attention = self_attention(block) if config.method == "mctf" else None
+        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, "image_rotary_emb", text_rows)
+        register(block, hook, ROTARY_BLOCK_HOOK)
+
+
+ADAPTER = FluxAdapter("flux", (FluxTransformer2DModel,), flux_sites, ids_grid, all_levels, timestep_unit=1e-3,
+                      packing=2, rotary_attention=True)

@@ -1,13 +1,10 @@
 """Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel`` and its ``JointTransformerBlock``s.
 
-Each block attends over [image; text] jointly and returns ``(text, image)``. Only the image tokens are
-reduced: a block runs on the merged image tokens with all text tokens (so every text token sees the
-reduced image, and the text stream is returned as the block computed it), and returns all N image
-tokens (``x + unmerge(f(m) - m)``), so ControlNet residuals and caches between blocks keep working.
-The last block (``context_pre_only``) returns no text; SD3.5's q/k norm and image-only ``attn2`` run on
-the merged tokens like the rest of the block. There is no rotary embedding (positions are added once
-in ``pos_embed``), so nothing else follows the kept tokens. The grid is the latent's, patchified by 2,
-read at the model level as for DiT.
+Each block attends over [image; text] jointly and returns ``(text, image)``; they are reduced as
+``joint.JointBlockAdapter`` does. The last block (``context_pre_only``) returns no text; SD3.5's q/k norm and
+image-only ``attn2`` run on the merged tokens like the rest of the block. There is no rotary embedding
+(positions are added once in ``pos_embed``), so nothing else follows the kept tokens. The grid is the
+latent's, patchified by 2, read at the model level.
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention import JointTransformerBlock
 
 from .base import Site
-from .blocks import BlockAdapter
-from .dit import all_levels, patch_grid
+from .blocks import all_levels, patch_grid
+from .joint import JointBlockAdapter
 
 
 def joint_sites(model: torch.nn.Module) -> list[Site]:
@@ -29,4 +26,4 @@ def joint_sites(model: torch.nn.Module) -> list[Site]:
     ]
 
 
-ADAPTER = BlockAdapter("sd3", (SD3Transformer2DModel,), joint_sites, patch_grid, all_levels, image_output=1)
+ADAPTER = JointBlockAdapter("sd3", (SD3Transformer2DModel,), joint_sites, patch_grid, all_levels)

@@ -44,7 +44,7 @@ def unet_sites(unet: torch.nn.Module) -> list[Site]:
     return sites
 
 
-def feature_map_grid(owner: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+def feature_map_grid(owner: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
     if hidden.dim() != 4:
         raise ValueError(f"expected a (batch, channels, height, width) feature map, got {tuple(hidden.shape)}")
     return hidden.shape[-2], hidden.shape[-1]

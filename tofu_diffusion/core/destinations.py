@@ -10,9 +10,12 @@ than a ``torch.Generator``: the same key gives the same draw on any device, in a
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
+
+from .grid import axis_view, cells, expand_stride, grid_text, ravel
 
 DESTINATIONS = ("random", "fixed")
 _MASK = 0x7FFFFFFF  # keys and hashes stay below 2**31, so every product below fits in int64
@@ -49,50 +52,53 @@ def alternating_partition(num_tokens: int, device: torch.device | str = "cpu") -
     return idx[0::2], idx[1::2]
 
 
-def max_grid_ratio(stride: tuple[int, int]) -> float:
+def max_grid_ratio(stride: Sequence[int]) -> float:
     """The largest share of tokens a one-destination-per-cell partition can remove."""
-    sy, sx = stride
-    return 1.0 - 1.0 / (sy * sx)
+    return 1.0 - 1.0 / math.prod(int(s) for s in stride)
 
 
 def grid_partition(
-    height: int,
-    width: int,
-    stride: tuple[int, int] = (2, 2),
+    grid: Sequence[int],
+    stride: Sequence[int] = (2, 2),
     generator: Optional[torch.Generator] = None,
     position: int = 0,
     device: torch.device | str = "cpu",
     key: Optional[Key] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One destination per ``sy x sx`` cell of a ``height x width`` token grid (row-major tokens).
+    """One destination per cell of a token grid of any rank (row-major tokens): ``(rows, cols)`` with a
+    ``(sy, sx)`` stride, ``(frames, rows, cols)`` with a 3-axis stride or a 2-axis one (cells in one frame).
 
     With a ``key`` (hashed, see ``hashed``) or a ``generator`` the destination sits at a random position
-    in each cell; without either at the fixed ``position`` (0 = top-left, row-major inside the cell).
+    in each cell; without either at the fixed ``position`` (0 = first, row-major inside the cell).
     Rows/columns left over when the stride does not divide the grid hold only sources, as in tomesd.
     """
-    sy, sx = stride
-    cells_y, cells_x = height // sy, width // sx
-    if cells_y == 0 or cells_x == 0:
+    grid = tuple(int(g) for g in grid)
+    stride = expand_stride(stride, len(grid))
+    counts = cells(grid, stride)
+    if min(counts) == 0:
         raise ValueError(
-            f"a {height}x{width} token grid is smaller than the {sy}x{sx} merge stride, so no destination "
-            f"tokens can be placed; use a smaller stride or do not reduce this resolution level"
+            f"a {grid_text(grid)} token grid is smaller than the {grid_text(stride)} merge stride, so no "
+            f"destination tokens can be placed; use a smaller stride or do not reduce this resolution level"
         )
+    cell_size, num_dst = math.prod(stride), math.prod(counts)
     if key is not None:
-        offset = (hashed(key, cells_y * cells_x, device) % (sy * sx)).view(cells_y, cells_x)
+        offset = (hashed(key, num_dst, device) % cell_size).view(counts)
     elif generator is not None:
         # Drawn on the generator's device so seeded CPU generators work for models on any device.
-        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device)
+        offset = torch.randint(cell_size, counts, generator=generator, device=generator.device)
         offset = offset.to(device)
     else:
-        if not 0 <= position < sy * sx:
-            raise ValueError(f"fixed destination position {position} is outside a {sy}x{sx} cell")
-        offset = torch.full((cells_y, cells_x), position, dtype=torch.long, device=device)
-    rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
-    cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
-    is_dst = torch.zeros(height * width, dtype=torch.bool, device=device)
-    is_dst[(rows * width + cols).flatten()] = True
+        if not 0 <= position < cell_size:
+            raise ValueError(f"fixed destination position {position} is outside a {grid_text(stride)} cell")
+        offset = torch.full(counts, position, dtype=torch.long, device=device)
+    coords, rest = [], offset
+    for axis, step in enumerate(stride):
+        inner = math.prod(stride[axis + 1:])  # the offset is row-major inside the cell
+        within, rest = rest // inner, rest % inner
+        coords.append(axis_view(torch.arange(counts[axis], device=device), axis, len(grid)) * step + within)
+    is_dst = torch.zeros(math.prod(grid), dtype=torch.bool, device=device)
+    is_dst[ravel(coords, grid).flatten()] = True
     # Sorting (-1 = destination, 0 = source) puts destinations first without a host sync. The same
     # (unstable) sort call as tomesd keeps merged tokens in tomesd's order, so results match it exactly.
     order = (-is_dst.long()).reshape(1, -1, 1).argsort(dim=1).flatten()
-    num_dst = cells_y * cells_x
     return order[num_dst:], order[:num_dst]

@@ -32,7 +32,8 @@ def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -
     return metric[:, src] @ metric[:, dst].transpose(1, 2)
 
 
-def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, protected: Optional[torch.Tensor]) -> torch.Tensor:
+def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+             protected: Optional[torch.Tensor]) -> torch.Tensor:
     """Protected tokens (CLS, distillation) neither leave nor receive: their rows/columns become -inf."""
     if protected is None:
         return scores

@@ -108,6 +108,19 @@ class MergePlan:
             self._group_count = torch.ones(b, k, device=self.kept_idx.device).scatter_add_(1, self.src_slot, ones)
         return self._group_count
 
+    def take(self, table: torch.Tensor, batched: bool = True) -> torch.Tensor:
+        """A per-token argument at the kept tokens, (B, K, ...): each slot takes its kept token's row (a merged
+        group its destination's), as a position or a token's own conditioning should.
+
+        ``table``: (B or 1, N, ...) when ``batched``, else (N, ...) shared by the batch."""
+        if not batched:
+            return table[self.kept_idx.to(table.device)]
+        kept = self.kept_idx.to(table.device)
+        if table.shape[0] == 1:
+            return table[0][kept]
+        rows = torch.arange(table.shape[0], device=table.device).unsqueeze(1)
+        return table[rows, kept]
+
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """(B, N, C) -> (B, K, C)."""

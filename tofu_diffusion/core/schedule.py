@@ -47,9 +47,9 @@ def layer_schedule(
     """Tokens removed by each layer.
 
     ``r`` (any form of :func:`requested_r`) or, when it is None, ``ratio``: the share of each layer's
-    current unprotected tokens (MCTF's ratio form). ``layers`` restricts reduction to those layer indices. Every layer is capped at half
-    of its unprotected tokens (bipartite matching cannot pair more), so no layer removes more than it can,
-    and no layer leaves fewer than ``min_tokens`` (MCTF's floor: 10);
+    current unprotected tokens (MCTF's ratio form). ``layers`` restricts reduction to those layer indices.
+    Every layer is capped at half of its unprotected tokens (bipartite matching cannot pair more), so no
+    layer removes more than it can, and no layer leaves fewer than ``min_tokens`` (MCTF's floor: 10);
     the token count entering layer ``i + 1`` is ``num_tokens - sum(schedule[:i + 1])``.
     """
     if r is not None:

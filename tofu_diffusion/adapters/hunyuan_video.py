@@ -1,0 +1,86 @@
+"""HunyuanVideo: ``HunyuanVideoTransformer3DModel``, its dual-stream ``HunyuanVideoTransformerBlock``s and
+single-stream ``HunyuanVideoSingleTransformerBlock``s (video).
+
+The (B, C, F, H, W) latent is patchified frame-major into a (F / pt, H / p, W / p) grid, read at the model.
+Every block takes the video and text streams separately and returns ``(video, text)``; its attention joins
+[video; text] (video first) under a mask over both (``attention_mask``: (B, 1, 1, N + T)), and applies one
+rotary table to the video rows (``freqs_cis`` / ``image_rotary_emb``: (cos, sin), each (N, D), one for the
+batch). Only video tokens are reduced: a block runs whole on the merged video tokens with every text token;
+the mask is rebuilt for the reduced length (the kept tokens' entries, then the text's), and the rotary rows
+follow the kept tokens per sample (``rotary.PerSampleRotaryBlockHook``).
+
+Image-to-video's token-replace blocks (``HunyuanVideoTokenReplace*``: the first frame's tokens take t = 0
+modulation by position) are refused: merging would move those tokens off the positions that select it.
+ToDo is refused (``rotary_attention``): one rotary table covers queries and keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTokenReplaceSingleTransformerBlock,
+    HunyuanVideoTokenReplaceTransformerBlock,
+    HunyuanVideoTransformerBlock,
+)
+
+from ..config import TokenFusionConfig
+from ..core import MergePlan
+from .arguments import Signature
+from .base import Site
+from .blocks import all_levels, self_attention, video_latent_grid
+from .joint import JointBlockAdapter
+from .planning import BlockState
+from .registry import register
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
+
+_BLOCKS = (HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock)
+_TOKEN_REPLACE = (HunyuanVideoTokenReplaceTransformerBlock, HunyuanVideoTokenReplaceSingleTransformerBlock)
+
+
+def hunyuan_sites(model: torch.nn.Module) -> list[Site]:
+    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)]
+    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
+              for i, block in enumerate(model.single_transformer_blocks)]
+    return [site for site in sites if isinstance(site.block, _BLOCKS + _TOKEN_REPLACE)]
+
+
+def video_first_mask(mask, plan: MergePlan):
+    """A (B, 1, 1, N + T) mask over [video; text]: the kept video tokens' entries, then the text's."""
+    n, kept = plan.num_tokens, plan.kept_idx.to(mask.device)
+    b, middle = kept.shape[0], mask.shape[1:-1]
+    index = kept.view(b, *([1] * len(middle)), -1).expand(b, *middle, kept.shape[1])
+    video = mask[..., :n].expand(b, *middle, n).gather(-1, index)
+    return torch.cat([video, mask[..., n:].expand(b, *middle, -1)], dim=-1)
+
+
+def no_rows_before_video(arguments: dict) -> int:
+    return 0  # the rotary table covers the video tokens alone
+
+
+@dataclass(frozen=True)
+class HunyuanVideoAdapter(JointBlockAdapter):
+    image_output: int = 0  # blocks return (video, text)
+
+    def check(self, model: torch.nn.Module, config: TokenFusionConfig):
+        sites = super().check(model, config)
+        if any(isinstance(site.block, _TOKEN_REPLACE) for site in sites):
+            raise ValueError(f"{type(model).__name__} is an image-to-video model (token-replace blocks: the first "
+                             f"frame's tokens take their own modulation by position), which token fusion does not "
+                             f"reduce yet; use the text-to-video model, or remove token fusion for it")
+        return sites
+
+    def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+        attention = self_attention(block) if config.method == "mctf" else None
+        names = Signature(block).names
+        rotary = "freqs_cis" if "freqs_cis" in names else "image_rotary_emb"
+        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, rotary, no_rows_before_video,
+                                        followers={"attention_mask": video_first_mask})
+        register(block, hook, ROTARY_BLOCK_HOOK)
+
+
+ADAPTER = HunyuanVideoAdapter("hunyuan_video", (HunyuanVideoTransformer3DModel,), hunyuan_sites,
+                              video_latent_grid, all_levels, grid_rank=3, rotary_attention=True)

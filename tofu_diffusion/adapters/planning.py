@@ -1,0 +1,164 @@
+"""Planning a reduced block: which tokens it merges, computed once per call and shared by its sublayers.
+
+``BlockState`` is one reduced block (its settings, the grid it reads, its plan); the plan follows the
+config's method on a grid of any rank (``core.grid_partition``), shares one plan across a guidance batch's
+halves and reuses plans across steps (``plan_reuse_steps``) per call position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.profiler import record_function
+
+from ..core import (
+    MergePlan,
+    bidirectional_matching,
+    bipartite_soft_matching,
+    cells,
+    estimate_attention_received,
+    grid_text,
+    mctf_scores,
+    mix_key,
+    reduction_pays,
+)
+from .state import GridRecord, PerCaller, RunState
+
+logger = logging.getLogger("tofu_diffusion")
+
+
+@dataclass
+class BlockCall:
+    """One caller's pass through a block: its input and plan, and the plan it may reuse next step."""
+
+    input: Optional[torch.Tensor] = None
+    plan: Optional[MergePlan] = None
+    planned: bool = False
+    merged: Optional[torch.Tensor] = None  # whole-block scope: the merged input, for the residual
+    # call position within a step -> (plan, ratio, (B, N)) of its latest planning: true CFG's unconditional and
+    # conditional calls each reuse their own plan, never each other's
+    reusable: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlockState:
+    """One reduced block: its settings, the grid it reads, and the plan of the current call."""
+
+    name: str
+    depth: int
+    merge_mode: str
+    grid: GridRecord
+    run: RunState
+    last_tokens: Optional[tuple[int, int]] = None  # (tokens in, tokens after merge) of the latest call
+    sublayers: tuple[str, ...] = ("self_attention",)  # what runs on the reduced tokens, for the cost model
+    plans_computed: int = 0
+    last_plan: Optional[MergePlan] = None  # the plan of the latest call (None when it reduced nothing)
+    _skipped: set = field(default_factory=set, repr=False)
+    _calls: PerCaller = field(default_factory=PerCaller, repr=False)  # of BlockCall
+
+    def call(self) -> BlockCall:
+        """The calling thread's pass through this block (a new thread starts from the latest caller's
+        reusable plan, so a backward thread recomputing the block makes the forward's plan)."""
+        state = self._calls.own()
+        if state is None:
+            latest = self._calls.latest
+            state = self._calls.set(BlockCall(reusable={} if latest is None else dict(latest.reusable)))
+        return state
+
+    def begin(self, hidden_states: torch.Tensor) -> BlockCall:
+        call = self._calls.set(self.call())
+        call.input, call.plan, call.planned, call.merged = hidden_states, None, False, None
+        return call
+
+    def end(self) -> None:
+        # Drop references so the block input and the plan can be freed between blocks.
+        call = self.call()
+        call.input, call.plan, call.planned, call.merged = None, None, False, None
+
+    def plan(self, attention: Optional[torch.nn.Module],
+             attention_input: Optional[torch.Tensor]) -> Optional[MergePlan]:
+        """The plan of this call, computed on first use; None when nothing is removed."""
+        call = self.call()
+        if not call.planned:
+            if call.input is None:
+                raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; "
+                                   f"token fusion cannot plan it")
+            slot = self.run.step().call_in_step
+            previous = call.reusable.get(slot)
+            b, n = call.input.shape[:2]
+            ratio = self.run.ratio
+            if self.run.reuse_plans and previous is not None and previous[1:] == (ratio, (b, n)):
+                call.plan = previous[0]
+            else:
+                # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
+                with record_function("tofu_diffusion::plan"):
+                    call.plan = self._shared_or_own_plan(call.input, ratio, attention, attention_input)
+                if call.plan is not None:
+                    self.plans_computed += 1
+                call.reusable[slot] = (call.plan, ratio, (b, n))
+            call.planned = True
+            self.last_plan = call.plan
+            self.last_tokens = (n, n if call.plan is None else call.plan.num_kept)
+        return call.plan
+
+    def _shared_or_own_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
+        """A guidance batch [uncond; cond] plans on its conditional half and gives both halves that plan:
+        guidance amplifies cond - uncond (by 4-16x), and errors of one shared plan largely cancel in the
+        difference where two plans' errors add. Otherwise every sample plans on its own tokens."""
+        if not (self.run.step().guidance_pairs and x.shape[0] % 2 == 0):
+            return self._compute_plan(x, ratio, attention, attention_input)
+        half = x.shape[0] // 2
+        plan = self._compute_plan(x[half:], ratio, attention,
+                                  None if attention_input is None else attention_input[half:])
+        return None if plan is None else plan.repeat(2)
+
+    def checked_grid(self, n: int) -> tuple[int, ...]:
+        grid = self.grid.get()
+        if grid is None or math.prod(grid) != n:
+            shape = "unknown" if grid is None else grid_text(grid)
+            raise ValueError(f"{self.name}: the block has {n} tokens but its token grid is {shape}; "
+                             f"token fusion cannot tile this input")
+        return grid
+
+    def reset(self) -> None:
+        """Forget every caller's pass (and the plans it could reuse)."""
+        self._calls.reset()
+
+    def _compute_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
+        cfg = self.run.config
+        if x.dim() != 3:
+            raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
+        n = x.shape[1]
+        r = int(n * ratio)
+        if r == 0:
+            if ratio > 0 and not self.run.warned_too_few:
+                self.run.warned_too_few = True
+                logger.warning("%s: ratio %s of %d tokens removes no token; these calls run unreduced (raise the "
+                               "ratio or reduce blocks with more tokens)", self.name, ratio, n)
+            return None
+        grid = self.checked_grid(n)
+        num_dst = math.prod(cells(grid, cfg.stride))
+        if num_dst and not reduction_pays(n, x.shape[-1], r, num_dst, self.sublayers):
+            if grid not in self._skipped:
+                self._skipped.add(grid)
+                logger.debug("%s: not reduced at %s tokens, ratio %s: matching would cost more than it saves",
+                             self.name, grid_text(grid), ratio)
+            return None
+        src, dst = self.run.partition(grid, x.device, salt=self.depth)
+        if cfg.method == "mctf":
+            info = None
+            if attention is not None and cfg.tau_info > 0:
+                if attention_input is None:
+                    # Whole-block scope: attn1's input (after the block's own, possibly conditioned,
+                    # norm) is not available yet; a plain layer norm of the block input is the same up
+                    # to a per-channel scale and shift, close enough to rank informativeness.
+                    attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
+                info = estimate_attention_received(attention, attention_input, cfg.info_queries, grid,
+                                                   key=mix_key(self.run.step().key, self.depth, 1))
+            scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
+            return bidirectional_matching(scores, src, dst, n, r, weights=info)
+        return bipartite_soft_matching(x, src, dst, r)

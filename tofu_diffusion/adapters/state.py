@@ -1,0 +1,213 @@
+"""Per-call state of a patched denoiser: what each caller's current step decided, and the token grid of its call.
+
+State is kept per calling thread (``PerCaller``), so concurrent calls of one model never see each other's
+steps or plans. Every state class has ``reset()``; the hooks that hold it implement diffusers'
+``reset_state``, so ``HookRegistry.reset_stateful_hooks`` starts the next sampling run clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import TokenFusionConfig
+from ..core import grid_partition, mix_key
+from ..core.destinations import Key
+from .steps import StepLocator
+
+logger = logging.getLogger("tofu_diffusion")
+
+
+class PerCaller:
+    """A value per calling thread, so concurrent calls of one model never see each other's state.
+
+    Values live in thread-local storage, so a thread's state goes when the thread ends (a server that runs
+    each request on its own thread keeps nothing of finished requests). A thread that set none of its own
+    (autograd's backward threads recomputing a checkpointed block on a GPU) reads the latest value any caller
+    set. Inside a ``torch.compile`` graph the thread cannot be read: a compiled model keeps one shared slot
+    (one call at a time).
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+        self._compiled = None
+        self.latest = None
+
+    def own(self):
+        """The calling thread's value, or None."""
+        if torch.compiler.is_compiling():
+            return self._compiled
+        return getattr(self._local, "value", None)
+
+    def get(self):
+        """The calling thread's value, else the latest of any caller (None before the first)."""
+        value = self.own()
+        return self.latest if value is None else value
+
+    def set(self, value):
+        if torch.compiler.is_compiling():
+            self._compiled = value
+        else:
+            self._local.value = value
+        self.latest = value
+        return value
+
+    def reset(self) -> None:
+        """Forget every caller's value."""
+        self._local = threading.local()
+        self._compiled = None
+        self.latest = None
+
+    def __deepcopy__(self, memo):
+        # Per-call state belongs to the calls of this model; a copy of the model starts with none.
+        return PerCaller()
+
+
+class GridRecord:
+    """The token grid of a grid-owning module's current call, per caller: (rows, cols), (frames, rows, cols), ..."""
+
+    def __init__(self):
+        self._grids = PerCaller()
+
+    def set(self, grid) -> None:
+        self._grids.set(tuple(int(g) for g in grid))
+
+    def get(self) -> Optional[tuple[int, ...]]:
+        return self._grids.get()
+
+    @property
+    def latest(self) -> Optional[tuple[int, ...]]:
+        """The grid of the latest call of any caller, for reports."""
+        return self._grids.latest
+
+    def reset(self) -> None:
+        self._grids = PerCaller()
+
+
+def step_timestep(timestep: torch.Tensor) -> torch.Tensor:
+    """The step's timestep from what the denoiser receives: one per sample (the first), or one per token (Wan 2.2
+    TI2V gives a clean first frame t = 0): the largest, the step's own noise level."""
+    return timestep.flatten()[0] if timestep.dim() < 2 else timestep.amax()
+
+
+def _step_key(timestep) -> Key:
+    """An integer key of the step's timestep (x1000, rounded), read where it lives: no host sync."""
+    if timestep is None:
+        return 0
+    if isinstance(timestep, torch.Tensor):
+        return (step_timestep(timestep).float() * 1000).round().long()
+    return int(round(float(timestep) * 1000))
+
+
+_COMPILE_NEEDS_CONSTANT_RATIO = (
+    "token fusion with a ratio schedule (or plan_reuse_steps > 1) reads each step's timestep on the host, which "
+    "torch.compile(fullgraph=True) cannot capture; compile with a constant ratio=..., or without fullgraph=True"
+)
+
+
+@dataclass
+class StepState:
+    """What one caller's current denoising step decided: its ratio and the key of its random draws."""
+
+    ratio: float
+    key: Key = 0
+    index: int = 0  # steps since this caller's sampling run started
+    timestep: Optional[float] = None
+    guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent: both halves share one plan
+    call_in_step: int = 0  # 0 for a step's first denoiser call, 1 for the second (true CFG's separate calls), ...
+
+
+class RunState:
+    """State shared by all hooks of one patched denoiser; per-call parts are kept per caller (thread),
+    so concurrent calls of one model never see each other's steps or plans."""
+
+    def __init__(self, config: TokenFusionConfig, locator: Optional[StepLocator] = None):
+        self.config = config
+        self.locator = locator or StepLocator()
+        self.warned_too_few = False  # "ratio removes no token" is said once per patch
+        self.warned_no_steps = False  # "schedule read on the noise axis" is said once per patch
+        self._fixed_partitions: dict = {}
+        self._steps = PerCaller()  # of StepState
+
+    def step(self) -> StepState:
+        """The calling thread's current step (see ``PerCaller`` for threads that started none)."""
+        state = self._steps.get()
+        if state is None:
+            state = self._steps.set(StepState(self.config.ratio_at(None), mix_key(self.config.seed)))
+        return state
+
+    @property
+    def ratio(self) -> float:
+        return self.step().ratio
+
+    def begin_step(self, timestep, latent: Optional[torch.Tensor] = None) -> None:
+        """Derive this step's key from (seed, timestep): same call, same destinations.
+
+        Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
+        hot path free of syncs (and ``torch.compile(fullgraph=True)`` free of graph breaks).
+        """
+        step = self._steps.set(self._steps.own() or StepState(self.config.ratio_at(None)))
+        step.key = mix_key(self.config.seed, _step_key(timestep))
+        cfg = self.config
+        step.guidance_pairs = cfg.share_guidance_plans and is_guidance_batch(latent)
+        if cfg.schedule is None and cfg.plan_reuse_steps == 1:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_COMPILE_NEEDS_CONSTANT_RATIO)
+        value = None
+        if timestep is not None:
+            value = float(step_timestep(timestep).item() if isinstance(timestep, torch.Tensor) else timestep)
+        position = self.locator.locate(value)
+        same_step = value is not None and value == step.timestep
+        if position.index is not None:
+            same_step = same_step and position.index == step.index
+            step.index = position.index
+        elif not same_step:
+            # No scheduler to ask: sampling runs go from high to low timesteps, so a timestep that rises
+            # starts a new run and plan reuse never carries a plan into the next call; an equal one is another
+            # call of the same step (true CFG).
+            new_run = value is None or step.timestep is None or value > step.timestep
+            step.index = 0 if new_run and value is not None else step.index + 1
+        step.call_in_step = step.call_in_step + 1 if same_step else 0
+        if position.index is None:
+            if cfg.schedule is not None and cfg.schedule_axis == "steps" and not self.warned_no_steps:
+                self.warned_no_steps = True
+                logger.warning("schedule_axis='steps' needs the pipeline's scheduler, and this denoiser was called "
+                               "outside it (or patched without it): the schedule is read on the noise axis. Apply "
+                               "to the pipeline, or pass scheduler= to apply")
+        step.timestep = value
+        step.ratio = cfg.ratio_at(position.progress(cfg.schedule_axis))
+
+    @property
+    def reuse_plans(self) -> bool:
+        """Whether blocks reuse their previous step's plan in this step (``plan_reuse_steps``)."""
+        return self.step().index % self.config.plan_reuse_steps != 0
+
+    def partition(self, grid: tuple[int, ...], device: torch.device, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.destination == "random":  # a draw per (seed, step, block): repeatable, also when recomputed
+            return grid_partition(grid, cfg.stride, device=device, key=mix_key(self.step().key, salt))
+        # Fixed destinations depend only on the grid: computed once per (grid, device).
+        key = (grid, str(device))
+        if key not in self._fixed_partitions:
+            self._fixed_partitions[key] = grid_partition(grid, cfg.stride, position=cfg.destination_position,
+                                                         device=device)
+        return self._fixed_partitions[key]
+
+    def reset(self) -> None:
+        """Forget every caller's step: the next call starts a sampling run."""
+        self._steps.reset()
+
+
+def is_guidance_batch(latent: Optional[torch.Tensor]) -> bool:
+    """Whether a denoiser input is a classifier-free guidance batch: its two halves are the same latents
+    (diffusers' pipelines run ``cat([x, x])`` for unconditional and conditional). Not read under
+    ``torch.compile`` (a host comparison), where every sample plans on its own."""
+    if not isinstance(latent, torch.Tensor) or latent.dim() < 2 or latent.shape[0] % 2 or torch.compiler.is_compiling():
+        return False
+    half = latent.shape[0] // 2
+    return bool(torch.equal(latent[:half], latent[half:]))
