@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -13,6 +15,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -271,3 +275,61 @@ def save_tiny_clip(folder, seed: int = 0) -> None:
                                                                  crop_size={"height": 32, "width": 32}),
                               tokenizer=tiny_tokenizer(folder))
     processor.save_pretrained(folder)
+
+
+def chroma_transformer(seed: int = 0) -> ChromaTransformer2DModel:
+    """Chroma's layout: a double- and a single-stream block (the single one on the joint [text; image]
+    sequence), rotary positions over [text; image] ids, per-layer modulation from the approximator."""
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                    axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                    approximator_hidden_dim=16, approximator_layers=1).eval()
+
+
+def chroma_pipeline() -> ChromaPipeline:
+    """Text encoder None: call it with prompt embeddings and masks (see ``chroma_prompt``)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                          transformer=chroma_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def chroma_prompt(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, 9)  # float, as ChromaPipeline's own text encoding returns it
+    mask[:, 7:] = 0  # padded text: the mask over [text; image] must follow the reduction
+    return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "prompt_attention_mask": mask,
+            "negative_prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "negative_prompt_attention_mask": mask}
+
+
+def qwen_image_transformer(seed: int = 0) -> QwenImageTransformer2DModel:
+    """Qwen-Image's layout: 2 dual-stream blocks, complex rotary (image, text) tables, packed 2x2 latent."""
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                       guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+
+
+def qwen_image_pipeline() -> QwenImagePipeline:
+    """Text encoder None: call it with prompt embeddings and masks (see ``qwen_image_prompt``)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=None,
+                             tokenizer=None, transformer=qwen_image_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_image_prompt(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "prompt_embeds_mask": mask,
+            "negative_prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "negative_prompt_embeds_mask": mask}

@@ -73,12 +73,12 @@ def test_no_options_is_the_family_preset():
 
 
 def test_joint_attention_families_share_the_sd3_preset(monkeypatch):
-    from pipelines.tiny import flux_transformer, sd3_transformer
+    from pipelines.tiny import chroma_transformer, flux_transformer, sd3_transformer
     from tofu_diffusion.presets import PRESETS
 
     # a distinct sd3 entry, so the test sees which entry each family took
     monkeypatch.setitem(PRESETS["quality"], "sd3", {"method": "mctf", "schedule": ((0.0, 0.0), (0.5, 0.5))})
-    for model in (sd3_transformer(), flux_transformer()):
+    for model in (sd3_transformer(), flux_transformer(), chroma_transformer()):
         handle = tofu.apply(model)
         assert handle.config.method == "mctf" and handle.config.schedule == ((0.0, 0.0), (0.5, 0.5))
         tofu.remove(model)

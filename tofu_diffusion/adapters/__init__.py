@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from . import cogvideox, dit, flux, hunyuan_video, ltx, sd3, unet, vit, wan
+from . import chroma, cogvideox, dit, flux, hunyuan_video, ltx, qwen_image, sd3, unet, vit, wan
 from .base import Adapter, Patch, Site
 
 FAMILIES: tuple[Adapter, ...] = (unet.ADAPTER, dit.ADAPTER, sd3.ADAPTER, flux.ADAPTER, wan.ADAPTER, ltx.ADAPTER,
-                                  cogvideox.ADAPTER, hunyuan_video.ADAPTER, vit.ADAPTER)
+                                  cogvideox.ADAPTER, hunyuan_video.ADAPTER, chroma.ADAPTER,
+                                  qwen_image.ADAPTER, vit.ADAPTER)
 
 SUPPORTED_MODELS = tuple(cls.__name__ for adapter in FAMILIES for cls in adapter.classes) + (
     "transformers ViT/DeiT classifiers",

@@ -272,3 +272,26 @@ def video_latent_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: d
         raise ValueError(f"latent {sizes[0]}x{sizes[1]}x{sizes[2]} (frames x height x width) does not tile into "
                          f"patches of {tuple(patch)}; use a frame count and size the patch divides")
     return tuple(s // p for s, p in zip(sizes, patch))
+
+
+def packed_ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
+    """The (rows, cols) grid of packed image tokens from their ``img_ids`` ((N, 3): 0, row, col), which must tile
+    it row-major (Flux-style pipelines' ``_prepare_latent_image_ids``)."""
+    ids = arguments.get("img_ids")
+    if ids is None:
+        raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_ids; pass img_ids "
+                         f"(as its pipeline does)")
+    if ids.dim() == 3:
+        ids = ids[0]
+    n = hidden.shape[1]
+    if ids.shape[0] != n:
+        raise ValueError(f"img_ids has {ids.shape[0]} rows for {n} image tokens")
+    if bool((ids[:, 0] != 0).any()):
+        raise ValueError("img_ids mark tokens that are not on the main image grid (id[0] != 0, e.g. Kontext's "
+                         "reference image); token fusion does not reduce them yet: remove it for this pipeline")
+    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    if h * w != n or not torch.equal(rows * w + cols, torch.arange(n, device=ids.device)):
+        raise ValueError(f"img_ids do not tile a {h}x{w} grid row-major ({n} tokens); token fusion needs the "
+                         f"packed latent's own ids (the pipeline's _prepare_latent_image_ids)")
+    return h, w

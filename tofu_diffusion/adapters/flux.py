@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from ..config import TokenFusionConfig
 from .base import Site
-from .blocks import all_levels, self_attention
+from .blocks import all_levels, packed_ids_grid, self_attention
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
@@ -36,28 +36,6 @@ def flux_sites(model: torch.nn.Module) -> list[Site]:
     return sites
 
 
-def ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
-    """The (rows, cols) grid of the image tokens, from ``img_ids``; they must tile it row-major."""
-    ids = arguments.get("img_ids")
-    if ids is None:
-        raise ValueError("token fusion reads Flux's token grid from img_ids; pass img_ids by keyword "
-                         "(as FluxPipeline does)")
-    if ids.dim() == 3:
-        ids = ids[0]
-    n = hidden.shape[1]
-    if ids.shape[0] != n:
-        raise ValueError(f"img_ids has {ids.shape[0]} rows for {n} image tokens")
-    if bool((ids[:, 0] != 0).any()):
-        raise ValueError("img_ids mark tokens that are not on the main image grid (id[0] != 0, e.g. Kontext's "
-                         "reference image); token fusion does not reduce them yet: remove it for this pipeline")
-    rows, cols = ids[:, 1].long(), ids[:, 2].long()
-    h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    if h * w != n or not torch.equal(rows * w + cols, torch.arange(n, device=ids.device)):
-        raise ValueError(f"img_ids do not tile a {h}x{w} grid row-major ({n} tokens); token fusion needs the "
-                         f"packed latent's own ids (FluxPipeline._prepare_latent_image_ids)")
-    return h, w
-
-
 def text_rows(arguments: dict) -> int:
     """Flux's rotary table covers [text; image]: the text's rows come first."""
     return arguments["encoder_hidden_states"].shape[1]
@@ -71,5 +49,5 @@ class FluxAdapter(JointBlockAdapter):
         register(block, hook, ROTARY_BLOCK_HOOK)
 
 
-ADAPTER = FluxAdapter("flux", (FluxTransformer2DModel,), flux_sites, ids_grid, all_levels, timestep_unit=1e-3,
+ADAPTER = FluxAdapter("flux", (FluxTransformer2DModel,), flux_sites, packed_ids_grid, all_levels, timestep_unit=1e-3,
                       packing=2, rotary_attention=True)

@@ -1,0 +1,85 @@
+"""Qwen-Image: ``QwenImageTransformer2DModel`` and its ``QwenImageTransformerBlock``s.
+
+The 2x2-packed latent's tokens lie row-major on the grid of ``img_shapes`` (one ``(1, rows, cols)`` per image
+of each sample). Each block takes image and text apart, attends over both jointly (the processor builds the
+mask from the text's, so it adapts to any image length) and returns ``(text, image)``. Its rotary is a pair of
+complex tables, ``(image (N, D/2), text (T, D/2))``, one for the batch. Only image tokens are reduced: a block
+runs whole on the merged image tokens with every text token, once per sample with its kept tokens' rows of the
+image table (``rotary.PerSampleRotaryBlockHook``); the per-token ``modulate_index`` (edit models' zero_cond_t:
+0 for the target, 1 for a reference) follows the kept tokens. The pipeline passes t / 1000.
+
+Reference images (Qwen-Image-Edit appends their tokens after the target's) are refused for now with a clear
+error. ToDo is refused (``rotary_attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+from ..config import TokenFusionConfig
+from ..core import MergePlan
+from .base import Site
+from .blocks import all_levels, self_attention
+from .hooks import sample_of
+from .joint import JointBlockAdapter
+from .planning import BlockState
+from .registry import register
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, image_table_of_pair
+
+
+def qwen_sites(model: torch.nn.Module) -> list[Site]:
+    return [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
+            if isinstance(block, QwenImageTransformerBlock)]
+
+
+def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
+    """(rows, cols) of the image tokens, from ``img_shapes`` ([[(1, rows, cols), references...], ...])."""
+    shapes = arguments.get("img_shapes")
+    if not shapes:
+        raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_shapes; pass img_shapes "
+                         f"(as QwenImagePipeline does)")
+    per_sample = shapes[0] if isinstance(shapes[0], list) else shapes
+    if len(per_sample) > 1:
+        raise ValueError(f"img_shapes lists {len(per_sample)} images per sample (reference images of an edit "
+                         f"pipeline); token fusion does not reduce reference tokens yet: remove it for this pipeline")
+    frames, rows, cols = (int(v) for v in per_sample[0])
+    if frames * rows * cols != hidden.shape[1] or frames != 1:
+        raise ValueError(f"img_shapes {per_sample[0]} does not match the {hidden.shape[1]} image tokens")
+    return rows, cols
+
+
+def per_token_index(value, plan: MergePlan):
+    """``modulate_index`` (B, N): each kept token's."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == plan.num_tokens:
+        return plan.take(value[..., None])[..., 0]
+    return value
+
+
+def sample_part(name: str, value, index: int, batch: int):
+    """Sample ``index`` of a block argument; with zero_cond_t, ``temb`` stacks [B conditioned; B at t = 0]."""
+    if name == "temb" and isinstance(value, torch.Tensor) and value.shape[0] == 2 * batch:
+        return value[index::batch]
+    return sample_of(value, index, batch)
+
+
+def no_rows_before_image(arguments: dict) -> int:
+    return 0  # the image table is the image's alone
+
+
+@dataclass(frozen=True)
+class QwenImageAdapter(JointBlockAdapter):
+    def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
+        attention = self_attention(block) if config.method == "mctf" else None
+        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, "image_rotary_emb", no_rows_before_image,
+                                        followers={"modulate_index": per_token_index},
+                                        select_rows=image_table_of_pair, sample=sample_part)
+        register(block, hook, ROTARY_BLOCK_HOOK)
+
+
+ADAPTER = QwenImageAdapter("qwen_image", (QwenImageTransformer2DModel,), qwen_sites, shapes_grid, all_levels,
+                           timestep_unit=1e-3, packing=2, rotary_attention=True)
+
