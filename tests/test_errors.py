@@ -124,3 +124,31 @@ def test_a_positional_ratio_or_method_is_refused_with_the_keyword_form(positiona
     with pytest.raises(TypeError, match=r"pass options by keyword, e.g. apply\(model, ratio=0.5\)"):
         tofu.apply(model, positional)
     assert tofu.handle_of(model) is None
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"levels": [1]}, "levels is an option of diffusion denoisers"),
+    ({"merge_scope": "sublayers", "stride": (4, 4)}, "stride, merge_scope are options of diffusion denoisers"),
+    ({"plan_reuse_steps": 2}, "plan_reuse_steps is an option of diffusion denoisers"),
+])
+def test_diffusion_options_on_a_classifier_are_refused_before_the_patch_is_touched(options, message):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=6)).eval()
+    handle = tofu.apply(model, method="tome", r=2)
+    with pytest.raises(ValueError, match=message):
+        tofu.apply(model, method="tome", r=2, **options)
+    assert tofu.handle_of(model) is handle  # still the previous patch
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"token_order": "original"}, "token_order is an option of ViT/DeiT classifiers"),
+    ({"proportional_attention": False}, "proportional_attention is an option of ViT/DeiT classifiers"),
+])
+def test_classifier_options_on_a_denoiser_are_refused(options, message):
+    from pipelines.tiny import dit_transformer
+
+    with pytest.raises(ValueError, match=message):
+        tofu.apply(dit_transformer(), method="tome", ratio=0.5, **options)

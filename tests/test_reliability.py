@@ -482,3 +482,25 @@ def test_vit_threads_share_one_patched_model():
 
     _in_threads(work, 3)
     assert not wrong
+
+
+def test_handles_stay_live_through_scoped_fused_blocks_and_keep_their_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = dit_transformer()
+    args, kwargs = denoiser_inputs("dit")
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    outer = tofu.apply(model, method="tome", ratio=0.5, scheduler=scheduler)
+    with tofu.fused(model, method="mctf", ratio=0.25) as middle:
+        with tofu.fused(model, method="tofu", ratio=0.75):
+            pass
+        assert tofu.handle_of(model) is middle  # the nested block gave back the middle handle itself
+        run_denoiser(model, args, kwargs)
+        assert middle.token_counts()[middle.blocks[0].name] == (64, 48)
+    assert tofu.handle_of(model) is outer and outer.config.method == "tome"
+    assert outer.blocks[0].run.locator.scheduler is scheduler  # re-applied with the scheduler it was given
+    run_denoiser(model, args, kwargs)
+    assert outer.token_counts()[outer.blocks[0].name] == (64, 32)  # follows the calls after the blocks
+    outer.remove()
+    assert tofu.handle_of(model) is None

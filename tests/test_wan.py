@@ -41,37 +41,43 @@ def test_exact_at_ratio_zero_and_after_remove_and_repeatable(method, scope):
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
 
 
-def test_video_tokens_halve_text_stays_and_rotary_rows_follow_the_kept_tokens():
+@pytest.mark.parametrize("options", [{}, {"merge_scope": "sublayers", "merge_cross_attention": True,
+                                          "merge_feed_forward": True}], ids=["block", "sublayers"])
+def test_video_tokens_halve_text_stays_and_rotary_rows_follow_the_kept_tokens(options):
     model = wan_transformer()
     inputs = _inputs(frames=3, h=8, w=12)  # 3 x 4 x 6 = 72 video tokens
     seen = {}
 
-    def record(name):
-        def hook(module, args, kwargs):
-            seen.setdefault(name, []).append((args, kwargs))
-        return hook
+    class Spy:  # what each attention's processor receives: after every hook of ours has run
+        def __init__(self, name, processor):
+            self.name, self.processor = name, processor
+
+        def __call__(self, attn, *args, **kwargs):
+            seen.setdefault(self.name, []).append(args)
+            return self.processor(attn, *args, **kwargs)
 
     block = model.blocks[0]
-    hooks = [block.attn1.register_forward_pre_hook(record("attn1"), with_kwargs=True),
-             block.attn2.register_forward_pre_hook(record("attn2"), with_kwargs=True),
-             block.ffn.register_forward_pre_hook(record("ffn"), with_kwargs=True)]
+    for name in ("attn1", "attn2"):
+        attention = getattr(block, name)
+        attention.processor = Spy(name, attention.processor)
+    ffn_tokens = []
+    hooks = [block.ffn.net[0].register_forward_pre_hook(lambda m, a: ffn_tokens.append(a[0].shape[1]) and None)]
     full_rotary = model.rope(inputs[0])
-    handle = tofu.apply(model, method="tome", ratio=0.5)
+    handle = tofu.apply(model, method="tome", ratio=0.5, **options)
     _run(model, inputs)
     for h in hooks:
         h.remove()
     assert handle.blocks[0].grid.latest == (3, 4, 6)
-    (args, _), = seen["attn1"]
+    (args,) = seen["attn1"]  # (hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
     assert args[0].shape[1] == 36  # half of the 72 video tokens
     plan = handle.last_plans()["blocks.0"][0]
     cos, sin = args[3]
     for b in range(2):
         assert torch.equal(cos[b, :, 0], full_rotary[0][0, plan.kept_idx[b], 0])
         assert torch.equal(sin[b, :, 0], full_rotary[1][0, plan.kept_idx[b], 0])
-    (args, _), = seen["attn2"]
+    (args,) = seen["attn2"]
     assert args[0].shape[1] == 36 and args[1].shape[1] == 9  # queries reduced, every text token kept
-    (args, _), = seen["ffn"]
-    assert args[0].shape[1] == 36
+    assert ffn_tokens == [36]
 
 
 @pytest.mark.parametrize("frames,h,w", [(1, 8, 8), (5, 6, 10), (2, 12, 4)])

@@ -43,6 +43,12 @@ class TokenFusionHandle:
         self._counts = patch.counts
         self._undo = patch.undo
         self.stages: list[TokenFusionHandle] = []  # the handles of a pipeline's second-stage denoisers
+        self._scheduler = None  # the scheduler= given to apply, for re-applying the same patch
+
+    def _adopt(self, other: "TokenFusionHandle") -> None:
+        """Become ``other``'s patch (re-applied with this handle's config), so a caller's handle stays live."""
+        self.blocks, self._counts, self._undo, self.stages = other.blocks, other._counts, other._undo, other.stages
+        setattr(self.model, _HANDLE_ATTR, self)
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
         """(tokens in, tokens out) of each reduced block (classifiers: each layer) in its latest call."""
@@ -143,6 +149,7 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, sche
             logger.info("token fusion was already applied to %s; replacing it", type(target).__name__)
             remove(target)
     handle = _attach(model, adapter, config, checked, scheduling)
+    handle._scheduler = scheduler
     try:
         handle.stages = [_attach(*stage, scheduling) for stage in stages]
     except Exception:
@@ -252,7 +259,8 @@ def calibrate_switch_depth(model, sample_inputs, tolerance: float = SWITCH_TOLER
 def fused(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> Iterator[TokenFusionHandle]:
     """Scoped token fusion: ``with fused(pipe, method="mctf", ratio=0.5): ...``.
 
-    On exit the model returns to what it was: unpatched, or patched with its previous config.
+    On exit the model returns to what it was: unpatched, or patched with its previous config - under the
+    previous handle, which stays live (its ``token_counts()`` follow the next calls, its ``remove()`` works).
     """
     previous = handle_of(model_or_pipeline)
     handle = apply(model_or_pipeline, config, **options)
@@ -261,4 +269,4 @@ def fused(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **optio
     finally:
         remove(model_or_pipeline)
         if previous is not None:
-            apply(model_or_pipeline, previous.config)
+            previous._adopt(apply(model_or_pipeline, previous.config, scheduler=previous._scheduler))

@@ -11,6 +11,11 @@ from .core import DESTINATIONS, MERGE_MODES, grid_text, max_grid_ratio
 
 METHODS = ("tome", "tofu", "mctf", "todo")
 SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
+# Options that only one kind of model reads: set on the other kind, they are refused (not silently ignored).
+DIFFUSION_OPTIONS = ("schedule", "schedule_axis", "blocks", "stride", "destination", "destination_position",
+                     "max_downsample", "levels", "merge_self_attention", "merge_cross_attention",
+                     "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans")
+CLASSIFIER_OPTIONS = ("r", "layers", "proportional_attention", "token_order")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
 CLASSIFIER_TOKEN_ORDERS = ("reference", "original")  # see TokenFusionConfig.token_order
@@ -235,10 +240,16 @@ class TokenFusionConfig:
         cap = max_grid_ratio(self.stride)
         if self.method != "todo" and ratio > cap:
             raise ValueError(
-                f"ratio {ratio} removes more tokens than a {grid_text(self.stride)} stride allows "
-                f"(one destination per cell caps it at {cap:.3f}); lower the ratio or use a larger stride, "
-                f"e.g. stride=(4, 4)"
+                f"ratio {ratio} removes more tokens than a {grid_text(self.stride)} stride allows on a "
+                f"denoiser's token grid (one destination per cell caps it at {cap:.3f}); lower the ratio or use a "
+                f"larger stride, e.g. stride=(4, 4). (On a ViT/DeiT classifier the ratio is a share of each "
+                f"layer's tokens, and bipartite matching removes at most half: give at most 0.5, or r.)"
             )
+
+    def options_set(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` whose value differs from the field's default (what a user set)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [name for name in names if getattr(self, name) != defaults[name]]
 
     def ratio_at(self, progress: Optional[float]) -> float:
         """The ratio at a denoising progress in [0, 1] (None: unknown, the constant ratio or the schedule's start)."""

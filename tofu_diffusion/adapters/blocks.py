@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import TokenFusionConfig
+from ..config import CLASSIFIER_OPTIONS, TokenFusionConfig
 from . import todo
 from .base import Adapter, Patch, Site
 from .hooks import (
@@ -180,6 +180,10 @@ class BlockAdapter(Adapter):
         if config.r is not None or config.layers is not None:
             raise ValueError("r and layers schedule the layers of ViT/DeiT classifiers; diffusion models take "
                              "ratio (and levels / max_downsample to choose blocks)")
+        other = config.options_set(CLASSIFIER_OPTIONS)
+        if other:
+            raise ValueError(f"{', '.join(other)} {'is an option' if len(other) == 1 else 'are options'} of ViT/DeiT "
+                             f"classifiers, which {type(model).__name__} does not read; remove it")
         model_name = type(model).__name__
         if len(config.stride) > self.grid_rank:
             raise ValueError(f"stride {config.stride} has {len(config.stride)} axes but {model_name}'s token grid has "

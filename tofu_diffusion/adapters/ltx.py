@@ -7,9 +7,9 @@ cross-attention to the text (``attn2``, with the text's mask) and a feed-forward
 the sublayers by ``temb`` ((B, 1, 6D), or (B, N, 6D) per token in image-to-video). Only video tokens are
 reduced; the text is attended across and never merged.
 
-* ``merge_scope="sublayers"`` (default): the rotary rows of ``attn1`` follow the kept tokens; modulation
+* ``merge_scope="sublayers"``: the rotary rows of ``attn1`` follow the kept tokens; modulation
   stays on the full tokens, so the conditioning frame's tokens (timestep 0 in image-to-video) keep theirs.
-* ``merge_scope="block"``: the rotary rows and a per-token ``temb`` follow the kept tokens.
+* ``merge_scope="block"`` (the default): the rotary rows and a per-token ``temb`` follow the kept tokens.
 
 ToDo is refused, as on Wan: one rotary table is applied to queries and keys together.
 """

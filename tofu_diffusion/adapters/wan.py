@@ -7,11 +7,11 @@ to the text (``attn2``; Wan 2.1 I2V's image embedding rides along with the text)
 (``ffn``); every modulation and gate is applied around the sublayers. Only video tokens are reduced; the text
 is attended across and never merged.
 
-* ``merge_scope="sublayers"`` (default): each sublayer runs on merged tokens and is unmerged; the rotary rows
+* ``merge_scope="sublayers"``: each sublayer runs on merged tokens and is unmerged; the rotary rows
   of ``attn1`` follow the kept tokens (a merged group takes its destination's position). Modulation (Wan 2.2
   TI2V's per-token one included) stays on the full tokens, so every token keeps its own conditioning.
-* ``merge_scope="block"``: the whole block runs on merged tokens; the rotary rows and a per-token modulation
-  ((B, N, 6, D)) follow the kept tokens.
+* ``merge_scope="block"`` (the default): the whole block runs on merged tokens; the rotary rows and a
+  per-token modulation ((B, N, 6, D)) follow the kept tokens.
 
 The default stride (2, 2) is one destination per 1 x 2 x 2 cell (within a frame); ``stride=(2, 2, 2)``
 merges across frames too. ToDo is refused: the processor applies one rotary table to queries and keys

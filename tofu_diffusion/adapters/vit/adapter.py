@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import TokenFusionConfig
+from ...config import DIFFUSION_OPTIONS, TokenFusionConfig
 from ...core import interpolation_gap
 from ..base import Adapter, Patch
 from ..registry import register
@@ -43,6 +43,11 @@ class ClassifierAdapter(Adapter):
         if config.method == "todo" or config.schedule is not None or config.blocks is not None:
             raise ValueError("todo, schedule and blocks are for diffusion denoisers; classifiers take method "
                              "tome/tofu/mctf with ratio or r, and layers")
+        other = config.options_set(DIFFUSION_OPTIONS)
+        if other:
+            raise ValueError(f"{', '.join(other)} {'is an option' if len(other) == 1 else 'are options'} of "
+                             f"diffusion denoisers, which a classifier does not read; remove it (classifiers take "
+                             f"method, ratio or r, layers, merge_mode, proportional_attention and token_order)")
         backbone = backbone_of(model)
         n = len(backbone.layers)
         if config.layers is not None and max(config.layers) >= n:
