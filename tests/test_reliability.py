@@ -504,3 +504,23 @@ def test_handles_stay_live_through_scoped_fused_blocks_and_keep_their_scheduler(
     assert outer.token_counts()[outer.blocks[0].name] == (64, 32)  # follows the calls after the blocks
     outer.remove()
     assert tofu.handle_of(model) is None
+
+
+def test_a_pixart_attention_mask_over_the_latent_follows_the_kept_tokens_in_block_scope():
+    model = pixart_transformer()
+    args, kwargs = denoiser_inputs("pixart")
+    mask = torch.ones(2, 64)
+    mask[0, 40:] = 0  # the first sample's last 24 tokens are not attended to
+    masked = {**kwargs, "attention_mask": mask}
+    base = run_denoiser(model, args, masked)
+    with tofu.fused(model, method="tome", ratio=0.0, merge_scope="block"):
+        assert torch.equal(run_denoiser(model, args, masked), base)
+    with tofu.fused(model, method="tome", ratio=0.5, merge_scope="block"):
+        out = run_denoiser(model, args, masked)
+        unmasked = run_denoiser(model, args, kwargs)
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], unmasked[0])  # the mask still acts on the reduced keys
+    assert torch.allclose(out[1], unmasked[1])  # and a sample it masks nothing of is as without it
+    with tofu.fused(model, method="tome", ratio=0.5, merge_scope="sublayers"):
+        with pytest.raises(ValueError, match="attention_mask, which token fusion cannot merge"):
+            run_denoiser(model, args, masked)

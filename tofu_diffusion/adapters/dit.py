@@ -12,6 +12,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .base import Site
 from .blocks import BlockAdapter, all_levels, patch_grid
+from .hooks import key_mask_of_kept
 
 
 def transformer_sites(model: torch.nn.Module) -> list[Site]:
@@ -22,5 +23,7 @@ def transformer_sites(model: torch.nn.Module) -> list[Site]:
     ]
 
 
+# PixArt's attention_mask over the latent's tokens reaches every block's self-attention: in block scope it
+# follows the kept tokens (in sublayer scope merging self-attention under a mask is refused with a message).
 ADAPTER = BlockAdapter("dit", (DiTTransformer2DModel, PixArtTransformer2DModel), transformer_sites, patch_grid,
-                       all_levels)
+                       all_levels, block_followers={"attention_mask": key_mask_of_kept})

@@ -60,6 +60,17 @@ def rows_of_kept(value, plan: MergePlan):
     return plan.take(value)
 
 
+def key_mask_of_kept(value, plan: MergePlan):
+    """A follower for a mask (or bias) over the block's tokens on its last axis ((B or 1, ..., N)): the kept
+    tokens' entries (a merged group keeps its destination's)."""
+    if not isinstance(value, torch.Tensor) or value.shape[-1] != plan.num_tokens:
+        return value
+    kept = plan.kept_idx.to(value.device)
+    b, middle = kept.shape[0], value.shape[1:-1]
+    index = kept.view(b, *([1] * len(middle)), -1).expand(b, *middle, kept.shape[1])
+    return value.expand(b, *value.shape[1:]).gather(-1, index)
+
+
 def per_token_rows(value, plan: MergePlan):
     """A follower for conditioning that is per token only sometimes (a 4-D (B, N, k, D) modulation): its kept
     rows; a per-sample one ((B, k, D)) as given."""
