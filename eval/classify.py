@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny-vit", help="tiny-vit (bundled) or a transformers hub id / local folder")
-    p.add_argument("--methods", nargs="+", default=["none", "tome", "tofu", "mctf"], choices=("none", *tofu.METHODS))
+    p.add_argument("--methods", nargs="+", default=["none", "tome", "tofu", "mctf"],
+                   choices=("none", *tofu.CLASSIFIER_METHODS))
     p.add_argument("--r", nargs="+", type=int, default=[2, 4, 8], help="tokens removed per layer")
     p.add_argument("--data", help="ImageFolder of evaluation images (real checkpoints)")
     p.add_argument("--num-images", type=int, default=2000, help="bundled model: held-out images")

@@ -76,3 +76,9 @@ def test_bench_reports_speed_beside_the_flop_ideal(monkeypatch, tmp_path):
         assert row["efficiency"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
     assert rows[2]["ideal_speedup"] > rows[1]["ideal_speedup"] > 1.2  # r=13 removes more than r=8
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+
+
+def test_the_cli_offers_only_the_methods_a_classifier_takes(capsys):
+    with pytest.raises(SystemExit):
+        classify.main(["--methods", "todo"])
+    assert "invalid choice: 'todo'" in capsys.readouterr().err
