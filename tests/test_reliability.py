@@ -524,3 +524,19 @@ def test_a_pixart_attention_mask_over_the_latent_follows_the_kept_tokens_in_bloc
     with tofu.fused(model, method="tome", ratio=0.5, merge_scope="sublayers"):
         with pytest.raises(ValueError, match="attention_mask, which token fusion cannot merge"):
             run_denoiser(model, args, masked)
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_a_patched_classifier_runs_on_the_meta_device(method):
+    """Shape-only runs (the meta device) need matching without a count from the device: the protected
+    tokens' number is known on the host."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    config = DeiTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, num_labels=6)
+    with torch.device("meta"):
+        model = DeiTForImageClassificationWithTeacher(config)
+    handle = tofu.apply(model, method=method, r=4)
+    logits = model(torch.zeros(2, 3, 32, 32, device="meta")).logits
+    assert logits.device.type == "meta" and logits.shape == (2, 6)
+    assert handle.schedule == [4, 4, 4]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,9 @@ def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
     """Protected tokens (CLS, distillation) neither leave nor receive: their rows/columns become -inf."""
     if protected is None:
         return scores
-    scores = scores.clone()
-    scores[:, protected[src], :] = -math.inf
-    scores[:, :, protected[dst]] = -math.inf
-    return scores
+    # masked_fill rather than boolean indexing: no data-dependent shape, so no host sync (and meta works)
+    scores = scores.masked_fill(protected[src].view(1, -1, 1), -math.inf)
+    return scores.masked_fill(protected[dst].view(1, 1, -1), -math.inf)
 
 
 def _check_order(order: str, allowed: tuple = TOKEN_ORDERS) -> None:
@@ -51,8 +50,8 @@ def _check_order(order: str, allowed: tuple = TOKEN_ORDERS) -> None:
 def _protected_first(kept: torch.Tensor, protected: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
     """Move the protected tokens of ``kept`` (B, K) to the front, in index order (CLS, then distillation);
     the others keep their relative order."""
-    if protected is None or not bool(protected.any()):
-        return kept
+    if protected is None:
+        return kept  # (with no protected token the keys below increase: the order is kept as it is)
     position = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
     key = torch.where(protected[kept], kept, num_tokens + position)
     return kept.gather(1, key.argsort(dim=1))
@@ -66,18 +65,22 @@ def bipartite_soft_matching(
     protected: Optional[torch.Tensor] = None,
     order: str = "score",
     weights: Optional[torch.Tensor] = None,
+    protected_sources: Optional[int] = None,
 ) -> Optional[MergePlan]:
     """ToMe's bipartite soft matching of ``metric`` (B, N, C) between sources ``src`` and destinations ``dst``.
 
     ``r`` is capped by the number of sources. Returns None when nothing is merged. ``order`` is the slot
     order (``TOKEN_ORDERS``): ``"score"`` is tomesd's, ``"sets"`` ToMe's ViT patch (protected tokens,
     unmerged sources by index, destinations), ``"original"`` the tokens' own order.
-    ``protected`` is a (N,) bool mask of tokens that must not be merged.
+    ``protected`` is a (N,) bool mask of tokens that must not be merged; ``protected_sources``, how many of
+    them are sources when the caller knows it (no count from the device: works on the meta device).
     """
     _check_order(order)
     b, n, _ = metric.shape
     if protected is not None:
-        r = min(r, int((~protected[src]).sum()))
+        if protected_sources is None:
+            protected_sources = int(protected[src].sum())
+        r = min(r, src.numel() - protected_sources)
     r = min(r, src.numel())
     if r <= 0:
         return None
@@ -149,7 +152,7 @@ def bidirectional_matching(
     num_tokens: int,
     r: int,
     weights: Optional[torch.Tensor] = None,
-    protected_rows: bool = False,
+    protected_rows: Union[bool, int] = False,
     order: str = "original",
     protected: Optional[torch.Tensor] = None,
 ) -> Optional[MergePlan]:
@@ -158,7 +161,8 @@ def bidirectional_matching(
     ``r // 2`` A tokens merge into their best B token; then ``r - r // 2`` B tokens (capped by |B|)
     merge into their best A token among those not merged in the first step. A chain A->B->A resolves
     to the final A token. Set ``protected_rows`` when some rows of ``scores`` are all -inf (protected
-    tokens), so that ``r`` is capped below them. ``order``: ``"original"`` keeps the kept tokens in their
+    tokens), so that ``r`` is capped below them: their number when the caller knows it (no host sync, and
+    it works on the meta device), or True to count them. ``order``: ``"original"`` keeps the kept tokens in their
     original order; ``"sets"`` is MCTF's reference order: the A tokens left after the first step (by
     index), then the B tokens left after the second, by decreasing second-step score (``protected``, a
     (N,) bool mask, moves protected tokens to the front).
@@ -170,9 +174,11 @@ def bidirectional_matching(
     b = scores.shape[0]
     with torch.no_grad():
         best_b, best_b_idx = scores.max(dim=2)  # A -> B
-        if protected_rows:
+        if protected_rows is True:
             # Never merge more A tokens than have a finite score (protected ones have none).
             r_ab = min(r_ab, int(torch.isfinite(best_b).sum(dim=1).min()))
+        elif protected_rows:
+            r_ab = min(r_ab, num_a - int(protected_rows))
         if r_ab + r_ba <= 0:
             return None
         order_a = best_b.argsort(dim=1, descending=True)

@@ -72,7 +72,7 @@ class LayerHook(SignedHook):
                                  tau_info=cfg.tau_info, tau_size=cfg.tau_size,
                                  protected=run.protected_mask(n, hidden.device))
             plan = bidirectional_matching(scores, src, dst, n, state.removed, weights=received * sizes,
-                                          protected_rows=True, order=run.matching_order,
+                                          protected_rows=run.protected_sources, order=run.matching_order,
                                           protected=run.protected_mask(n, hidden.device))
         if plan is None:
             return hidden
@@ -133,7 +133,8 @@ class NormAfterHook(SignedHook):
             sizes = state.sizes_in(hidden)
             plan = bipartite_soft_matching(scratch.metric, src, dst, state.removed,
                                            protected=run.protected_mask(n, hidden.device),
-                                           order=run.matching_order, weights=sizes)
+                                           order=run.matching_order, weights=sizes,
+                                           protected_sources=run.protected_sources)
         if plan is None:
             return args, kwargs
         with record_function("tofu_diffusion::merge"):

@@ -100,6 +100,12 @@ class ViTRun:
     def sizes_for(self, hidden: torch.Tensor) -> torch.Tensor:
         return _or_unit(self.call().sizes, hidden)
 
+    @property
+    def protected_sources(self) -> int:
+        """Protected tokens in the A set of ``core.alternating_partition`` (the even positions): known on the
+        host, so matching needs no count from the device (and runs on the meta device)."""
+        return (self.protected + 1) // 2
+
     def protected_mask(self, n: int, device: torch.device) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=device)
         mask[: self.protected] = True
