@@ -30,7 +30,7 @@ from .blocks import all_levels, packed_ids_grid, self_attention
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
-from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, text_rows
 
 
 def chroma_sites(model: torch.nn.Module) -> list[Site]:
@@ -46,11 +46,6 @@ def text_first_mask(mask, plan: MergePlan):
     """A (B, T + N) mask over [text; image]: the text's entries, then the kept image tokens'."""
     t = mask.shape[1] - plan.num_tokens
     return torch.cat([mask[:, :t].expand(plan.batch_size, -1), plan.take(mask[:, t:, None])[..., 0]], dim=1)
-
-
-def text_rows(arguments: dict) -> int:
-    """A double-stream block's rotary table covers [text; image]: the text's rows come first."""
-    return arguments["encoder_hidden_states"].shape[1]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .blocks import all_levels, self_attention
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
-from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, no_rows_before_image
 
 
 def cogvideox_sites(model: torch.nn.Module) -> list[Site]:
@@ -43,10 +43,6 @@ def frames_first_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: d
     return frames // patch_t, height // patch, width // patch
 
 
-def image_rows_only(arguments: dict) -> int:
-    return 0  # the rotary table covers the video tokens alone
-
-
 @dataclass(frozen=True)
 class CogVideoXAdapter(JointBlockAdapter):
     def refuse(self, model_name: str, config: TokenFusionConfig) -> None:
@@ -58,7 +54,7 @@ class CogVideoXAdapter(JointBlockAdapter):
 
     def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
         attention = self_attention(block) if config.method == "mctf" else None
-        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, "image_rotary_emb", image_rows_only)
+        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, "image_rotary_emb", no_rows_before_image)
         register(block, hook, ROTARY_BLOCK_HOOK)
 
 

@@ -24,7 +24,7 @@ from .blocks import all_levels, packed_ids_grid, self_attention
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
-from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, text_rows
 
 
 def flux_sites(model: torch.nn.Module) -> list[Site]:
@@ -34,11 +34,6 @@ def flux_sites(model: torch.nn.Module) -> list[Site]:
               for i, block in enumerate(model.single_transformer_blocks)
               if isinstance(block, FluxSingleTransformerBlock)]
     return sites
-
-
-def text_rows(arguments: dict) -> int:
-    """Flux's rotary table covers [text; image]: the text's rows come first."""
-    return arguments["encoder_hidden_states"].shape[1]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from .blocks import all_levels, self_attention, video_latent_grid
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
-from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, no_rows_before_image
 
 _BLOCKS = (HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock)
 _TOKEN_REPLACE = (HunyuanVideoTokenReplaceTransformerBlock, HunyuanVideoTokenReplaceSingleTransformerBlock)
@@ -57,10 +57,6 @@ def video_first_mask(mask, plan: MergePlan):
     return torch.cat([video, mask[..., n:].expand(b, *middle, -1)], dim=-1)
 
 
-def no_rows_before_video(arguments: dict) -> int:
-    return 0  # the rotary table covers the video tokens alone
-
-
 @dataclass(frozen=True)
 class HunyuanVideoAdapter(JointBlockAdapter):
     image_output: int = 0  # blocks return (video, text)
@@ -77,7 +73,7 @@ class HunyuanVideoAdapter(JointBlockAdapter):
         attention = self_attention(block) if config.method == "mctf" else None
         names = Signature(block).names
         rotary = "freqs_cis" if "freqs_cis" in names else "image_rotary_emb"
-        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, rotary, no_rows_before_video,
+        hook = PerSampleRotaryBlockHook(state, attention, self.image_output, rotary, no_rows_before_image,
                                         followers={"attention_mask": video_first_mask})
         register(block, hook, ROTARY_BLOCK_HOOK)
 

@@ -28,7 +28,7 @@ from .hooks import sample_of
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
-from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, image_table_of_pair
+from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, image_table_of_pair, no_rows_before_image
 
 
 def qwen_sites(model: torch.nn.Module) -> list[Site]:
@@ -64,10 +64,6 @@ def sample_part(name: str, value, index: int, batch: int):
     if name == "temb" and isinstance(value, torch.Tensor) and value.shape[0] == 2 * batch:
         return value[index::batch]
     return sample_of(value, index, batch)
-
-
-def no_rows_before_image(arguments: dict) -> int:
-    return 0  # the image table is the image's alone
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,13 @@ def image_table_of_pair(rotary, rows: torch.Tensor):
     """``(image table, text table)``: the image's at ``rows``, the text's whole."""
     image, text = rotary
     return image.index_select(0, rows.to(image.device)), text
+
+
+def text_rows(arguments: dict) -> int:
+    """A table over [text; image] (text first): the text's rows, ``encoder_hidden_states``' length."""
+    return arguments["encoder_hidden_states"].shape[1]
+
+
+def no_rows_before_image(arguments: dict) -> int:
+    """A table over the image tokens alone."""
+    return 0
