@@ -6,8 +6,9 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 .PHONY: install demo classify lint test test-fast clean
 
 # The main job on the three bundled generators: every method at ratio 0.5, the default and the "fast" preset,
-# tomesd on the UNet; sized to finish in about fifteen minutes on 2 CPU cores.
-DEMO_ARGS ?= --ratios 0 0.5 --presets default fast --num-images 128 --steps 20
+# tomesd on the UNet; results/index.html shows it all (tofu-diffusion demo --help for the sizes).
+DEMO_ARGS ?=
+CLI := $(BIN)/tofu-diffusion
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,19 +22,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(VENV)/.installed
 
-SWEEP := $(BIN)/python -m eval.sweep
-METHODS := tome tofu mctf todo
-
 demo: install
-	$(SWEEP) --model tiny-unet --methods $(METHODS) tomesd $(DEMO_ARGS) --out results/sweep_tiny-unet
-	$(SWEEP) --model tiny-dit --methods $(METHODS) $(DEMO_ARGS) --out results/sweep_tiny-dit
-	$(SWEEP) --model tiny-mmdit --methods $(METHODS) $(DEMO_ARGS) --out results/sweep_tiny-mmdit
+	$(CLI) demo --out results $(DEMO_ARGS)
 
 classify: install
-	$(BIN)/python -m eval.classify --model tiny-vit --out results/classify
+	$(CLI) classify --model tiny-vit --out results/classify
 
 lint: install
-	$(BIN)/ruff check tofu_diffusion pipelines eval tests
+	$(BIN)/ruff check tofu_diffusion tests
 
 test: lint
 	$(BIN)/python -m pytest tests

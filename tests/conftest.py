@@ -4,7 +4,14 @@ import sys
 import pytest
 import torch
 
-from pipelines.tiny import TEXT_DIM, dit_transformer, pixart_transformer, sd_unet, sdxl_added_cond, sdxl_unet
+from tofu_diffusion.pipelines.tiny import (
+    TEXT_DIM,
+    dit_transformer,
+    pixart_transformer,
+    sd_unet,
+    sdxl_added_cond,
+    sdxl_unet,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))
 THREADS = max(1, min(2, os.cpu_count() or 1))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from eval.bench import _count_flops, _overhead_shares
-from pipelines.tiny import dit_transformer
+from tofu_diffusion.eval.bench import _count_flops, _overhead_shares
+from tofu_diffusion.pipelines.tiny import dit_transformer
 
 
 def _step(model):
@@ -37,7 +37,7 @@ def test_overhead_shares_are_attributed():
 
 
 def test_speedup_interval_pairs_interleaved_rounds():
-    from eval.timing import speedup_interval
+    from tofu_diffusion.eval.timing import speedup_interval
 
     # a slow drift hits both variants alike: the paired ratios stay at 2 where unpaired medians would not
     base, fast = [1.0, 2.0, 4.0], [0.5, 1.0, 2.0]
@@ -48,6 +48,22 @@ def test_speedup_interval_pairs_interleaved_rounds():
         speedup_interval([], [])
 
 
+def test_the_baseline_interval_is_its_own_noise_and_contains_one():
+    from tofu_diffusion.eval.timing import BASELINE_AGAIN, noise_interval, ratio_interval, speedups_of
+
+    # the second timing of each round was slower every time: one-sided ratios would exclude 1
+    rounds = [1.1, 1.2, 1.05]
+    assert ratio_interval(rounds)[1] > 1
+    speedup, low, high = noise_interval(rounds)
+    assert speedup == 1.0 and low < 1 < high and (low, high) == (1 / 1.2, 1.2)
+    times = {"baseline": [1.0, 1.0, 1.0], "tome": [0.5, 0.5, 0.4], BASELINE_AGAIN: [0.9, 1.1, 1.0]}
+    speedups = speedups_of(times)
+    assert set(speedups) == {"baseline", "tome"}
+    base, tome = speedups["baseline"], speedups["tome"]
+    assert base["speedup"] == 1.0 and base["speedup_low"] == pytest.approx(0.9) and base["speedup_high"] > 1.1
+    assert (tome["speedup"], tome["speedup_low"], tome["speedup_high"]) == (2.0, 2.0, 2.5)
+
+
 # Wan's text is attended across; HunyuanVideo's 256 text tokens join every attention and are never merged,
 # and its text refiner runs unreduced, so less of a call is saved.
 @pytest.mark.parametrize("model,ideal", [("wan", (1.5, 2.2)), ("hunyuan_video", (1.3, 1.6))])
@@ -56,7 +72,7 @@ def test_video_workloads_reduce_the_video_tokens_to_half_at_their_geometry(model
     video tokens of every block and the FLOP ideal says how much that saves."""
     import json
 
-    from eval import bench
+    from tofu_diffusion.eval import bench
 
     out = tmp_path / "bench.json"
     bench.main(["--models", model, "--depth", "1", "--width", "128", "--resolution", "64", "--frames", "5",

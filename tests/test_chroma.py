@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM, chroma_pipeline, chroma_prompt, chroma_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM, chroma_pipeline, chroma_prompt, chroma_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 BLOCKS = ["transformer_blocks.0", "single_transformer_blocks.0"]

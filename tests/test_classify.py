@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import classify
-from pipelines.classifier import shapes_vit, shapes_vit_processor
-from pipelines.shapes import CLASSES, generate
+from tofu_diffusion.eval import classify
+from tofu_diffusion.pipelines.classifier import shapes_vit, shapes_vit_processor
+from tofu_diffusion.pipelines.shapes import CLASSES, generate
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM
-from pipelines.tiny_video import COGVIDEOX_TEXT, cogvideox_pipeline, cogvideox_prompt, cogvideox_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM
+from tofu_diffusion.pipelines.tiny_video import (
+    COGVIDEOX_TEXT,
+    cogvideox_pipeline,
+    cogvideox_prompt,
+    cogvideox_transformer,
+)
 
 METHODS = ["tome", "tofu", "mctf"]
 

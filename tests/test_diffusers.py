@@ -5,7 +5,7 @@ import torch
 from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
-from pipelines.tiny import (
+from tofu_diffusion.pipelines.tiny import (
     TEXT_DIM,
     dit_pipeline,
     dit_transformer,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import sd_pipeline, sd_unet
+from tofu_diffusion.pipelines.tiny import sd_pipeline, sd_unet
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_grid_smaller_than_stride_at_runtime():
 
 
 def test_rejected_apply_keeps_the_current_patch_and_stale_handles_are_refused():
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     model = dit_transformer()
     first = tofu.apply(model, method="tome", ratio=0.5)
@@ -94,7 +94,7 @@ def test_rejected_apply_keeps_the_current_patch_and_stale_handles_are_refused():
 
 
 def test_nothing_to_reduce_is_said():
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     model = dit_transformer()
     with pytest.raises(ValueError, match="exist in none of DiTTransformer2DModel's blocks"):
@@ -106,7 +106,7 @@ def test_nothing_to_reduce_is_said():
 def test_a_ratio_that_removes_no_token_warns_once(caplog):
     import torch
 
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     model = dit_transformer()  # 64 tokens per block: ratio 0.01 removes none
     x = torch.randn(1, 4, 16, 16)
@@ -118,7 +118,7 @@ def test_a_ratio_that_removes_no_token_warns_once(caplog):
 
 @pytest.mark.parametrize("positional", [0.5, "tome"])
 def test_a_positional_ratio_or_method_is_refused_with_the_keyword_form(positional):
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     model = dit_transformer()
     with pytest.raises(TypeError, match=r"pass options by keyword, e.g. apply\(model, ratio=0.5\)"):
@@ -148,7 +148,7 @@ def test_diffusion_options_on_a_classifier_are_refused_before_the_patch_is_touch
     ({"proportional_attention": False}, "proportional_attention is an option of ViT/DeiT classifiers"),
 ])
 def test_classifier_options_on_a_denoiser_are_refused(options, message):
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     with pytest.raises(ValueError, match=message):
         tofu.apply(dit_transformer(), method="tome", ratio=0.5, **options)

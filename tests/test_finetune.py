@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from eval import finetune
-from pipelines.classifier import shapes_vit
-from pipelines.shapes import HELD_OUT_SEED, generate
+from tofu_diffusion.eval import finetune
+from tofu_diffusion.pipelines.classifier import shapes_vit
+from tofu_diffusion.pipelines.shapes import HELD_OUT_SEED, generate
 
 
 @pytest.mark.slow

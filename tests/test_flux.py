@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM, flux_pipeline, flux_prompt, flux_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM, flux_pipeline, flux_prompt, flux_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 BLOCKS = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]

@@ -1,8 +1,11 @@
 """The house rules, checked: shared modules name no model family, family files import no other family's file,
-no module grows past ~450 lines, and diffusers' private hook internals are what removal relies on."""
+no module grows past ~450 lines, the library never imports the evaluation or the bundled pipelines, and
+diffusers' private hook internals are what removal relies on."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from tofu_diffusion.adapters import FAMILIES
 from tofu_diffusion.adapters.registry import check_diffusers_internals
 
 PACKAGE = pathlib.Path(tofu.__file__).parent
+# Shipped beside the library, above it: they import it, never the other way round.
+ABOVE_THE_LIBRARY = ("eval", "pipelines")
 FAMILY_WORDS = {"unet", "sd", "sd3", "sdxl", "dit", "pixart", "flux", "flux2", "vit", "deit", "wan", "hunyuan",
                 "cogvideo", "cogvideox", "ltx", "qwen", "zimage", "chroma", "kontext"}
 FAMILY_FILES = {"unet", "dit", "sd3", "flux", "flux2", "wan", "hunyuan_video", "cogvideox", "ltx", "qwen",
@@ -20,7 +25,19 @@ FAMILY_FILES = {"unet", "dit", "sd3", "flux", "flux2", "wan", "hunyuan_video", "
 
 
 def _modules():
-    return sorted(p for p in PACKAGE.rglob("*.py"))
+    """The library's own modules (not the evaluation or the bundled pipelines shipped with it)."""
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in ABOVE_THE_LIBRARY)
+
+
+def _imported(tree) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # relative imports resolved to the top of the package: "from ..eval import x" names "eval"
+            names.add(("tofu_diffusion." if node.level else "") + (node.module or ""))
+    return names
 
 
 def _is_family(path: pathlib.Path) -> bool:
@@ -62,6 +79,22 @@ def test_family_files_import_no_other_family():
                 first = node.module.split(".")[0]
                 if node.level == 1 and path.parent.name == "adapters" or node.level == 2 and path.parent.name == own:
                     assert first not in FAMILY_FILES - {own}, f"{path.name} imports the {first} family's file"
+
+
+def test_the_library_never_imports_the_evaluation_or_the_pipelines():
+    above = tuple(f"tofu_diffusion.{name}" for name in ABOVE_THE_LIBRARY)
+    found = {str(path.relative_to(PACKAGE)): sorted(n for n in _imported(ast.parse(path.read_text()))
+                                                  if n.startswith(above) or n.split(".")[0] in ABOVE_THE_LIBRARY)
+             for path in _modules()}
+    assert not {k: v for k, v in found.items() if v}, f"arrows point down only: {found}"
+
+
+def test_importing_the_library_loads_neither_the_evaluation_nor_its_plotting():
+    # (tqdm and scipy are not asked about: diffusers itself imports them)
+    code = ("import sys, tofu_diffusion; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' "
+            "or m.startswith(('tofu_diffusion.eval', 'tofu_diffusion.pipelines'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
 
 
 def test_no_module_is_over_450_lines():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM
-from pipelines.tiny_video import hunyuan_video_pipeline, hunyuan_video_prompt, hunyuan_video_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM
+from tofu_diffusion.pipelines.tiny_video import hunyuan_video_pipeline, hunyuan_video_prompt, hunyuan_video_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 BLOCKS = ["transformer_blocks.0", "single_transformer_blocks.0"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
-from pipelines.tiny import dit_transformer, sd_unet
+from tofu_diffusion.pipelines.tiny import dit_transformer, sd_unet
 
 
 def _at(kind, t):
@@ -73,7 +73,7 @@ def test_no_options_is_the_family_preset():
 
 
 def test_joint_attention_families_share_the_sd3_preset(monkeypatch):
-    from pipelines.tiny import chroma_transformer, flux_transformer, sd3_transformer
+    from tofu_diffusion.pipelines.tiny import chroma_transformer, flux_transformer, sd3_transformer
     from tofu_diffusion.presets import PRESETS
 
     # a distinct sd3 entry, so the test sees which entry each family took
@@ -88,7 +88,7 @@ def test_joint_attention_families_share_the_sd3_preset(monkeypatch):
 
 
 def test_num_train_timesteps_come_from_the_pipeline():
-    from pipelines.tiny import dit_pipeline
+    from tofu_diffusion.pipelines.tiny import dit_pipeline
 
     pipe = dit_pipeline()
     pipe.scheduler.register_to_config(num_train_timesteps=500)

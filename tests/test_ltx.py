@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM
-from pipelines.tiny_video import ltx_pipeline, ltx_prompt, ltx_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM
+from tofu_diffusion.pipelines.tiny_video import ltx_pipeline, ltx_prompt, ltx_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval import metrics
+from tofu_diffusion.eval import metrics
 
 
 class MeanColour(nn.Module):
@@ -75,7 +75,7 @@ def test_class_accuracy_counts_hits():
 def test_clip_score_with_a_local_clip_model(tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
-    from pipelines.tiny import save_tiny_clip
+    from tofu_diffusion.pipelines.tiny import save_tiny_clip
 
     save_tiny_clip(tmp_path, seed=1)  # a tiny random CLIP in the format a user would point --clip-model at
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

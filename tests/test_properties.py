@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM, flux_transformer, sd3_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM, flux_transformer, sd3_transformer
 
 _BUILDERS = {**DENOISERS, "sd3": sd3_transformer, "flux": flux_transformer}
 _MODELS = {}

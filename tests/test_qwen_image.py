@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM, qwen_image_pipeline, qwen_image_prompt, qwen_image_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM, qwen_image_pipeline, qwen_image_prompt, qwen_image_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 

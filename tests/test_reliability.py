@@ -11,7 +11,7 @@ from diffusers import hooks as diffusers_hooks
 from diffusers.hooks import HookRegistry
 
 import tofu_diffusion as tofu
-from pipelines.tiny import dit_transformer, pixart_transformer, prompt_embeds, sd_pipeline, sd_unet
+from tofu_diffusion.pipelines.tiny import dit_transformer, pixart_transformer, prompt_embeds, sd_pipeline, sd_unet
 
 
 def _at(kind, t, h=16, w=16):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM, sd3_pipeline, sd3_prompt, sd3_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM, sd3_pipeline, sd3_prompt, sd3_transformer
 
 METHODS = ["tome", "tofu", "mctf", "todo"]
 

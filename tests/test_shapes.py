@@ -2,7 +2,7 @@
 
 import torch
 
-from pipelines.shapes import CLASSES, generate
+from tofu_diffusion.pipelines.shapes import CLASSES, generate
 
 
 def test_reproducible_from_seed():
@@ -18,7 +18,7 @@ def test_classes_are_balanced_and_distinct():
     counts = torch.bincount(labels, minlength=len(CLASSES))
     assert counts.min() > 150  # about 200 each
     # at the same placement, every pair of shapes covers clearly different pixels
-    from pipelines.shapes import _shape_masks
+    from tofu_diffusion.pipelines.shapes import _shape_masks
 
     coords = (torch.arange(64) + 0.5) / 64 * 2.4 - 1.2
     v, u = torch.meshgrid(coords, coords, indexing="ij")
@@ -37,7 +37,7 @@ def test_images_have_texture_not_flat_colour():
 
 
 def test_clips_move_one_shape_at_constant_velocity():
-    from pipelines.shapes import generate_clips
+    from tofu_diffusion.pipelines.shapes import generate_clips
 
     clips, labels, centres = generate_clips(16, seed=3)
     assert clips.shape == (16, 8, 3, 32, 32) and labels.shape == (16,) and centres.shape == (16, 8, 2)
@@ -47,7 +47,7 @@ def test_clips_move_one_shape_at_constant_velocity():
     again = generate_clips(16, seed=3)[0]
     assert torch.equal(clips, again) and not torch.equal(clips, generate_clips(16, seed=4)[0])
     # the shipped classifier, trained on stills, recognises the clips' frames
-    from pipelines import load_shapes_classifier
+    from tofu_diffusion.pipelines import load_shapes_classifier
 
     with torch.no_grad():
         predicted = load_shapes_classifier()(clips.flatten(0, 1)).argmax(1)

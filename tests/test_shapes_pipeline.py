@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines import load_embedded
-from pipelines.classifier import ShapesClassifier
-from pipelines.shapes_pipeline import to_image, to_latent
-from pipelines.train_shapes import build_pipeline
+from tofu_diffusion.pipelines import load_embedded
+from tofu_diffusion.pipelines.classifier import ShapesClassifier
+from tofu_diffusion.pipelines.shapes_pipeline import to_image, to_latent
+from tofu_diffusion.pipelines.train_shapes import build_pipeline
 
 
 def _pipe(kind):

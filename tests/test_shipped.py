@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from eval.flops import count_flops
-from pipelines import EMBEDDED_GENERATORS, load_embedded, load_shapes_classifier
-from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
+from tofu_diffusion.eval.flops import count_flops
+from tofu_diffusion.pipelines import EMBEDDED_GENERATORS, load_embedded, load_shapes_classifier
+from tofu_diffusion.pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
 pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
 
@@ -36,7 +36,7 @@ def test_shipped_generators_draw_the_requested_class(name, classifier):
 def test_shipped_vit_keeps_its_accuracy_at_a_small_r_with_fewer_flops():
     from transformers import AutoModelForImageClassification
 
-    from pipelines import embedded_path
+    from tofu_diffusion.pipelines import embedded_path
 
     model = AutoModelForImageClassification.from_pretrained(embedded_path("tiny-vit")).eval()
     images, labels = generate(1000, seed=HELD_OUT_SEED)

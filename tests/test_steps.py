@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
 
 import tofu_diffusion as tofu
-from pipelines.tiny import (
+from tofu_diffusion.pipelines.tiny import (
     dit_pipeline,
     flux_pipeline,
     flux_prompt,
@@ -169,7 +169,7 @@ def test_explain_follows_a_dynamic_shift_and_refuses_what_it_cannot_say():
 
 
 def test_a_guidance_batch_shares_the_conditional_plan():
-    from pipelines.tiny import sd3_transformer
+    from tofu_diffusion.pipelines.tiny import sd3_transformer
 
     model = sd3_transformer()
     g = torch.Generator().manual_seed(0)

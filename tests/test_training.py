@@ -7,9 +7,9 @@ from argparse import Namespace
 import pytest
 import torch
 
-from pipelines import load_embedded
-from pipelines.classifier import load_classifier
-from pipelines.train_shapes import train_classifier, train_generator
+from tofu_diffusion.pipelines import load_embedded
+from tofu_diffusion.pipelines.classifier import load_classifier
+from tofu_diffusion.pipelines.train_shapes import train_classifier, train_generator
 
 pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
 
@@ -52,7 +52,7 @@ def test_generator_training_lowers_the_loss_and_saves_a_pipeline(tmp_path, what)
 
 
 def test_a_64_px_dit_warm_starts_from_a_32_px_one():
-    from pipelines.train_shapes import _warm_start, build_pipeline
+    from tofu_diffusion.pipelines.train_shapes import _warm_start, build_pipeline
 
     small = build_pipeline("dit")
     large = _warm_start(build_pipeline("dit", 64), small)
@@ -80,7 +80,7 @@ def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
 def test_a_resumed_run_never_overwrites_a_better_saved_model(tmp_path, monkeypatch):
     import json
 
-    from pipelines import train_shapes
+    from tofu_diffusion.pipelines import train_shapes
 
     out = tmp_path / "generator"
     out.mkdir()

@@ -5,8 +5,8 @@ import torch
 from conftest import DENOISERS, denoiser_inputs, run_denoiser
 
 import tofu_diffusion as tofu
-from eval import visualize
-from pipelines.train_shapes import build_pipeline
+from tofu_diffusion.eval import visualize
+from tofu_diffusion.pipelines.train_shapes import build_pipeline
 
 
 @pytest.mark.parametrize("kind", list(DENOISERS))

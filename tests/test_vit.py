@@ -198,7 +198,7 @@ def test_vit_model_without_head_and_bad_input():
         tofu.apply(model, method="tome", r=4, layers=[7])
     with pytest.raises(ValueError, match="r must be"):
         tofu.apply(model, method="tome", r=-2)
-    from pipelines.tiny import dit_transformer
+    from tofu_diffusion.pipelines.tiny import dit_transformer
 
     with pytest.raises(ValueError, match="ViT/DeiT classifiers"):
         tofu.apply(dit_transformer(), r=4)

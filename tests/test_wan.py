@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from pipelines.tiny import TEXT_DIM
-from pipelines.tiny_video import wan_pipeline, wan_prompt, wan_transformer
+from tofu_diffusion.pipelines.tiny import TEXT_DIM
+from tofu_diffusion.pipelines.tiny_video import wan_pipeline, wan_prompt, wan_transformer
 
 METHODS = ["tome", "tofu", "mctf"]
 
@@ -116,7 +116,7 @@ def test_strides_within_and_across_frames():
     # one destination per 2x2x2 cell at its first position: only even frames hold them
     assert set(frames_of_kept.tolist()) <= {0, 2}
     with pytest.raises(ValueError, match="3 axes but DiTTransformer2DModel's token grid has 2"):
-        from pipelines.tiny import dit_transformer
+        from tofu_diffusion.pipelines.tiny import dit_transformer
         tofu.apply(dit_transformer(), method="tome", ratio=0.5, stride=(2, 2, 2))
 
 

@@ -79,7 +79,7 @@ class TokenFusionConfig:
         levels: explicit downsampling factors to reduce; takes precedence over ``max_downsample``.
         merge_self_attention / merge_cross_attention / merge_feed_forward: which sublayers of a
             block run on the reduced tokens (one matching per block serves all of them).
-        merge_scope: ``"block"`` (default; measured fastest with eval.bench on every architecture):
+        merge_scope: ``"block"`` (default; measured fastest with tofu-diffusion bench on every architecture):
             merge once at the block input, run the whole block (norms, attention,
             cross-attention, feed-forward) on the reduced tokens, and return
             ``x + unmerge(block(merge(x)) - merge(x))``, so every token keeps its own residual stream.

@@ -76,7 +76,7 @@ class Explanation:
                          f"{first.flops_saved:>5.0%}")
         lines += ["", f"{self.reduced_steps} of {len(self.steps)} steps reduced; {self.flops_saved:.0%} of the "
                       f"transformer blocks' multiply-adds saved over the call (ideal speedup "
-                      f"{self.ideal_speedup:.2f}x; measured speedups are lower: eval.bench)"]
+                      f"{self.ideal_speedup:.2f}x; measured speedups are lower: tofu-diffusion bench)"]
         return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Which tokens were merged together: a colour per group over the image, for each reduced block.
 
-    python -m eval.visualize --model tiny-unet --method tome --ratio 0.5 --step 10 --out groups.png
+    tofu-diffusion visualize --model tiny-unet --method tome --ratio 0.5 --step 10 --out groups.png
 
 The picture ToMe's authors show: it tells at a glance what a ratio merges (flat background first, then
 edges). It draws one image (``--condition``: a class index for the bundled models and class-conditional
@@ -23,7 +23,7 @@ import tofu_diffusion as tofu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipelines import EMBEDDED_GENERATORS
+    from tofu_diffusion.pipelines import EMBEDDED_GENERATORS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-unet",
@@ -103,8 +103,8 @@ def draw(image: torch.Tensor, plans: dict, item: int, path: str, max_blocks: int
 
 def load(args):
     """(pipeline, draw(seed) -> image in [-1, 1]) for a bundled model or a checkpoint."""
-    from eval import workloads
-    from pipelines import shapes_pipeline_class
+    from tofu_diffusion.eval import workloads
+    from tofu_diffusion.pipelines import shapes_pipeline_class
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if shapes_pipeline_class(args.model) is not None:

@@ -1,6 +1,6 @@
 """The main job: sweep token-reduction methods and ratios on a pipeline; quality against speed.
 
-    python -m eval.sweep --model tiny-dit --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 \\
+    tofu-diffusion sweep --model tiny-dit --methods tome tofu mctf --ratios 0 0.25 0.5 0.75 \\
         --num-images 256 --out results/
 
 For every (method, ratio) it draws the same seeded images and reports seconds per image and speedup
@@ -30,16 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 import tofu_diffusion as tofu
-from eval import metrics, report, workloads
-from eval.timing import interleaved_times, ratio_interval, synchronize
-from eval.variants import Variant, use_variant
+from tofu_diffusion.eval import metrics, report, workloads
+from tofu_diffusion.eval.timing import BASELINE_AGAIN, interleaved_times, noise_interval, ratio_interval, synchronize
+from tofu_diffusion.eval.variants import Variant, use_variant
 
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the baseline drawn again with seeds this far away
-BASELINE_AGAIN = "baseline, timed again"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipelines import EMBEDDED_GENERATORS
+    from tofu_diffusion.pipelines import EMBEDDED_GENERATORS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -157,7 +156,7 @@ def check_applicable(settings: list[Setting], denoiser: torch.nn.Module) -> None
     from diffusers import UNet2DConditionModel
 
     if any(s.method == "tomesd" for s in settings):
-        from eval.variants import tomesd
+        from tofu_diffusion.eval.variants import tomesd
 
         if tomesd is None:
             raise RuntimeError("--methods tomesd needs the tomesd package: pip install -e '.[peers]'")
@@ -244,7 +243,7 @@ def collect(sharding: Sharding, pairs: list) -> torch.Tensor:
     return torch.stack([image for _, image in gathered])
 
 
-def time_settings(work, args, settings, device) -> tuple[dict, dict, dict, dict]:
+def time_settings(work, args, settings, device, show: bool = True) -> tuple[dict, dict, dict, dict]:
     """Seconds per image, denoiser ms per step, peak memory, and each setting's speedups over the baseline in
     each interleaved round (the baseline's: its second timing over its first, the timing noise)."""
     batch = args.timing_batch or args.batch_size
@@ -266,10 +265,14 @@ def time_settings(work, args, settings, device) -> tuple[dict, dict, dict, dict]
         return call
 
     peaks: dict[str, float] = {}
+    warmup = 1
+    bar = tqdm(total=(warmup + args.repeats) * len(names), desc=f"timing {work.name}", disable=not show)
     try:
-        rounds = interleaved_times({n: timed(n) for n in names}, setups, repeats=args.repeats,
-                                   device=device, peak_memory=peaks)
+        rounds = interleaved_times({n: timed(n) for n in names}, setups, repeats=args.repeats, warmup=warmup,
+                                   device=device, peak_memory=peaks,
+                                   progress=lambda name: (bar.set_postfix_str(name), bar.update()))
     finally:
+        bar.close()
         clock.close()
         use_variant(work.pipe, None)
     again = rounds.pop(BASELINE_AGAIN)
@@ -284,7 +287,7 @@ def time_settings(work, args, settings, device) -> tuple[dict, dict, dict, dict]
 def evaluate(args, sharding: Sharding) -> Optional[dict]:
     device = sharding.device
     dtype = getattr(torch, args.dtype)
-    from pipelines import shapes_pipeline_class
+    from tofu_diffusion.pipelines import shapes_pipeline_class
 
     if shapes_pipeline_class(args.model) is not None:
         work = workloads.embedded(args.model, device, args.steps, args.guidance_scale, args.shift)
@@ -296,7 +299,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     mine = sharding.local(indices)
 
     # Speed first, on a warm model; each process times its own calls.
-    per_image, denoiser_ms, peaks, speedups = time_settings(work, args, settings, device)
+    per_image, denoiser_ms, peaks, speedups = time_settings(work, args, settings, device, sharding.is_main)
     timings = sharding.gather([(per_image, denoiser_ms, peaks, speedups)])
 
     bar = tqdm(total=len(mine) * (len(settings) + 1), desc=f"drawing {work.name}", disable=not sharding.is_main)
@@ -333,9 +336,9 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
         name, fake = setting.name, metrics.from_uint8(images[setting.name])
         seconds = sum(t[0][name] for t in timings) / len(timings)
         # every process's interleaved rounds, pooled: the median and spread of the paired speedups
-        speedup, low, high = ratio_interval([ratio for t in timings for ratio in t[3][name]])
-        if setting is settings[0]:
-            speedup = 1.0  # by definition; its (low, high) is the baseline timed against itself: the noise
+        pooled = [ratio for t in timings for ratio in t[3][name]]
+        # the baseline's speedup is 1 by definition; its (low, high) is itself timed twice: the noise
+        speedup, low, high = noise_interval(pooled) if setting is settings[0] else ratio_interval(pooled)
         scores = work.score(fake.to(device), conditions)
         kid_mean, kid_std = kid(images[name]) if kid else (None, None)
         config = setting.variant if isinstance(setting.variant, tofu.TokenFusionConfig) else None
@@ -383,9 +386,11 @@ def format_schedule(config: tofu.TokenFusionConfig) -> str:
 
 
 def write_outputs(out: str, result: dict, images: dict, settings, grid: int) -> None:
+    for setting, row in zip(settings, result["rows"]):
+        row["samples"] = f"samples_{setting.file_key}.png"
     report.write_json_csv(out, result, COLUMNS)
-    for setting in settings:
-        save_grid(images[setting.name][:grid], os.path.join(out, f"samples_{setting.file_key}.png"))
+    for setting, row in zip(settings, result["rows"]):
+        save_grid(images[setting.name][:grid], os.path.join(out, row["samples"]))
     rows, floor = result["rows"], result.get("noise_floor_fid")
     title = f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)"
     if rows[0]["fid"] is not None:
@@ -419,7 +424,7 @@ def format_table(result: dict) -> str:
 
     condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
     width = max(12, *(len(r["setting"]) + 2 for r in result["rows"]))
-    header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>21}{'FID':>8}{'KID x1e3':>14}"
+    header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>21}{'FID':>8}{'KID x1e3':>16}"
               f"{condition:>10}{'PSNR':>7}{'SSIM':>7}{'mem MB':>8} pareto")
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
@@ -427,7 +432,7 @@ def format_table(result: dict) -> str:
         kid = "n/a" if r["kid"] is None else f"{1e3 * r['kid']:.2f}+-{1e3 * r['kid_std']:.2f}"
         reduces = r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")
         lines.append(f"{r['setting']:<{width}}{r['method']:<8}{reduces:<24}{r['seconds_per_image']:>9.4f}"
-                     f"{report.format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>14}{cell(score, '.3f'):>10}"
+                     f"{report.format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>16}{cell(score, '.3f'):>10}"
                      f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>8.0f}"
                      f" {'*' if r['pareto'] else ''}")
     floor = result.get("noise_floor_fid")

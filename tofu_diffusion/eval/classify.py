@@ -1,6 +1,6 @@
 """Accuracy against throughput of ToMe / ToFu / MCTF on a ViT/DeiT image classifier.
 
-    python -m eval.classify --model tiny-vit --methods none tome tofu mctf --r 4 8 --out results/classify
+    tofu-diffusion classify --model tiny-vit --methods none tome tofu mctf --r 4 8 --out results/classify
 
 For every (method, r): top-1 accuracy, images per second (interleaved repeats against the baseline in
 the same run, median), GFLOPs per image (torch.utils.flop_counter, matching included) and the tokens
@@ -11,7 +11,7 @@ The embedded default ``tiny-vit`` is evaluated on held-out procedural shapes; a 
 
 Speed at real geometry (random weights, no data; accuracy is not measured):
 
-    python -m eval.classify --bench --geometries vit-s vit-b --r 8 13 --bench-batch 16 --out results/classify_bench
+    tofu-diffusion classify --bench --geometries vit-s vit-b --r 8 13 --bench-batch 16 --out results/classify_bench
 
 times ViT-S/16 and ViT-B/16 at 224 px (197 tokens) for every method and r in one interleaved run, with the
 FLOP ideal (baseline FLOPs / reduced FLOPs) beside each speedup.
@@ -30,11 +30,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import tofu_diffusion as tofu
-from eval import report
-from eval.flops import count_flops
-from eval.timing import interleaved_times, speedup_interval
-from eval.variants import use_variant
-from eval.workloads import IMAGE_SUFFIXES
+from tofu_diffusion.eval import report
+from tofu_diffusion.eval.flops import count_flops
+from tofu_diffusion.eval.timing import interleaved_times, speedups_of, with_baseline_again
+from tofu_diffusion.eval.variants import use_variant
+from tofu_diffusion.eval.workloads import IMAGE_SUFFIXES
 
 COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "speedup_low", "speedup_high", "gflops",
            "tokens_per_layer")
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def embedded_or(name: str) -> str:
     """The folder of the bundled ``tiny-vit``, or ``name`` itself (a hub id or folder)."""
     if name == "tiny-vit":
-        from pipelines import embedded_path
+        from tofu_diffusion.pipelines import embedded_path
 
         return embedded_path("tiny-vit")
     return name
@@ -90,7 +90,7 @@ def load_data(args, model) -> tuple[torch.Tensor, torch.Tensor]:
     if args.data is None:
         if args.model != "tiny-vit":
             raise ValueError(f"{args.model}: pass --data with an ImageFolder (one sub-folder per class)")
-        from pipelines.shapes import HELD_OUT_SEED, generate
+        from tofu_diffusion.pipelines.shapes import HELD_OUT_SEED, generate
 
         return generate(args.num_images, seed=HELD_OUT_SEED)
     from transformers import AutoImageProcessor
@@ -156,10 +156,12 @@ def tokens_per_layer(model, sample) -> list[int]:
     return [n_in for n_in, _ in ordered] + [ordered[-1][1]]
 
 
-def _speedup(rounds: dict, base: str, name: str) -> dict:
-    """``speedup`` (median of the interleaved rounds' paired ratios) with ``speedup_low`` / ``speedup_high``."""
-    speedup, low, high = speedup_interval(rounds[base], rounds[name])
-    return {"speedup": speedup, "speedup_low": low, "speedup_high": high}
+def _timed(model, inputs, names: list[str], setups: dict, args, device) -> tuple[dict, dict]:
+    """Median seconds per call and each setting's speedup with its interval (``names[0]`` is the baseline,
+    timed twice per round for its own noise)."""
+    calls = {n: (lambda: model(inputs)) for n in names}
+    rounds = interleaved_times(*with_baseline_again(calls, setups, names[0]), repeats=args.repeats, device=device)
+    return {n: statistics.median(rounds[n]) for n in names}, speedups_of(rounds, names[0])
 
 
 def evaluate(args) -> dict:
@@ -172,9 +174,7 @@ def evaluate(args) -> dict:
 
     names = [f"{m}_{r}" for m, r in settings]
     setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
-    rounds = interleaved_times({n: (lambda: model(timing_batch)) for n in names}, setups,
-                               repeats=args.repeats, device=device)
-    seconds = {n: statistics.median(t) for n, t in rounds.items()}
+    seconds, speedups = _timed(model, timing_batch, names, setups, args, device)
     rows = []
     for name, (method, r) in tqdm(list(zip(names, settings)), desc="evaluating"):
         use(model, method, r)
@@ -182,7 +182,7 @@ def evaluate(args) -> dict:
             "method": method, "r": r,
             "accuracy": accuracy(model, images, labels, args.batch_size, device, dtype),
             "images_per_second": timing_batch.shape[0] / seconds[name],
-            **_speedup(rounds, names[0], name),
+            **speedups[name],
             "gflops": count_flops(lambda: model(one)) / 1e9,
             "tokens_per_layer": tokens_per_layer(model, one),
         })
@@ -209,9 +209,7 @@ def bench(args) -> dict:
         model = geometry_model(geometry, device, dtype)
         batch = torch.randn(args.bench_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
-        rounds = interleaved_times({n: (lambda: model(batch)) for n in names}, setups, repeats=args.repeats,
-                                   device=device)
-        seconds = {n: statistics.median(t) for n, t in rounds.items()}
+        seconds, speedups = _timed(model, batch, names, setups, args, device)
         flops = {}
         for name, (method, r) in zip(names, settings):
             use(model, method, r)
@@ -219,7 +217,7 @@ def bench(args) -> dict:
         use(model, "none", 0)
         base = names[0]
         for name, (method, r) in zip(names, settings):
-            timed, ideal = _speedup(rounds, base, name), flops[base] / flops[name]
+            timed, ideal = speedups[name], flops[base] / flops[name]
             speedup = timed["speedup"]
             rows.append({"geometry": geometry, "method": method, "r": r,
                          "images_per_second": batch.shape[0] / seconds[name], **timed,

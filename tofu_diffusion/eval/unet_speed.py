@@ -1,6 +1,6 @@
 """Demo: wrap a small Stable Diffusion pipeline, print baseline vs reduced step time and output difference.
 
-    python -m eval.demo [--ratio 0.5] [--resolution 512] [--repeats 5]
+    tofu-diffusion unet-speed [--ratio 0.5] [--resolution 512] [--repeats 5]
 
 The UNet is SD 1.x-shaped but narrow, with random weights (speed does not depend on weight values),
 so the output difference says how far each method moves the result, not whether it looks good:
@@ -16,9 +16,9 @@ import math
 import torch
 
 import tofu_diffusion as tofu
-from eval.timing import interleaved_median
-from eval.variants import tomesd, use_variant
-from pipelines.tiny import demo_sd_unet, prompt_embeds, sd_pipeline
+from tofu_diffusion.eval.timing import interleaved_median
+from tofu_diffusion.eval.variants import tomesd, use_variant
+from tofu_diffusion.pipelines.tiny import demo_sd_unet, prompt_embeds, sd_pipeline
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         print(f"{name:<14}{seconds[name] * 1000:>10.1f}{seconds['baseline'] / seconds[name]:>9.2f}x"
               f"{psnr(images[name], images['baseline']):>24.1f}")
     print("\nReduced by default: whole transformer blocks at the full-resolution level; tomesd reduces only "
-          "their self-attention. See the README for options and the full-size benchmark (python -m eval.bench).")
+          "their self-attention. See the README for options and the full-size benchmark (tofu-diffusion bench).")
 
 
 if __name__ == "__main__":

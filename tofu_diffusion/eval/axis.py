@@ -1,6 +1,6 @@
 """Does a reduced step's damage follow its noise level or its place among the steps?
 
-    python -m eval.axis --model tiny-mmdit --settings 1:28 3:28 3:8 --starts 0.8 0.7 --num-images 48
+    tofu-diffusion axis --model tiny-mmdit --settings 1:28 3:28 3:8 --starts 0.8 0.7 --num-images 48
 
 For each scheduler setting (shift:steps) it draws the unreduced images, then the same seeds with tome 0.75
 from each start on both schedule axes (``schedule_axis="noise"``: 1 - t/T; ``"steps"``: the share of the
@@ -20,10 +20,10 @@ import os
 import torch
 
 import tofu_diffusion as tofu
-from eval import metrics, workloads
-from eval.sweep import parse_variant
-from eval.timing import interleaved_times, speedup_interval
-from eval.variants import use_variant
+from tofu_diffusion.eval import metrics, workloads
+from tofu_diffusion.eval.sweep import parse_variant
+from tofu_diffusion.eval.timing import interleaved_times, speedups_of, with_baseline_again
+from tofu_diffusion.eval.variants import use_variant
 
 
 def time_calls(work, variants, args) -> dict:
@@ -32,17 +32,9 @@ def time_calls(work, variants, args) -> dict:
     conditions = [work.condition(i) for i in range(args.timing_batch)]
     calls = {name: (lambda: work.draw(seeds, conditions)) for name, _ in variants}
     setups = {name: functools.partial(use_variant, work.pipe, config) for name, config in variants}
-    calls[AGAIN], setups[AGAIN] = calls["baseline"], setups["baseline"]
-    times = interleaved_times(calls, setups, repeats=args.time, warmup=1)
+    times = interleaved_times(*with_baseline_again(calls, setups), repeats=args.time, warmup=1)
     use_variant(work.pipe, None)
-    out = {}
-    for name, _ in variants:
-        speedup, low, high = speedup_interval(times["baseline"], times[AGAIN if name == "baseline" else name])
-        out[name] = {"speedup": speedup, "speedup_low": low, "speedup_high": high}
-    return out
-
-
-AGAIN = "baseline, timed again"
+    return speedups_of(times)
 
 
 def main(argv=None) -> None:

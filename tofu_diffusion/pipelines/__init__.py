@@ -1,7 +1,7 @@
 """Ready pipelines and the bundled small models.
 
-The embedded models (trained on the procedural shapes by ``python -m pipelines.train_shapes``; weights
-in ``pipelines/weights``):
+The embedded models (trained on the procedural shapes by ``python -m tofu_diffusion.pipelines.train_shapes``; weights
+in ``tofu_diffusion/pipelines/weights``):
 
 - ``tiny-unet``: ``ShapesUNetPipeline``, an SD-style ``UNet2DConditionModel`` with cross-attention on
   learned class tokens;
@@ -25,7 +25,7 @@ def embedded_path(name: str) -> str:
     path = os.path.join(WEIGHTS_DIR, name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"bundled model {name!r} not found at {path}; train it with "
-                                f"`python -m pipelines.train_shapes` (see its --help)")
+                                f"`python -m tofu_diffusion.pipelines.train_shapes` (see its --help)")
     return path
 
 

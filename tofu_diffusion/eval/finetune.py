@@ -1,6 +1,6 @@
 """Token-reduction-consistency fine-tuning (MCTF's objective) shown on the bundled tiny-vit.
 
-    python -m eval.finetune --method mctf --r 8 --max-steps 300 --threads 1 --out results/finetune
+    tofu-diffusion finetune --method mctf --r 8 --max-steps 300 --threads 1 --out results/finetune
 
 Measures top-1 on held-out shapes, unreduced and reduced at ``--r``, before and after a short
 fine-tune with ``tofu_diffusion.training.consistency_loss`` on fresh shapes (seeds the tiny-vit never
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @torch.no_grad()
 def accuracies(model, images, labels, student) -> dict:
     """Top-1 of ``model`` as it is and reduced by ``student``."""
-    from eval.classify import accuracy
+    from tofu_diffusion.eval.classify import accuracy
 
     model.eval()
     device, dtype = model.device, model.dtype
@@ -67,8 +67,8 @@ def main(argv=None) -> dict:
 def _run(args) -> dict:
     from transformers import AutoModelForImageClassification
 
-    from eval.classify import embedded_or
-    from pipelines.shapes import HELD_OUT_SEED, generate
+    from tofu_diffusion.eval.classify import embedded_or
+    from tofu_diffusion.pipelines.shapes import HELD_OUT_SEED, generate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,8 +47,42 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
         raise ValueError("no timed rounds")
     if len(ratios) < 5:
         return statistics.median(ratios), ratios[0], ratios[-1]
-    low, high = (ratios[round(q * (len(ratios) - 1))] for q in (0.1, 0.9))
-    return statistics.median(ratios), low, high
+    cut = round(0.1 * (len(ratios) - 1))  # as many rounds cut from each end, so symmetric data stay symmetric
+    return statistics.median(ratios), ratios[cut], ratios[-1 - cut]
+
+
+BASELINE_AGAIN = "baseline, timed again"
+
+
+def noise_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(1.0, low, high) for the baseline from the ratios of its two timings in each round.
+
+    Which of two timings of the same work is called "the baseline" is arbitrary, so each round counts both
+    ways (r and 1/r): the interval is the spread of identical work timed twice, and always contains 1.
+    """
+    _, low, high = ratio_interval(list(ratios) + [1 / r for r in ratios])
+    return 1.0, low, high
+
+
+def with_baseline_again(calls: dict, setups: dict, baseline: str = "baseline") -> tuple[dict, dict]:
+    """``calls`` / ``setups`` with the baseline timed once more at the end of every interleaved round."""
+    return {**calls, BASELINE_AGAIN: calls[baseline]}, {**setups, BASELINE_AGAIN: setups[baseline]}
+
+
+def speedups_of(times: dict[str, list[float]], baseline: str = "baseline") -> dict[str, dict]:
+    """Each variant's ``speedup`` / ``speedup_low`` / ``speedup_high`` from interleaved rounds timed with
+    ``with_baseline_again``: the variants' paired per-round ratios, the baseline's own noise (it needs the
+    second timing)."""
+    out = {}
+    for name, values in times.items():
+        if name == BASELINE_AGAIN:
+            continue
+        if name == baseline:
+            speedup, low, high = noise_interval([b / a for b, a in zip(times[baseline], times[BASELINE_AGAIN])])
+        else:
+            speedup, low, high = speedup_interval(times[baseline], values)
+        out[name] = {"speedup": speedup, "speedup_low": low, "speedup_high": high}
+    return out
 
 
 def interleaved_times(
@@ -58,8 +92,12 @@ def interleaved_times(
     warmup: int = 1,
     device: torch.device | str = "cpu",
     peak_memory: Optional[dict[str, float]] = None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict[str, list[float]]:
-    """Seconds of every timed round of each variant (``interleaved_median``'s rounds, unreduced)."""
+    """Seconds of every timed round of each variant (``interleaved_median``'s rounds, unreduced).
+
+    ``progress(name)``, when given, is called after every call (warm-up ones too): a progress bar's update.
+    """
     device = torch.device(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
@@ -74,6 +112,8 @@ def interleaved_times(
                 times[name].append(time.perf_counter() - start)
             if peak_memory is not None:
                 peak_memory[name] = max(peak_memory.get(name, 0.0), peak_memory_mb(device))
+            if progress is not None:
+                progress(name)
     return times
 
 

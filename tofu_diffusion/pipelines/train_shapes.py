@@ -1,13 +1,12 @@
-"""Train the bundled shapes models from a seed.
+"""Train the bundled shapes models from a seed (``W`` = tofu_diffusion/pipelines/weights).
 
-    python -m pipelines.train_shapes classifier --steps 3000 --out pipelines/weights/shapes-classifier
-    python -m pipelines.train_shapes vit --steps 4000 --out pipelines/weights/tiny-vit
-    python -m pipelines.train_shapes unet --minutes 40 --out pipelines/weights/tiny-unet
-    python -m pipelines.train_shapes dit --minutes 40 --out pipelines/weights/tiny-dit
-    python -m pipelines.train_shapes mmdit --minutes 40 --out pipelines/weights/tiny-mmdit
-    python -m pipelines.train_shapes wan --minutes 40 --out pipelines/weights/tiny-wan
-    python -m pipelines.train_shapes dit --image-size 64 --init pipelines/weights/tiny-dit \\
-        --out pipelines/weights/tiny-dit-64
+    python -m tofu_diffusion.pipelines.train_shapes classifier --steps 3000 --out W/shapes-classifier
+    python -m tofu_diffusion.pipelines.train_shapes vit --steps 4000 --out W/tiny-vit
+    python -m tofu_diffusion.pipelines.train_shapes unet --minutes 40 --out W/tiny-unet
+    python -m tofu_diffusion.pipelines.train_shapes dit --minutes 40 --out W/tiny-dit
+    python -m tofu_diffusion.pipelines.train_shapes mmdit --minutes 40 --out W/tiny-mmdit
+    python -m tofu_diffusion.pipelines.train_shapes wan --minutes 40 --out W/tiny-wan
+    python -m tofu_diffusion.pipelines.train_shapes dit --image-size 64 --init W/tiny-dit --out W/tiny-dit-64
 
 Data is generated on the fly (a fresh seed per batch), so nothing is downloaded. The generators are
 trained with rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0, t drawn
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from . import WEIGHTS_DIR
 from .classifier import ShapesClassifier, load_classifier, shapes_vit, shapes_vit_processor
 from .shapes import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, generate, generate_clips
 from .shapes_pipeline import (
@@ -300,10 +300,10 @@ def main(argv=None) -> None:
         c.add_argument("--lr", type=float, default=lr)
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
-        c.add_argument("--out", default=f"pipelines/weights/{out}")
+        c.add_argument("--out", default=os.path.join(WEIGHTS_DIR, out))
         if kind == "vit":
             c.add_argument("--init", help="start from this saved tiny-vit folder instead of random weights")
-            c.add_argument("--teacher", default="pipelines/weights/shapes-classifier",
+            c.add_argument("--teacher", default=os.path.join(WEIGHTS_DIR, "shapes-classifier"),
                            help="CNN whose soft predictions the ViT also learns from ('' for labels only)")
     for kind in ("unet", "dit", "mmdit", "wan"):
         u = sub.add_parser(kind)
@@ -319,12 +319,12 @@ def main(argv=None) -> None:
         u.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% by --max-steps")
         u.add_argument("--init", help="start from this saved pipeline folder instead of random weights")
         u.add_argument("--data-offset", type=int, default=0, help="first data seed step (continuing a run)")
-        u.add_argument("--classifier", default="pipelines/weights/shapes-classifier")
+        u.add_argument("--classifier", default=os.path.join(WEIGHTS_DIR, "shapes-classifier"))
         u.add_argument("--score-guidance", type=float,
                        help="guidance scale for scoring snapshots (default: the pipeline's own)")
         u.add_argument("--score-per-class", type=int, default=32,
                        help="samples per class when scoring a snapshot (fewer for the costly 64 px model)")
-        u.add_argument("--out", default=f"pipelines/weights/tiny-{kind}")
+        u.add_argument("--out", default=os.path.join(WEIGHTS_DIR, f"tiny-{kind}"))
         if kind == "dit":
             u.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                            help="64 for the 1,024-token tiny-dit-64 (--init from a 32 px DiT warm-starts it)")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval import metrics
+from tofu_diffusion.eval import metrics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -74,8 +74,8 @@ def with_shift(pipe, shift: Optional[float]):
 
 def embedded(name: str, device: torch.device, steps: int, guidance_scale: Optional[float] = None,
              shift: Optional[float] = None) -> Workload:
-    from pipelines import load_embedded, load_shapes_classifier
-    from pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
+    from tofu_diffusion.pipelines import load_embedded, load_shapes_classifier
+    from tofu_diffusion.pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
 
     pipe = with_shift(load_embedded(name), shift).to(device)
     pipe.set_progress_bar_config(disable=True)

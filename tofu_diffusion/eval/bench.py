@@ -1,6 +1,6 @@
 """Benchmark: denoiser time per step against the baseline, tomesd and the ideal (FLOP ratio).
 
-    python -m eval.bench [--models sd15 pixart dit sdxl sd3 flux] [--ratios 0.1 0.5] [--methods tome tofu mctf]
+    tofu-diffusion bench [--models sd15 pixart dit sdxl sd3 flux] [--ratios 0.1 0.5] [--methods tome tofu mctf]
                          [--scopes sublayers block] [--batch 2] [--dtype float32] [--device cpu]
                          [--depth 4] [--width 768]
 
@@ -27,10 +27,11 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 import tofu_diffusion as tofu
-from eval.flops import count_flops
-from eval.timing import interleaved_median, interleaved_times, speedup_interval
-from eval.variants import Variant, tomesd, use_variant
 from tofu_diffusion.adapters import planning as _planning
+from tofu_diffusion.eval import report
+from tofu_diffusion.eval.flops import count_flops
+from tofu_diffusion.eval.timing import interleaved_times, speedup_interval, speedups_of, with_baseline_again
+from tofu_diffusion.eval.variants import Variant, tomesd, use_variant
 
 
 @dataclass
@@ -348,10 +349,13 @@ def run_workload(key: str, args) -> list[dict]:
     with torch.no_grad():
         if args.flops_only:
             seconds = {name: float("nan") for name in variants}
+            speedups = {name: {"speedup": float("nan"), "speedup_low": None, "speedup_high": None}
+                        for name in variants}
         else:
-            seconds = interleaved_median({n: sample for n in variants}, setups, repeats=args.repeats,
-                                         warmup=args.warmup, device=device)
-            seconds = {name: value / steps for name, value in seconds.items()}
+            rounds = interleaved_times(*with_baseline_again({n: sample for n in variants}, setups),
+                                       repeats=args.repeats, warmup=args.warmup, device=device)
+            seconds = {name: statistics.median(rounds[name]) / steps for name in variants}
+            speedups = speedups_of(rounds)
         rows = []
         base_flops = None
         for name, v in variants.items():
@@ -360,14 +364,14 @@ def run_workload(key: str, args) -> list[dict]:
             base_flops = flops if name == "baseline" else base_flops
             timed = v["method"] not in ("baseline", "tomesd 0.1.3") and not args.flops_only
             shares = _overhead_shares(sample) if timed else {}
-            speedup = seconds["baseline"] / seconds[name]
+            speedup = speedups[name]["speedup"]
             ideal = base_flops / flops
             rows.append({
                 "model": spec.name, "resolution": resolution, "depth": depth or None, "width": args.width,
                 "frames": (args.frames or spec.frames) or None, "tokens": _tokens(model),
                 "batch": args.batch,
                 "dtype": args.dtype, "device": args.device, "variant": name, **v,
-                "ms_per_step": seconds[name] * 1000, "speedup": speedup, "ideal_speedup": ideal,
+                "ms_per_step": seconds[name] * 1000, **speedups[name], "ideal_speedup": ideal,
                 "achieved_over_ideal": speedup / ideal if ideal > 1.0001 else None,
                 "share_plan": shares.get("plan"), "share_merge": shares.get("merge"),
                 "share_unmerge": shares.get("unmerge"),
@@ -459,12 +463,12 @@ def _fmt(value, pattern):
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'model':<14}{'variant':<34}{'ms/step':>10}{'speedup':>9}{'ideal':>8}{'ach/ideal':>10}"
+    header = (f"{'model':<14}{'variant':<34}{'ms/step':>10}{'speedup (low-high)':>21}{'ideal':>8}{'ach/ideal':>10}"
               f"{'plan%':>7}{'merge%':>7}{'unm%':>6}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         shares = [_fmt(r[k] and 100 * r[k], "{:.1f}") for k in ("share_plan", "share_merge", "share_unmerge")]
-        print(f"{r['model']:<14}{r['variant']:<34}{r['ms_per_step']:>10.0f}{r['speedup']:>8.2f}x"
+        print(f"{r['model']:<14}{r['variant']:<34}{r['ms_per_step']:>10.0f}{report.format_speedup(r):>21}"
               f"{r['ideal_speedup']:>7.2f}x{_fmt(r['achieved_over_ideal'], '{:.2f}'):>10}"
               f"{shares[0]:>7}{shares[1]:>7}{shares[2]:>6}")
 
@@ -475,7 +479,7 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shares = [_fmt(r[k] and 100 * r[k], "{:.1f}") for k in ("share_plan", "share_merge", "share_unmerge")]
-        lines.append(f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.0f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.0f} | {report.format_speedup(r)} | "
                      f"{r['ideal_speedup']:.2f}x | {_fmt(r['achieved_over_ideal'], '{:.2f}')} | {' | '.join(shares)} |")
     return "\n".join(lines)
 
