@@ -53,3 +53,5 @@ def test_demo_writes_one_page_with_every_table_plot_and_grid(tmp_path):
     assert len(pictures) == 1 + len(result["rows"])
     assert all((out / picture).stat().st_size > 500 for picture in pictures)
     assert json.loads((out / "demo.json").read_text())["total_minutes"] > 0
+    headline = (out / "summary.md").read_text()
+    assert headline.count("| tiny-dit |") == len(demo.HEADLINE) and "**default**" in headline

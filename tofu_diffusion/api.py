@@ -56,6 +56,20 @@ class TokenFusionHandle:
             return dict(self._counts())
         return {b.name: b.last_tokens for b in self.blocks if b.last_tokens is not None}
 
+    def removed_share(self) -> Optional[float]:
+        """Diffusion models: the share of the reduced blocks' tokens (``todo``: keys) removed over every call
+        since ``apply`` or ``reset_counts()``; None before any. With ``threshold=`` it is what the content
+        allowed; with a ratio, the ratio where every reduced block ran reduced."""
+        totals = [b.totals for b in self.blocks if hasattr(b, "totals")]
+        seen = sum(t[0] for t in totals)
+        return None if not seen else 1.0 - sum(t[1] for t in totals) / seen
+
+    def reset_counts(self) -> None:
+        """Start ``removed_share()`` afresh."""
+        for block in self.blocks:
+            if hasattr(block, "totals"):
+                block.totals[:] = [0, 0]
+
     def last_plans(self) -> dict[str, tuple]:
         """Diffusion models: ``{block: (plan, (rows, cols))}``, each reduced block's merge plan of its latest
         call and the token grid it was computed on (plan None where nothing was merged; ``todo`` merges

@@ -14,7 +14,8 @@ SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
 # Options that only one kind of model reads: set on the other kind, they are refused (not silently ignored).
 DIFFUSION_OPTIONS = ("schedule", "schedule_axis", "blocks", "stride", "destination", "destination_position",
                      "max_downsample", "levels", "merge_self_attention", "merge_cross_attention",
-                     "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans")
+                     "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans",
+                     "threshold")
 CLASSIFIER_OPTIONS = ("r", "layers", "proportional_attention", "token_order")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
@@ -54,6 +55,12 @@ class TokenFusionConfig:
             increasing progress in [0, 1]; each ratio holds from its progress on (0 before the first).
             Progress runs from 0 (pure noise) to 1 (the clean image) on ``schedule_axis``. Give ``ratio`` or
             ``schedule``, not both.
+        threshold: adaptive reduction (denoisers; tome, tofu, mctf): a source token merges only when its cosine
+            similarity to its best destination is above this, in [-1, 1), so the number merged follows the
+            content and the resolution; ``ratio`` (or the schedule) is then a cap. Alone (no ratio, no
+            schedule), the cap is the stride's maximum at every step on every eligible block. To keep shapes
+            static, a batch merges its sample with the fewest such tokens' count, rounded down to a multiple
+            of 8 (of N / 64 on larger grids, so torch.compile sees at most ~64 sizes per block).
         schedule_axis: what a schedule's progress counts. ``"steps"`` (default): the share of this call's
             denoising steps done, ``step_index / num_steps`` from the pipeline's scheduler, so ``(0.7, 0.75)``
             reduces the last 30% of the steps whatever the scheduler's shift or step count. ``"noise"``:
@@ -151,6 +158,7 @@ class TokenFusionConfig:
     layers: Optional[Sequence[int]] = None
     proportional_attention: bool = True
     token_order: str = "reference"
+    threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stride, int):
@@ -169,6 +177,8 @@ class TokenFusionConfig:
                                   for p, r in self.schedule)
         if self.blocks is not None and not isinstance(self.blocks, slice):
             self.blocks = tuple(int(b) for b in self.blocks)
+        if self.threshold is not None:
+            self.threshold = _as_float(self.threshold, "threshold")
         self.validate()
 
     def validate(self) -> None:
@@ -215,6 +225,13 @@ class TokenFusionConfig:
         if self.info_queries < 1:
             raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
         self._validate_r()
+        if self.threshold is not None:
+            if not -1.0 <= self.threshold < 1.0:
+                raise ValueError(f"threshold is a cosine similarity: give one in [-1, 1) (e.g. 0.9: merge only "
+                                 f"near-duplicates), got {self.threshold!r}")
+            if self.method == "todo":
+                raise ValueError("threshold needs a matching to threshold; todo matches no tokens (it downsamples "
+                                 "keys and values): use method='tome', 'tofu' or 'mctf'")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
         if self.token_order not in CLASSIFIER_TOKEN_ORDERS:
@@ -276,12 +293,18 @@ class TokenFusionConfig:
         updates = {name: value for name, value in method_defaults(family).items() if getattr(self, name) is None}
         if self.method is None:
             updates["method"] = preset.get("method", "tome")
-        if not explicit:
+        if not explicit and self.threshold is not None:
+            # a threshold alone decides how much merges: capped only by what the stride allows
+            updates["ratio"] = max_grid_ratio(self.stride)
+        elif not explicit:
             updates["ratio"] = preset.get("ratio")
             updates["schedule"] = preset.get("schedule")
             if self.blocks is None:
                 updates["blocks"] = preset.get("blocks")
-        return replace(self, **updates)
+        resolved = replace(self, **updates)
+        if resolved.threshold is not None and resolved.method == "todo":
+            resolved.validate()  # the preset's method may be todo: refused with the same message
+        return resolved
 
     def _validate_r(self) -> None:
         r = self.r

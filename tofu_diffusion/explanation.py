@@ -77,6 +77,9 @@ class Explanation:
         lines += ["", f"{self.reduced_steps} of {len(self.steps)} steps reduced; {self.flops_saved:.0%} of the "
                       f"transformer blocks' multiply-adds saved over the call (ideal speedup "
                       f"{self.ideal_speedup:.2f}x; measured speedups are lower: tofu-diffusion bench)"]
+        if cfg.threshold is not None:
+            lines.append(f"threshold {cfg.threshold:g}: the ratios and savings above are caps; how many tokens merge "
+                         f"follows the content (handle.token_counts() after a call says what was removed)")
         return "\n".join(lines)
 
 

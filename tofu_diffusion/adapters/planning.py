@@ -17,14 +17,17 @@ from torch.profiler import record_function
 
 from ..core import (
     MergePlan,
+    best_similarity,
     bidirectional_matching,
     bipartite_soft_matching,
     cells,
+    count_above,
     estimate_attention_received,
     grid_text,
     mctf_scores,
     mix_key,
     reduction_pays,
+    threshold_granularity,
 )
 from .state import GridRecord, PerCaller, RunState
 
@@ -54,6 +57,8 @@ class BlockState:
     grid: GridRecord
     run: RunState
     last_tokens: Optional[tuple[int, int]] = None  # (tokens in, tokens after merge) of the latest call
+    # every call's tokens in / out since apply (or reset_counts): what an adaptive threshold removed on average
+    totals: list = field(default_factory=lambda: [0, 0])
     sublayers: tuple[str, ...] = ("self_attention",)  # what runs on the reduced tokens, for the cost model
     plans_computed: int = 0
     last_plan: Optional[MergePlan] = None  # the plan of the latest call (None when it reduced nothing)
@@ -102,8 +107,13 @@ class BlockState:
                 call.reusable[slot] = (call.plan, ratio, (b, n))
             call.planned = True
             self.last_plan = call.plan
-            self.last_tokens = (n, n if call.plan is None else call.plan.num_kept)
+            self.count_tokens(n, n if call.plan is None else call.plan.num_kept)
         return call.plan
+
+    def count_tokens(self, n_in: int, n_out: int) -> None:
+        self.last_tokens = (n_in, n_out)
+        self.totals[0] += n_in
+        self.totals[1] += n_out
 
     def _shared_or_own_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
         """A guidance batch [uncond; cond] plans on its conditional half and gives both halves that plan:
@@ -149,6 +159,11 @@ class BlockState:
                              self.name, grid_text(grid), ratio)
             return None
         src, dst = self.run.partition(grid, x.device, salt=self.depth)
+        if cfg.method == "mctf" and cfg.threshold is not None:
+            # the threshold is on similarity alone; MCTF's other criteria then pick among those sources
+            r = count_above(best_similarity(x, src, dst), cfg.threshold, r, threshold_granularity(n))
+            if r == 0:
+                return None
         if cfg.method == "mctf":
             info = None
             if attention is not None and cfg.tau_info > 0:
@@ -161,4 +176,4 @@ class BlockState:
                                                    key=mix_key(self.run.step().key, self.depth, 1))
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
-        return bipartite_soft_matching(x, src, dst, r)
+        return bipartite_soft_matching(x, src, dst, r, threshold=cfg.threshold)

@@ -30,11 +30,11 @@ def downsample_on_grid(state: BlockState, tokens: torch.Tensor) -> Optional[torc
         grid = state.checked_grid(n)
         size = downsampled_size(grid, ratio)
     if size is None or math.prod(size) >= n:
-        state.last_tokens = (n, n)
+        state.count_tokens(n, n)
         return None
     with record_function("tofu_diffusion::downsample"):
         out = resize_tokens(tokens, grid, size)
-    state.last_tokens = (n, out.shape[1])
+    state.count_tokens(n, out.shape[1])
     return out
 
 

@@ -8,10 +8,13 @@ from .linearity import interpolation_gap, switch_depth_from_gaps
 from .matching import (
     TOKEN_ORDERS,
     attention_received,
+    best_similarity,
     bidirectional_matching,
     bipartite_soft_matching,
+    count_above,
     mctf_scores,
     mean_over_queries,
+    threshold_granularity,
 )
 from .plan import MERGE_MODES, MergePlan, apply_fused_attention, fuse_attention, mlerp, plan_from_pairs
 from .sampling import query_cells, stratified_grid_queries
@@ -24,10 +27,12 @@ __all__ = [
     "alternating_partition",
     "apply_fused_attention",
     "attention_received",
+    "best_similarity",
     "bidirectional_matching",
     "bipartite_soft_matching",
     "block_flops",
     "cells",
+    "count_above",
     "downsampled_size",
     "estimate_attention_received",
     "expand_stride",
@@ -54,4 +59,5 @@ __all__ = [
     "resize_tokens",
     "stratified_grid_queries",
     "switch_depth_from_gaps",
+    "threshold_granularity",
 ]

@@ -32,6 +32,26 @@ def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -
     return metric[:, src] @ metric[:, dst].transpose(1, 2)
 
 
+def best_similarity(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(B, Na): each source's cosine similarity to its most similar destination."""
+    with torch.no_grad():
+        return _cosine_scores(metric, src, dst).max(dim=-1).values
+
+
+def threshold_granularity(num_tokens: int) -> int:
+    """What adaptive counts are rounded down to: 8, or about N / 64 (a power of two) on larger grids, so a
+    block sees at most ~64 distinct token counts (each one a torch.compile specialisation)."""
+    return max(8, 1 << max(0, (num_tokens // 64).bit_length() - 1))
+
+
+def count_above(best: torch.Tensor, threshold: float, cap: int, granularity: int) -> int:
+    """How many sources a batch merges under a similarity ``threshold``: its sample with the fewest sources
+    above it sets the count (one shape for the batch), rounded down to ``granularity``, at most ``cap``.
+    This is adaptive reduction's one host sync."""
+    smallest = int((best > threshold).sum(dim=-1).min())
+    return min(cap, smallest // granularity * granularity)
+
+
 def _protect(scores: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
              protected: Optional[torch.Tensor]) -> torch.Tensor:
     """Protected tokens (CLS, distillation) neither leave nor receive: their rows/columns become -inf."""
@@ -66,6 +86,7 @@ def bipartite_soft_matching(
     order: str = "score",
     weights: Optional[torch.Tensor] = None,
     protected_sources: Optional[int] = None,
+    threshold: Optional[float] = None,
 ) -> Optional[MergePlan]:
     """ToMe's bipartite soft matching of ``metric`` (B, N, C) between sources ``src`` and destinations ``dst``.
 
@@ -74,6 +95,8 @@ def bipartite_soft_matching(
     unmerged sources by index, destinations), ``"original"`` the tokens' own order.
     ``protected`` is a (N,) bool mask of tokens that must not be merged; ``protected_sources``, how many of
     them are sources when the caller knows it (no count from the device: works on the meta device).
+    ``threshold``: merge only sources whose best cosine similarity is above it, ``r`` then a cap
+    (``count_above``: the batch's smallest count, rounded down).
     """
     _check_order(order)
     b, n, _ = metric.shape
@@ -87,6 +110,10 @@ def bipartite_soft_matching(
     with torch.no_grad():
         scores = _protect(_cosine_scores(metric, src, dst), src, dst, protected)
         node_max, node_idx = scores.max(dim=-1)
+        if threshold is not None:
+            r = count_above(node_max, threshold, r, threshold_granularity(n))
+            if r <= 0:
+                return None
         edge_idx = node_max.argsort(dim=-1, descending=True)
         merged = edge_idx[:, :r]
         unmerged = edge_idx[:, r:]

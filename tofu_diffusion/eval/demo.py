@@ -33,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="results")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--num-images", type=int, default=96, help="seeded images per setting (FID, class accuracy)")
+    p.add_argument("--num-images", type=int, default=64, help="seeded images per setting (FID, class accuracy)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the speedups' intervals)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved timing rounds (the speedups' intervals)")
     p.add_argument("--timing-batch", type=int, default=8, help="images per timed call")
     p.add_argument("--num-reference", type=int, default=1024, help="real images for FID")
     p.add_argument("--seed", type=int, default=0)
@@ -61,8 +61,29 @@ def main(argv=None) -> str:
         minutes[model] = (time.perf_counter() - begun) / 60
     total = (time.perf_counter() - started) / 60
     path = write_index(args.out, results, minutes, total, args)
-    print(f"\ndemo: {total:.1f} minutes; open {path}")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_markdown(results) + "\n")
+    print(f"\n{summary_markdown(results)}\n\ndemo: {total:.1f} minutes; open {path}")
     return path
+
+
+HEADLINE = ("baseline", "preset_default", "preset_fast", "tome_0.5")
+
+
+def summary_markdown(results: list[dict]) -> str:
+    """The headline rows of every model (the README's table): baseline, the default, fast, tome 0.5."""
+    lines = ["| model | setting | speedup (low-high) | FID | class accuracy | PSNR (dB) |", "|---|---|---|---|---|---|"]
+    for result in results:
+        rows = {r["setting"]: r for r in result["rows"]}
+        for name in HEADLINE:
+            if name in rows:
+                r = rows[name]
+                label = {"preset_default": "**default** (`tofu.apply(pipe)`)", "preset_fast": "preset fast"}.get(
+                    name, name.replace("_", " "))
+                lines.append(f"| {result['model']} | {label} | {report.format_speedup(r)} | {_cell(r['fid'], '.2f')} "
+                             f"| {_cell(r['class_accuracy'] and 100 * r['class_accuracy'], '.1f')}% "
+                             f"| {_cell(r['psnr'], '.1f')} |")
+    return "\n".join(lines)
 
 
 # ---- the page ---------------------------------------------------------------------------------------------

@@ -303,11 +303,14 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     timings = sharding.gather([(per_image, denoiser_ms, peaks, speedups)])
 
     bar = tqdm(total=len(mine) * (len(settings) + 1), desc=f"drawing {work.name}", disable=not sharding.is_main)
-    images = {}
+    images, removed = {}, {}
     for setting in settings:
         use_variant(work.pipe, setting.variant)
         bar.set_postfix_str(setting.name)
         images[setting.name] = collect(sharding, draw_images(work, mine, args.seed, args.batch_size, bar))
+        handle = tofu.handle_of(work.pipe)
+        # what the reduced blocks removed on these images (a threshold's share follows the content)
+        removed[setting.name] = handle.removed_share() if handle is not None else None
     use_variant(work.pipe, None)
     bar.set_postfix_str("noise floor")
     floor_images = collect(sharding, draw_images(work, mine, args.seed + NOISE_FLOOR_SEED_OFFSET, args.batch_size, bar))
@@ -350,6 +353,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             "seconds_per_image": seconds,
             "denoiser_ms_per_step": sum(t[1][name] for t in timings) / len(timings),
             "speedup": speedup, "speedup_low": low, "speedup_high": high,
+            "tokens_removed": removed[name],
             "fid": fid(images[name]) if fid else None,
             "kid": kid_mean, "kid_std": kid_std,
             "clip_score": scores.get("clip_score"),
@@ -369,7 +373,7 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
 # ---- outputs ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("setting", "method", "ratio", "schedule", "seconds_per_image", "denoiser_ms_per_step", "speedup",
-           "speedup_low", "speedup_high", "fid",
+           "speedup_low", "speedup_high", "tokens_removed", "fid",
            "kid", "kid_std", "clip_score", "class_accuracy", "psnr", "ssim", "peak_memory_mb", "pareto")
 
 
@@ -382,6 +386,8 @@ def format_schedule(config: tofu.TokenFusionConfig) -> str:
     if config.blocks is not None:
         blocks = config.blocks
         text += f" blocks {blocks.start}:{blocks.stop}" if isinstance(blocks, slice) else f" blocks {list(blocks)}"
+    if config.threshold is not None:
+        text += f" sim>{config.threshold:g}"
     return text
 
 
