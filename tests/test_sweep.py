@@ -186,3 +186,26 @@ def test_variant_specs_parse():
     assert sweep.parse_variant("blocks=0;2")["blocks"] == [0, 2]
     with pytest.raises(ValueError, match="not OPTION=VALUE"):
         sweep.parse_variant("speed=fast")
+
+
+def test_the_warm_up_round_is_not_in_the_denoiser_time():
+    """The first call (compilation, allocation, caches) is slow; the per-step time is the steady state's."""
+    import time
+    from types import SimpleNamespace
+
+    class SlowFirst(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            SlowFirst.calls += 1
+            if SlowFirst.calls == 1:
+                time.sleep(0.3)
+            return x
+
+    denoiser = SlowFirst()
+    work = SimpleNamespace(name="w", pipe=denoiser, denoiser=denoiser, condition=lambda i: 0,
+                           draw=lambda seeds, conditions: denoiser(torch.zeros(1)))
+    args = SimpleNamespace(timing_batch=1, batch_size=1, seed=0, repeats=1)
+    settings = [sweep.Setting("baseline", "none", 0.0, None, "baseline", "")]
+    _, denoiser_ms, _, _ = sweep.time_settings(work, args, settings, torch.device("cpu"), show=False)
+    assert denoiser_ms["baseline"] < 100
