@@ -22,6 +22,7 @@ from datetime import datetime
 import torch
 
 from tofu_diffusion.eval import report, sweep
+from tofu_diffusion.eval.report import format_value
 from tofu_diffusion.eval.variants import tomesd
 
 MODELS = ("tiny-unet", "tiny-dit", "tiny-mmdit")
@@ -80,9 +81,9 @@ def summary_markdown(results: list[dict]) -> str:
                 r = rows[name]
                 label = {"preset_default": "**default** (`tofu.apply(pipe)`)", "preset_fast": "preset fast"}.get(
                     name, name.replace("_", " "))
-                lines.append(f"| {result['model']} | {label} | {report.format_speedup(r)} | {_cell(r['fid'], '.2f')} "
-                             f"| {_cell(r['class_accuracy'] and 100 * r['class_accuracy'], '.1f')}% "
-                             f"| {_cell(r['psnr'], '.1f')} |")
+                lines.append(f"| {result['model']} | {label} | {report.format_speedup(r)} "
+                             f"| {format_value(r['fid'], '.2f')} | {format_value(r['class_accuracy'] and 100 * r['class_accuracy'], '.1f')}% "
+                             f"| {format_value(r['psnr'], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -105,18 +106,15 @@ figcaption { font-size: 0.8em; text-align: center; }
 """
 
 
-def _cell(value, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
 def table_html(result: dict) -> str:
     head = ("setting", "reduces", "s/image", "speedup (low-high)", "FID", "KID x1e3", "class acc", "PSNR", "SSIM")
     lines = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in result["rows"]:
         kid = "n/a" if r["kid"] is None else f"{1e3 * r['kid']:.2f} &plusmn; {1e3 * r['kid_std']:.2f}"
         cells = [html.escape(r["setting"]), html.escape(r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")),
-                 f"{r['seconds_per_image']:.4f}", report.format_speedup(r), _cell(r["fid"], ".2f"), kid,
-                 _cell(r["class_accuracy"], ".3f"), _cell(r["psnr"], ".1f"), _cell(r["ssim"], ".3f")]
+                 f"{r['seconds_per_image']:.4f}", report.format_speedup(r), format_value(r["fid"], ".2f"), kid,
+                 format_value(r["class_accuracy"], ".3f"), format_value(r["psnr"], ".1f"),
+                 format_value(r["ssim"], ".3f")]
         css = ' class="pareto"' if r.get("pareto") else ""
         lines.append(f"<tr{css}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     lines.append("</table>")
@@ -127,7 +125,7 @@ def section_html(result: dict, folder: str, minutes: float) -> str:
     grids = "\n".join(f'<figure><img src="{folder}/{r["samples"]}" alt="{html.escape(r["setting"])}">'
                       f'<figcaption>{html.escape(r["setting"])}</figcaption></figure>'
                       for r in result["rows"] if r.get("samples"))
-    floor = _cell(result.get("noise_floor_fid"), ".2f")
+    floor = format_value(result.get("noise_floor_fid"), ".2f")
     return f"""<section>
 <h2>{html.escape(result['model'])}</h2>
 <p class="note">{result['num_images']} images per setting, {result['steps']} steps, {minutes:.1f} minutes.

@@ -34,6 +34,11 @@ def mark_pareto(rows: list[dict], speed: str, quality: str, lower_is_better: boo
         )
 
 
+def format_value(value, fmt: str) -> str:
+    """``value`` formatted, or ``n/a`` where a metric was not measured (None)."""
+    return "n/a" if value is None else format(value, fmt)
+
+
 def format_speedup(row: dict) -> str:
     """``1.21x (1.15-1.27)``: the speedup and the spread of its interleaved rounds."""
     if row.get("speedup_low") is None:

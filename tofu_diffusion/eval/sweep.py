@@ -426,9 +426,7 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8, min_side: int =
 
 
 def format_table(result: dict) -> str:
-    def cell(value, fmt):
-        return "n/a" if value is None else format(value, fmt)
-
+    cell = report.format_value
     condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
     width = max(12, *(len(r["setting"]) + 2 for r in result["rows"]))
     header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>21}{'FID':>8}{'KID x1e3':>16}"
