@@ -82,7 +82,8 @@ def summary_markdown(results: list[dict]) -> str:
                 label = {"preset_default": "**default** (`tofu.apply(pipe)`)", "preset_fast": "preset fast"}.get(
                     name, name.replace("_", " "))
                 lines.append(f"| {result['model']} | {label} | {report.format_speedup(r)} "
-                             f"| {format_value(r['fid'], '.2f')} | {format_value(r['class_accuracy'] and 100 * r['class_accuracy'], '.1f')}% "
+                             f"| {format_value(r['fid'], '.2f')} "
+                             f"| {format_value(r['class_accuracy'] and 100 * r['class_accuracy'], '.1f')}% "
                              f"| {format_value(r['psnr'], '.1f')} |")
     return "\n".join(lines)
 
