@@ -55,9 +55,9 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
-# Flux, Chroma and Qwen-Image are joint attention like SD3, with no bundled model of their own to measure; anything else
-# (the video transformers) takes a DiT's.
-FALLBACK = {"flux": "sd3", "chroma": "sd3", "qwen_image": "sd3"}
+# Flux.1/.2, Chroma, Qwen-Image and Z-Image are joint attention like SD3, with no bundled model of their own to
+# measure; anything else (the video transformers) takes a DiT's.
+FALLBACK = {"flux": "sd3", "flux2": "sd3", "chroma": "sd3", "qwen_image": "sd3", "z_image": "sd3"}
 
 
 def preset_options(name: str, family: str) -> dict:

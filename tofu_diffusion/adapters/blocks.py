@@ -35,7 +35,7 @@ from .hooks import (
 )
 from .planning import BlockState
 from .registry import register
-from .state import GridRecord, RunState
+from .state import GridRecord, ImageLayout, RunState
 from .steps import StepLocator
 
 logger = logging.getLogger("tofu_diffusion")
@@ -48,16 +48,30 @@ SUBLAYERS = (
 )
 
 
-# Joint-attention blocks name their parts differently ("attn"; single-stream blocks: "proj_mlp"); they are
+# Joint-attention blocks name their parts differently ("attn"; single-stream blocks: "proj_mlp"; Z-Image:
+# "attention", "feed_forward"); they are
 # reduced whole, so these only feed the cost model.
-_WHOLE_BLOCK_PARTS = (("self_attention", ("attn1", "attn")), ("cross_attention", ("attn2",)),
-                      ("feed_forward", ("ff", "ffn", "proj_mlp")))
+_WHOLE_BLOCK_PARTS = (("self_attention", ("attn1", "attn", "attention")), ("cross_attention", ("attn2",)),
+                      ("feed_forward", ("ff", "ffn", "proj_mlp", "feed_forward")))
 
 
 def block_parts(block: torch.nn.Module) -> tuple[str, ...]:
-    """The sublayers ``block`` has, by role."""
-    return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS if any(getattr(block, attr, None) is not None
-                                                                   for attr in attrs))
+    """The sublayers ``block`` has, by role (a parallel attention that fuses the MLP into its projections,
+    Flux.2's single-stream blocks, has a feed-forward too)."""
+    fused_mlp = getattr(getattr(block, "attn", None), "mlp_hidden_dim", None) is not None
+    return tuple(role for role, attrs in _WHOLE_BLOCK_PARTS
+                 if any(getattr(block, attr, None) is not None for attr in attrs)
+                 or (role == "feed_forward" and fused_mlp))
+
+
+def attention_width(attention: Optional[torch.nn.Module]) -> int:
+    """The channels an attention reads (0 without one): its query projection's inputs."""
+    if attention is None:
+        return 0
+    to_q = getattr(attention, "to_q", None)
+    if to_q is not None:
+        return to_q.in_features
+    return int(getattr(attention, "query_dim", 0))
 
 
 def reduced_sublayers(block: torch.nn.Module, config: TokenFusionConfig,
@@ -107,7 +121,7 @@ def pick_blocks(sites: list[Site], blocks, model_name: str) -> list[Site]:
 
 def self_attention(block: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The block's self-attention (joint blocks: their joint attention), for mctf's informativeness."""
-    for attr in ("attn1", "attn"):
+    for attr in ("attn1", "attn", "attention"):
         if getattr(block, attr, None) is not None:
             return getattr(block, attr)
     return None
@@ -163,8 +177,7 @@ class BlockAdapter(Adapter):
         chosen = {id(site.block) for site in reduced}
         out = []
         for site in self.sites(model):
-            attention = self_attention(site.block)
-            channels = attention.to_q.in_features if attention is not None else 0
+            channels = attention_width(self_attention(site.block))
             # each downsampler halves the spatial sides, rounding up
             grid = tuple(full[:-2]) + tuple(-(-side // site.level) for side in full[-2:])
             out.append(BlockGeometry(site.name, grid, channels, block_parts(site.block),
@@ -278,24 +291,31 @@ def video_latent_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: d
     return tuple(s // p for s, p in zip(sizes, patch))
 
 
-def packed_ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
-    """The (rows, cols) grid of packed image tokens from their ``img_ids`` ((N, 3): 0, row, col), which must tile
-    it row-major (Flux-style pipelines' ``_prepare_latent_image_ids``)."""
+def packed_ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
+    """The (rows, cols) grid of packed image tokens from their ``img_ids`` ((N, 3): image, row, col; Flux.2's
+    (N, 4): image, row, col, layer), which must tile it row-major (Flux-style pipelines' latent ids).
+
+    Reference images (Flux.1 Kontext, Flux.2) follow the target's tokens with another image index in column 0
+    (Kontext 1; Flux.2 10, 20, ...): the grid is the target's, the references' tokens are kept whole."""
     ids = arguments.get("img_ids")
     if ids is None:
         raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_ids; pass img_ids "
                          f"(as its pipeline does)")
     if ids.dim() == 3:
         ids = ids[0]
-    n = hidden.shape[1]
-    if ids.shape[0] != n:
-        raise ValueError(f"img_ids has {ids.shape[0]} rows for {n} image tokens")
-    if bool((ids[:, 0] != 0).any()):
-        raise ValueError("img_ids mark tokens that are not on the main image grid (id[0] != 0, e.g. Kontext's "
-                         "reference image); token fusion does not reduce them yet: remove it for this pipeline")
-    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    total = hidden.shape[1]
+    if ids.shape[0] != total:
+        raise ValueError(f"img_ids has {ids.shape[0]} rows for {total} image tokens")
+    image = ids[:, 0]
+    other = (image != image[0]).nonzero()
+    n = int(other[0, 0]) if len(other) else total  # the target: the leading tokens of the first image index
+    if bool((image[n:] == image[0]).any()):
+        raise ValueError("img_ids interleave the target image's tokens with another image's; token fusion needs the "
+                         "target's tokens first and any reference image's after them (as diffusers' pipelines "
+                         "order them)")
+    rows, cols = ids[:n, 1].long(), ids[:n, 2].long()
     h, w = int(rows.max()) + 1, int(cols.max()) + 1
     if h * w != n or not torch.equal(rows * w + cols, torch.arange(n, device=ids.device)):
         raise ValueError(f"img_ids do not tile a {h}x{w} grid row-major ({n} tokens); token fusion needs the "
                          f"packed latent's own ids (the pipeline's _prepare_latent_image_ids)")
-    return h, w
+    return ImageLayout((h, w), total - n)

@@ -8,12 +8,14 @@ runs whole on the merged image tokens with every text token, once per sample wit
 image table (``rotary.PerSampleRotaryBlockHook``); the per-token ``modulate_index`` (edit models' zero_cond_t:
 0 for the target, 1 for a reference) follows the kept tokens. The pipeline passes t / 1000.
 
-Reference images (Qwen-Image-Edit appends their tokens after the target's) are refused for now with a clear
-error. ToDo is refused (``rotary_attention``).
+Reference images (Qwen-Image-Edit appends their tokens after the target's, ``img_shapes`` lists them after it)
+are kept whole: only the target's tokens are merged, and the references' enter every block as they are, with
+their own rotary rows and ``modulate_index``. ToDo is refused (``rotary_attention``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
 from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, image_table_of_pair, no_rows_before_image
+from .state import ImageLayout
 
 
 def qwen_sites(model: torch.nn.Module) -> list[Site]:
@@ -36,24 +39,26 @@ def qwen_sites(model: torch.nn.Module) -> list[Site]:
             if isinstance(block, QwenImageTransformerBlock)]
 
 
-def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int]:
-    """(rows, cols) of the image tokens, from ``img_shapes`` ([[(1, rows, cols), references...], ...])."""
+def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
+    """(rows, cols) of the target image's tokens, from ``img_shapes`` ([[(1, rows, cols), references...], ...]);
+    the reference images' tokens (Qwen-Image-Edit appends them after the target's) are kept whole."""
     shapes = arguments.get("img_shapes")
     if not shapes:
         raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_shapes; pass img_shapes "
                          f"(as QwenImagePipeline does)")
     per_sample = shapes[0] if isinstance(shapes[0], list) else shapes
-    if len(per_sample) > 1:
-        raise ValueError(f"img_shapes lists {len(per_sample)} images per sample (reference images of an edit "
-                         f"pipeline); token fusion does not reduce reference tokens yet: remove it for this pipeline")
+    if isinstance(shapes[0], list) and any(list(map(tuple, s)) != list(map(tuple, per_sample)) for s in shapes):
+        raise ValueError("img_shapes differ between the samples of the batch; token fusion needs one layout for "
+                         "the batch (diffusers' pipelines give every sample the same)")
+    sizes = [math.prod(int(v) for v in shape) for shape in per_sample]
     frames, rows, cols = (int(v) for v in per_sample[0])
-    if frames * rows * cols != hidden.shape[1] or frames != 1:
-        raise ValueError(f"img_shapes {per_sample[0]} does not match the {hidden.shape[1]} image tokens")
-    return rows, cols
+    if sum(sizes) != hidden.shape[1] or frames != 1:
+        raise ValueError(f"img_shapes {per_sample} does not match the {hidden.shape[1]} image tokens")
+    return ImageLayout((rows, cols), sum(sizes[1:]))
 
 
 def per_token_index(value, plan: MergePlan):
-    """``modulate_index`` (B, N): each kept token's."""
+    """``modulate_index`` (B, N): each kept token's (references' tokens are kept whole by the plan)."""
     if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == plan.num_tokens:
         return plan.take(value[..., None])[..., 0]
     return value

@@ -67,25 +67,45 @@ class PerCaller:
         return PerCaller()
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """What a grid function reads from a denoiser's input: the grid of the image that is reduced, and how many
+    tokens follow it in the image stream that are kept whole (reference images of an edit pipeline)."""
+
+    grid: tuple
+    kept_whole: int = 0
+
+
 class GridRecord:
-    """The token grid of a grid-owning module's current call, per caller: (rows, cols), (frames, rows, cols), ..."""
+    """The token grid of a grid-owning module's current call, per caller: (rows, cols), (frames, rows, cols), ...
+    and the tokens after the grid's that are kept whole (``ImageLayout``)."""
 
     def __init__(self):
-        self._grids = PerCaller()
+        self._layouts = PerCaller()
 
-    def set(self, grid) -> None:
-        self._grids.set(tuple(int(g) for g in grid))
+    def set(self, layout) -> None:
+        """``layout``: an ``ImageLayout``, or a grid alone (nothing kept whole)."""
+        if not isinstance(layout, ImageLayout):
+            layout = ImageLayout(layout)
+        self._layouts.set(ImageLayout(tuple(int(g) for g in layout.grid), int(layout.kept_whole)))
 
     def get(self) -> Optional[tuple[int, ...]]:
-        return self._grids.get()
+        layout = self._layouts.get()
+        return None if layout is None else layout.grid
+
+    def kept_whole(self) -> int:
+        """Tokens after the grid's in the image stream that pass through unreduced (0 without references)."""
+        layout = self._layouts.get()
+        return 0 if layout is None else layout.kept_whole
 
     @property
     def latest(self) -> Optional[tuple[int, ...]]:
         """The grid of the latest call of any caller, for reports."""
-        return self._grids.latest
+        layout = self._layouts.latest
+        return None if layout is None else layout.grid
 
     def reset(self) -> None:
-        self._grids = PerCaller()
+        self._layouts = PerCaller()
 
 
 def step_timestep(timestep: torch.Tensor) -> torch.Tensor:
@@ -167,10 +187,11 @@ class RunState:
             same_step = same_step and position.index == step.index
             step.index = position.index
         elif not same_step:
-            # No scheduler to ask: sampling runs go from high to low timesteps, so a timestep that rises
-            # starts a new run and plan reuse never carries a plan into the next call; an equal one is another
-            # call of the same step (true CFG).
-            new_run = value is None or step.timestep is None or value > step.timestep
+            # No scheduler to ask: sampling runs go from high to low timesteps (in the scheduler's units; Z-Image
+            # receives 1 - sigma, which rises), so a timestep that rises starts a new run and plan reuse never
+            # carries a plan into the next call; an equal one is another call of the same step (true CFG).
+            to_units = self.locator.to_scheduler_units
+            new_run = value is None or step.timestep is None or to_units(value) > to_units(step.timestep)
             step.index = 0 if new_run and value is not None else step.index + 1
         step.call_in_step = step.call_in_step + 1 if same_step else 0
         if position.index is None:
@@ -205,8 +226,13 @@ class RunState:
 
 def is_guidance_batch(latent: Optional[torch.Tensor]) -> bool:
     """Whether a denoiser input is a classifier-free guidance batch: its two halves are the same latents
-    (diffusers' pipelines run ``cat([x, x])`` for unconditional and conditional). Not read under
+    (diffusers' pipelines run ``cat([x, x])`` for unconditional and conditional, in either order). Not read under
     ``torch.compile`` (a host comparison), where every sample plans on its own."""
+    if isinstance(latent, (list, tuple)) and latent and all(isinstance(x, torch.Tensor) for x in latent):
+        # a list of per-sample latents (Z-Image): a batch when they share one shape
+        if len(latent) % 2 or any(x.shape != latent[0].shape for x in latent):
+            return False
+        latent = torch.stack(list(latent))
     if not isinstance(latent, torch.Tensor) or latent.dim() < 2 or latent.shape[0] % 2 or torch.compiler.is_compiling():
         return False
     half = latent.shape[0] // 2

@@ -74,6 +74,25 @@ class MergePlan:
         return MergePlan(self.kept_idx.repeat(times, 1), self.src_idx.repeat(times, 1),
                          self.src_slot.repeat(times, 1), self.num_tokens, weights)
 
+    def within(self, start: int, total: int) -> "MergePlan":
+        """This plan applied to tokens ``start .. start + N`` of a sequence of ``total``: every other token is kept
+        whole, in place (text before the image, a reference image after it). Merging gives
+        ``[before; merged; after]``; a per-token argument over the whole sequence follows with ``take``."""
+        after = total - start - self.num_tokens
+        if start < 0 or after < 0:
+            raise ValueError(f"a plan over {self.num_tokens} tokens does not fit at {start} in a sequence of {total}")
+        if start == 0 and after == 0:
+            return self
+        b, device = self.batch_size, self.kept_idx.device
+        head = torch.arange(start, device=device).expand(b, start)
+        tail = torch.arange(start + self.num_tokens, total, device=device).expand(b, after)
+        weights = None
+        if self.weights is not None:
+            weights = torch.ones(b, total, dtype=self.weights.dtype, device=self.weights.device)
+            weights[:, start:start + self.num_tokens] = self.weights
+        return MergePlan(torch.cat([head, self.kept_idx + start, tail], dim=1), self.src_idx + start,
+                         self.src_slot + start, total, weights)
+
     # ------------------------------------------------------------------ shape facts
     @property
     def batch_size(self) -> int:

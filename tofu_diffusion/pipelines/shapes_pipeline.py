@@ -96,9 +96,11 @@ class ClassTokens(ModelMixin, ConfigMixin):
         return self.pooled_embedding(labels)
 
 
-def shapes_unet(token_dim: int = 64) -> UNet2DConditionModel:
+def shapes_unet(token_dim: int = 64, image_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
+    """tiny-unet's layout; ``image_size=64`` gives the 1,024-token generator (tiny-unet-64: its top attention
+    level is 32x32), the same weights shapes either way (a UNet has no position table)."""
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // PATCH,
+        sample_size=image_size // PATCH,
         in_channels=3 * PATCH * PATCH,
         out_channels=3 * PATCH * PATCH,
         layers_per_block=1,

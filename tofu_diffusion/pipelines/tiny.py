@@ -11,16 +11,22 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    QwenImageEditPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 
 TEXT_DIM = 32
@@ -198,6 +204,15 @@ def flux_pipeline() -> FluxPipeline:
     return pipe
 
 
+def flux_kontext_pipeline() -> FluxKontextPipeline:
+    """Flux.1 Kontext: ``flux_pipeline``'s components; the reference image's tokens follow the target's.
+    Call it with ``max_area=height * width`` (its default resizes to about 1024x1024)."""
+    parts = flux_pipeline().components
+    pipe = FluxKontextPipeline(**{k: v for k, v in parts.items() if k not in ("image_encoder", "feature_extractor")})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def flux_prompt(seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
@@ -333,3 +348,74 @@ def qwen_image_prompt(seed: int = 1) -> dict:
     mask = torch.ones(1, 9, dtype=torch.long)
     return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "prompt_embeds_mask": mask,
             "negative_prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "negative_prompt_embeds_mask": mask}
+
+
+def flux2_transformer(seed: int = 0) -> Flux2Transformer2DModel:
+    """Flux.2's layout: a double- and a single-stream block (the single one on the joint [text; image] sequence),
+    4-axis rotary ids (image, row, col, layer), one modulation per sample shared by the blocks."""
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                   timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2)).eval()
+
+
+def flux2_pipeline() -> Flux2Pipeline:
+    """Text encoder None: call it with ``prompt_embeds`` (see ``flux2_prompt``); ``image=`` adds reference images
+    (at least 64 px on each side, as Flux2Pipeline requires)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                             sample_size=32).eval()
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=flux2_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux2_prompt(seed: int = 1) -> dict:
+    return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=torch.Generator().manual_seed(seed))}
+
+
+def qwen_image_edit_pipeline() -> QwenImageEditPipeline:
+    """Qwen-Image-Edit: the reference image's tokens follow the target's (``img_shapes`` lists both). The pipeline
+    resizes the reference to about 1024x1024, so its VAE downsamples 8x (4,096 reference tokens)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4)
+    pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=None,
+                                 tokenizer=None, processor=None, transformer=qwen_image_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def z_image_transformer(seed: int = 0) -> ZImageTransformer2DModel:
+    """Z-Image's layout: refiners on the image and the caption apart, then main layers on the unified
+    [image; caption] sequence (each padded to a multiple of 32), complex rotary over every token."""
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2,
+                                    n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_DIM,
+                                    axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]).eval()
+
+
+def z_image_pipeline() -> ZImagePipeline:
+    """Text encoder None: call it with lists of prompt embeddings (see ``z_image_prompt``)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                          text_encoder=None, tokenizer=None, transformer=z_image_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def z_image_prompt(seed: int = 1) -> dict:
+    """Captions of different lengths for the prompt and the negative: the unified sequence is padded per sample."""
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_embeds": [torch.randn(9, TEXT_DIM, generator=g)],
+            "negative_prompt_embeds": [torch.randn(40, TEXT_DIM, generator=g)]}

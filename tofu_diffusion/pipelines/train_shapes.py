@@ -148,12 +148,13 @@ def build_pipeline(kind: str, image_size: int = IMAGE_SIZE):
     """A freshly initialised generator pipeline: ``"unet"`` (tiny-unet), ``"dit"`` (tiny-dit), ``"mmdit"`` or
     ``"wan"`` (tiny-wan, moving-shapes clips).
 
-    ``image_size`` other than 32 is offered for the DiT only (tiny-dit-64: 64 px, 1,024 tokens).
+    ``image_size`` other than 32 is offered for the UNet and the DiT (tiny-unet-64, tiny-dit-64: 64 px,
+    1,024 tokens where they attend).
     """
-    if image_size != IMAGE_SIZE and kind != "dit":
-        raise ValueError(f"--image-size {image_size} is offered for the dit only")
+    if image_size != IMAGE_SIZE and kind not in ("unet", "dit"):
+        raise ValueError(f"--image-size {image_size} is offered for the unet and the dit only")
     if kind == "unet":
-        pipe = ShapesUNetPipeline(shapes_unet(), ClassTokens(), flow_scheduler())
+        pipe = ShapesUNetPipeline(shapes_unet(image_size=image_size), ClassTokens(), flow_scheduler())
     elif kind == "wan":
         pipe = ShapesWanPipeline(shapes_wan(), ClassTokens(), flow_scheduler())
     elif kind == "mmdit":
@@ -168,9 +169,10 @@ def build_pipeline(kind: str, image_size: int = IMAGE_SIZE):
 def _warm_start(fresh, saved):
     """``saved`` itself when it has ``fresh``'s image size; otherwise ``fresh`` with ``saved``'s weights.
 
-    A DiT's sin-cos position table is computed from its size, not stored, so a 32 px DiT's weights load
-    into a 64 px one unchanged (positions 0..31 instead of 0..15 per side; the shapes may sit anywhere, so
-    little hangs on absolute position) and the 64 px model starts from everything the 32 px one knows.
+    A UNet has no position table, and a DiT's sin-cos table is computed from its size, not stored, so a
+    32 px model's weights load into a 64 px one unchanged (the DiT sees positions 0..31 instead of 0..15 per
+    side; the shapes may sit anywhere, so little hangs on absolute position) and the 64 px model starts from
+    everything the 32 px one knows.
     """
     if saved.latent_shape() == fresh.latent_shape():
         return saved
@@ -325,9 +327,9 @@ def main(argv=None) -> None:
         u.add_argument("--score-per-class", type=int, default=32,
                        help="samples per class when scoring a snapshot (fewer for the costly 64 px model)")
         u.add_argument("--out", default=os.path.join(WEIGHTS_DIR, f"tiny-{kind}"))
-        if kind == "dit":
+        if kind in ("unet", "dit"):
             u.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                           help="64 for the 1,024-token tiny-dit-64 (--init from a 32 px DiT warm-starts it)")
+                           help=f"64 for the 1,024-token tiny-{kind}-64 (--init from a 32 px model warm-starts it)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
