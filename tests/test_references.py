@@ -186,7 +186,7 @@ def test_qwen_image_edit_pipeline_end_to_end_with_true_cfg():
     pipe = qwen_image_edit_pipeline()  # resizes the reference to about 1024x1024: 4,096 reference tokens
     call = dict(**qwen_image_prompt(), image=_reference((32, 48)), height=64, width=96, true_cfg_scale=4.0)
     base = _seeded(pipe, **call)
-    handle = tofu.apply(pipe, method="tome", ratio=0.5)
+    handle = tofu.apply(pipe, method="tome", schedule=((0.0, 0.5),))  # a schedule: the step is tracked
     steps = []
     pipe.transformer.register_forward_hook(lambda *_: steps.append(handle.blocks[0].run.step().index))
     reduced = _seeded(pipe, **call)
