@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import tofu_diffusion as tofu
+from tofu_diffusion.adapters.qwen_image import per_token_index
 from tofu_diffusion.pipelines.tiny import (
     TEXT_DIM,
     flux2_pipeline,
@@ -80,8 +81,8 @@ def _run(model, inputs):
 def _one(inputs, i):
     batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
     out = {k: (v[i:i + 1] if k in batched else v) for k, v in inputs.items()}
-    for k in ("img_ids", "txt_ids"):
-        if inputs[k if k in inputs else "hidden_states"].dim() == 3 and k in inputs:
+    for k in ("img_ids", "txt_ids"):  # Flux.2's ids are batched
+        if k in inputs and inputs[k].dim() == 3:
             out[k] = inputs[k][i:i + 1]
     if "img_shapes" in inputs:
         out["img_shapes"] = inputs["img_shapes"][:1]
@@ -130,16 +131,14 @@ def test_reference_tokens_keep_their_rotary_rows_and_enter_as_they_are():
 
 def test_qwen_edit_modulate_index_keeps_the_references_index():
     model = _qwen_edit_model()
-    seen = []
-    model.transformer_blocks[0].register_forward_pre_hook(lambda m, a, k: seen.append(k) and None, with_kwargs=True)
-    tofu.apply(model, method="tome", ratio=0.5)
+    handle = tofu.apply(model, method="tome", ratio=0.5)
     _run(model, _qwen_edit_inputs())
-    index = seen[0]["modulate_index"]
-    assert index.shape == (2, 40)  # before the block's hook: the full stream; after: kept target + references
-    block_calls = []
-    model.transformer_blocks[0].img_mod.register_forward_hook(lambda m, a, out: block_calls.append(out.shape))
-    _run(model, _qwen_edit_inputs())
-    assert all(shape[1] == 12 + 16 or len(shape) == 2 for shape in block_calls)
+    plan = handle.last_plans()["transformer_blocks.0"][0]
+    index = torch.cat([torch.zeros(2, 24, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)], dim=1)
+    # the follower over the whole image stream: the kept target tokens' 0s, then every reference token's 1
+    kept = per_token_index(index, plan.within(0, 40))
+    assert torch.equal(kept, torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)],
+                                       dim=1))
 
 
 def test_targets_interleaved_with_references_are_refused_clearly():

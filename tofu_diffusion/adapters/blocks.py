@@ -258,6 +258,16 @@ class BlockAdapter(Adapter):
         return Patch(blocks)
 
 
+def stream_sites(model: torch.nn.Module, double, single) -> list[Site]:
+    """A Flux-style model's ``transformer_blocks`` of class ``double``, then its ``single_transformer_blocks`` of
+    class ``single`` (each a class or a tuple of them), at full resolution."""
+    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
+             if isinstance(block, double)]
+    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
+              for i, block in enumerate(model.single_transformer_blocks) if isinstance(block, single)]
+    return sites
+
+
 def all_levels(sites: list[Site]) -> set[int]:
     """Every block is reduced by default (transformers whose blocks share one grid)."""
     return {site.level for site in sites}

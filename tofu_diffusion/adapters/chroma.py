@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_chroma import ChromaSingleTransfo
 from ..config import TokenFusionConfig
 from ..core import MergePlan
 from .base import Site
-from .blocks import all_levels, packed_ids_grid, self_attention
+from .blocks import all_levels, packed_ids_grid, self_attention, stream_sites
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
@@ -34,12 +34,7 @@ from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, text_rows
 
 
 def chroma_sites(model: torch.nn.Module) -> list[Site]:
-    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
-             if isinstance(block, ChromaTransformerBlock)]
-    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
-              for i, block in enumerate(model.single_transformer_blocks)
-              if isinstance(block, ChromaSingleTransformerBlock)]
-    return sites
+    return stream_sites(model, ChromaTransformerBlock, ChromaSingleTransformerBlock)
 
 
 def text_first_mask(mask, plan: MergePlan):

@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from ..config import TokenFusionConfig
 from .base import Site
-from .blocks import all_levels, packed_ids_grid, self_attention
+from .blocks import all_levels, packed_ids_grid, self_attention, stream_sites
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
@@ -28,12 +28,7 @@ from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, text_rows
 
 
 def flux_sites(model: torch.nn.Module) -> list[Site]:
-    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
-             if isinstance(block, FluxTransformerBlock)]
-    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
-              for i, block in enumerate(model.single_transformer_blocks)
-              if isinstance(block, FluxSingleTransformerBlock)]
-    return sites
+    return stream_sites(model, FluxTransformerBlock, FluxSingleTransformerBlock)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransform
 
 from ..config import TokenFusionConfig
 from .base import Site
-from .blocks import all_levels, packed_ids_grid, self_attention
+from .blocks import all_levels, packed_ids_grid, self_attention, stream_sites
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
@@ -35,12 +35,7 @@ from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, text_rows
 
 
 def flux2_sites(model: torch.nn.Module) -> list[Site]:
-    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)
-             if isinstance(block, Flux2TransformerBlock)]
-    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
-              for i, block in enumerate(model.single_transformer_blocks)
-              if isinstance(block, Flux2SingleTransformerBlock)]
-    return sites
+    return stream_sites(model, Flux2TransformerBlock, Flux2SingleTransformerBlock)
 
 
 def flux2_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict):

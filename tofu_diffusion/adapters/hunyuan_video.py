@@ -31,7 +31,7 @@ from ..config import TokenFusionConfig
 from ..core import MergePlan
 from .arguments import Signature
 from .base import Site
-from .blocks import all_levels, self_attention, video_latent_grid
+from .blocks import all_levels, self_attention, stream_sites, video_latent_grid
 from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
@@ -42,10 +42,7 @@ _TOKEN_REPLACE = (HunyuanVideoTokenReplaceTransformerBlock, HunyuanVideoTokenRep
 
 
 def hunyuan_sites(model: torch.nn.Module) -> list[Site]:
-    sites = [Site(f"transformer_blocks.{i}", block, model, 1) for i, block in enumerate(model.transformer_blocks)]
-    sites += [Site(f"single_transformer_blocks.{i}", block, model, 1)
-              for i, block in enumerate(model.single_transformer_blocks)]
-    return [site for site in sites if isinstance(site.block, _BLOCKS + _TOKEN_REPLACE)]
+    return stream_sites(model, _BLOCKS + _TOKEN_REPLACE, _BLOCKS + _TOKEN_REPLACE)
 
 
 def video_first_mask(mask, plan: MergePlan):

@@ -106,7 +106,8 @@ def pixart_transformer(seed: int = 0) -> PixArtTransformer2DModel:
     ).eval()
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
+def tiny_vae(seed: int = 0, shift_factor: float | None = None) -> AutoencoderKL:
+    """A 2x-downsampling VAE; ``shift_factor=0.0`` for the flow pipelines (SD3, Flux, Chroma, Z-Image)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -117,6 +118,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        shift_factor=shift_factor,
     ).eval()
 
 
@@ -165,10 +167,7 @@ def sd3_transformer(seed: int = 0, sd35: bool = True) -> SD3Transformer2DModel:
 
 def sd3_pipeline(sd35: bool = True) -> StableDiffusion3Pipeline:
     """Text encoders None: call it with prompt_embeds / pooled_prompt_embeds (see ``sd3_prompt``)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    vae = tiny_vae(shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(transformer=sd3_transformer(sd35=sd35), scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
@@ -194,10 +193,7 @@ def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
 
 def flux_pipeline() -> FluxPipeline:
     """Text encoders None: call it with prompt_embeds / pooled_prompt_embeds (see ``flux_prompt``)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    vae = tiny_vae(shift_factor=0.0)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer())
     pipe.set_progress_bar_config(disable=True)
@@ -304,10 +300,7 @@ def chroma_transformer(seed: int = 0) -> ChromaTransformer2DModel:
 
 def chroma_pipeline() -> ChromaPipeline:
     """Text encoder None: call it with prompt embeddings and masks (see ``chroma_prompt``)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    vae = tiny_vae(shift_factor=0.0)
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                           transformer=chroma_transformer())
     pipe.set_progress_bar_config(disable=True)
@@ -404,10 +397,7 @@ def z_image_transformer(seed: int = 0) -> ZImageTransformer2DModel:
 
 def z_image_pipeline() -> ZImagePipeline:
     """Text encoder None: call it with lists of prompt embeddings (see ``z_image_prompt``)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+    vae = tiny_vae(shift_factor=0.0)
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                           text_encoder=None, tokenizer=None, transformer=z_image_transformer())
     pipe.set_progress_bar_config(disable=True)
