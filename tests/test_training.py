@@ -62,8 +62,8 @@ def test_a_64_px_dit_warm_starts_from_a_32_px_one():
     assert all(torch.equal(small_state[k], large_state[k]) for k in small_state)
     large.set_progress_bar_config(disable=True)
     assert large([1], num_inference_steps=1).images.shape == (1, 3, 64, 64)
-    with pytest.raises(ValueError, match="offered for the dit only"):
-        build_pipeline("unet", 64)
+    with pytest.raises(ValueError, match="offered for the unet and the dit only"):
+        build_pipeline("mmdit", 64)
 
 
 def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
