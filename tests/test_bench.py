@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tofu_diffusion as tofu
-from tofu_diffusion.eval.bench import _count_flops, _overhead_shares
+from tofu_diffusion.eval.bench import _count_flops, _overhead_shares, shares_of
 from tofu_diffusion.pipelines.tiny import dit_transformer
 
 
@@ -34,6 +34,22 @@ def test_overhead_shares_are_attributed():
     assert set(shares) == {"plan", "merge", "unmerge"}
     # each part took time, and together they are a part of the step, not more than it
     assert all(value > 0 for value in shares.values()) and sum(shares.values()) < 1
+
+
+def test_on_cuda_the_shares_are_of_device_time_not_launch_time():
+    from types import SimpleNamespace
+
+    def event(key, cpu, cpu_self, device, device_self):
+        return SimpleNamespace(key=key, cpu_time_total=cpu, self_cpu_time_total=cpu_self,
+                               device_time_total=device, self_device_time_total=device_self)
+
+    # a merge that launches quickly (10 of 100 host units) but runs long on the GPU (60 of 120 device units)
+    events = [event("tofu_diffusion::merge", 10, 2, 60, 0), event("aten::index_add_", 8, 8, 60, 60),
+              event("aten::mm", 90, 90, 60, 60), event("tofu_diffusion::plan", 0, 0, 0, 0),
+              event("tofu_diffusion::unmerge", 0, 0, 0, 0)]
+    host, device = shares_of(events, on_device=False), shares_of(events, on_device=True)
+    assert host["merge"] == 10 / 100 and device["merge"] == 60 / 120
+    assert host["plan"] == device["plan"] == 0
 
 
 def test_speedup_interval_pairs_interleaved_rounds():

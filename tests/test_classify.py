@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tofu_diffusion as tofu
 from tofu_diffusion.eval import classify
 from tofu_diffusion.pipelines.classifier import shapes_vit, shapes_vit_processor
 from tofu_diffusion.pipelines.shapes import CLASSES, generate
@@ -46,8 +47,23 @@ def test_classify_on_an_image_folder(vit_and_data, tmp_path):
     assert tome8["gflops"] < tome4["gflops"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == rows
-    assert (out / "results.csv").read_text().splitlines()[0].startswith("method,r,accuracy")
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("setting,method,r,ratio,accuracy")
     assert (out / "accuracy_vs_throughput.png").stat().st_size > 1000
+
+
+def test_classify_rows_by_ratio_and_by_preset(vit_and_data, tmp_path):
+    model, data = vit_and_data
+    result = classify.main(["--model", model, "--data", data, "--methods", "none", "tome", "--r", "--ratios", "0.1",
+                            "--presets", "default", "fast", "--repeats", "1", "--batch-size", "6",
+                            "--out", str(tmp_path)])
+    rows = {row["setting"]: row for row in result["rows"]}
+    assert list(rows) == ["none", "tome ratio=0.1", "preset default", "preset fast"]
+    # a tenth of each layer's patch tokens (the class token is kept), rounded down: 65 -> 59 -> 54 -> ...
+    assert rows["tome ratio=0.1"]["tokens_per_layer"] == [65, 59, 54, 49, 45, 41, 37]
+    expected = tofu.TokenFusionConfig(preset="fast").resolve("vit")
+    assert (rows["preset fast"]["method"], rows["preset fast"]["ratio"]) == (expected.method, expected.ratio)
+    quality = tofu.TokenFusionConfig().resolve("vit")
+    assert rows["preset default"]["ratio"] == quality.ratio and rows["preset default"]["r"] == (quality.r or 0)
 
 
 def test_classify_explains_bad_data(vit_and_data, tmp_path):

@@ -12,7 +12,6 @@ from tofu_diffusion.pipelines.tiny import sd_pipeline, sd_unet
     [
         ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
         ({"ratio": -0.1}, r"ratio must be in \[0, 1\)"),
-        ({"ratio": 0.8}, r"caps it at 0.750.*stride=\(4, 4\)"),
         ({"method": "tomesd"}, r"unknown method 'tomesd'; choose one of \('tome', 'tofu', 'mctf', 'todo'\)"),
         ({"merge_mode": "max"}, r"unknown merge_mode 'max'"),
         ({"tau_info": -1.0}, r"tau_info must be >= 0"),
@@ -27,6 +26,39 @@ from tofu_diffusion.pipelines.tiny import sd_pipeline, sd_unet
 def test_config_errors(options, message):
     with pytest.raises(ValueError, match=message):
         tofu.TokenFusionConfig(**options)
+
+
+@pytest.mark.parametrize("options", [{"ratio": 0.8}, {"schedule": [(0.0, 0.0), (0.5, 0.8)]}])
+def test_a_ratio_past_the_strides_cap_is_refused_on_a_denoiser(options):
+    with pytest.raises(ValueError, match=r"caps it at 0.750.*stride=\(4, 4\)"):
+        tofu.apply(sd_unet(), method="tome", **options)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"stride": (2.5, 2)}, r"stride must be two positive ints .* got 2.5"),
+    ({"seed": "zero"}, r"seed must be an int, got 'zero'"),
+    ({"seed": 1.5}, r"seed must be an int, got 1.5"),
+    ({"max_downsample": 2.5}, r"max_downsample must be an int"),
+    ({"blocks": [0.5]}, r"blocks must be a list of block indices \(ints\) or a slice"),
+    ({"layers": [1.5]}, r"layers must be a list of layer indices"),
+    ({"levels": "1"}, r"levels must be a list of downsampling factors"),
+    ({"tau_info": "x"}, r"tau_info must be a number"),
+    ({"plan_reuse_steps": 1.5}, r"plan_reuse_steps must be an int"),
+    ({"merge_self_attention": "yes"}, r"merge_self_attention must be True or False"),
+    ({"r": 8.0}, r"r must be an int >= 0"),
+    ({"r": [2, 2.5]}, r"r must be an int >= 0"),
+])
+def test_options_of_the_wrong_type_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        tofu.TokenFusionConfig(**options)
+
+
+def test_numpy_and_torch_integers_are_taken_as_ints():
+    import numpy as np
+
+    config = tofu.TokenFusionConfig(stride=np.int64(4), seed=np.int32(3), r=torch.tensor(4), blocks=[np.int64(1)])
+    assert (config.stride, config.seed, config.r, config.blocks) == ((4, 4), 3, 4, (1,))
+    assert all(type(v) is int for v in (*config.stride, config.seed, config.r, *config.blocks))
 
 
 def test_larger_stride_allows_higher_ratio():

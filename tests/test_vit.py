@@ -278,3 +278,11 @@ def test_an_r_list_longer_than_the_model_is_refused_before_the_patch_is_touched(
         tofu.apply(model, method="tome", r=[1] * 9)
     assert tofu.handle_of(model) is first and torch.equal(model(images).logits, reduced)
     tofu.remove(model)
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.8])
+def test_a_classifier_ratio_over_half_is_refused_in_a_classifiers_words(ratio):
+    # a classifier has no stride: the limit is bipartite matching's half of each layer's tokens
+    with pytest.raises(ValueError, match=rf"ratio {ratio} is more than a classifier layer can remove") as caught:
+        tofu.apply(_model(), method="tome", ratio=ratio)
+    assert "stride" not in str(caught.value)

@@ -38,6 +38,28 @@ def _as_float(value, name: str) -> float:
     raise ValueError(f"{name} must be a number, got {value!r}")
 
 
+def _as_int(value, name: str, what: str = "an int") -> int:
+    """Python, NumPy and 0-d torch integers alike; a float, a bool or a string is refused, not truncated."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        return int(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and isinstance(value.item(), int) \
+            and not isinstance(value.item(), bool):
+        return int(value.item())
+    raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _as_ints(values, name: str, what: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be {what}, got {values!r}")
+    return tuple(_as_int(v, name, what) for v in values)
+
+
+def _as_bool(value, name: str) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python or NumPy booleans only
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 @dataclass
 class TokenFusionConfig:
     """How tokens are reduced in each transformer block.
@@ -161,22 +183,34 @@ class TokenFusionConfig:
     threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stride, int):
-            self.stride = (self.stride, self.stride)
-        self.stride = tuple(int(s) for s in self.stride)
+        # Types first, each refusal naming the option: a float stride or a string seed would otherwise be
+        # truncated or fail deep inside a reducer.
+        stride_text = "two positive ints (sy, sx) or, for video, three (sf, sy, sx)"
+        if not isinstance(self.stride, bool) and isinstance(self.stride, numbers.Integral):
+            self.stride = (int(self.stride), int(self.stride))
+        self.stride = _as_ints(self.stride, "stride", stride_text)
         if self.levels is not None:
-            self.levels = tuple(int(level) for level in self.levels)
+            self.levels = _as_ints(self.levels, "levels", "a list of downsampling factors (ints), e.g. [1, 2]")
         if self.layers is not None:
-            self.layers = tuple(int(layer) for layer in self.layers)
-        if self.r is not None and not isinstance(self.r, (int, tuple)):
-            self.r = list(self.r)
+            self.layers = _as_ints(self.layers, "layers", "a list of layer indices (ints)")
+        for name in ("destination_position", "switch_depth", "plan_reuse_steps", "info_queries", "seed"):
+            setattr(self, name, _as_int(getattr(self, name), name))
+        if self.max_downsample is not None:
+            self.max_downsample = _as_int(self.max_downsample, "max_downsample", "an int (a downsampling factor)")
+        for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "share_guidance_plans",
+                     "proportional_attention"):
+            setattr(self, name, _as_bool(getattr(self, name), name))
+        for name in ("tau_sim", "tau_info", "tau_size"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _as_float(getattr(self, name), name))
+        self.r = self._typed_r(self.r)
         if self.ratio is not None:
             self.ratio = _as_float(self.ratio, "ratio")
         if self.schedule is not None:
             self.schedule = tuple((_as_float(p, "schedule progress"), _as_float(r, "schedule ratio"))
                                   for p, r in self.schedule)
         if self.blocks is not None and not isinstance(self.blocks, slice):
-            self.blocks = tuple(int(b) for b in self.blocks)
+            self.blocks = _as_ints(self.blocks, "blocks", "a list of block indices (ints) or a slice")
         if self.threshold is not None:
             self.threshold = _as_float(self.threshold, "threshold")
         self.validate()
@@ -254,14 +288,18 @@ class TokenFusionConfig:
     def _check_ratio(self, ratio: float) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1) (the share of tokens removed), got {ratio!r}")
+
+    def check_grid_ratio(self) -> None:
+        """Refuse a ratio the stride cannot give on a denoiser's token grid (checked where the model is known:
+        a classifier has no stride, and its own limit is half of each layer's tokens)."""
         cap = max_grid_ratio(self.stride)
-        if self.method != "todo" and ratio > cap:
-            raise ValueError(
-                f"ratio {ratio} removes more tokens than a {grid_text(self.stride)} stride allows on a "
-                f"denoiser's token grid (one destination per cell caps it at {cap:.3f}); lower the ratio or use a "
-                f"larger stride, e.g. stride=(4, 4). (On a ViT/DeiT classifier the ratio is a share of each "
-                f"layer's tokens, and bipartite matching removes at most half: give at most 0.5, or r.)"
-            )
+        for ratio in self.ratios():
+            if self.method != "todo" and ratio > cap:
+                raise ValueError(
+                    f"ratio {ratio} removes more tokens than a {grid_text(self.stride)} stride allows on a "
+                    f"denoiser's token grid (one destination per cell caps it at {cap:.3f}); lower the ratio or "
+                    f"use a larger stride, e.g. stride=(4, 4)"
+                )
 
     def options_set(self, names: Sequence[str]) -> list[str]:
         """Those of ``names`` whose value differs from the field's default (what a user set)."""
@@ -305,6 +343,16 @@ class TokenFusionConfig:
         if resolved.threshold is not None and resolved.method == "todo":
             resolved.validate()  # the preset's method may be todo: refused with the same message
         return resolved
+
+    @staticmethod
+    def _typed_r(r):
+        """r as an int, an (int, float) tuple or a list of ints (NumPy / torch integers accepted)."""
+        usage = "an int >= 0, an (r, inflection) tuple with inflection in [-1, 1], or a list of ints >= 0"
+        if r is None or isinstance(r, tuple):
+            return r if r is None or len(r) != 2 else (_as_int(r[0], "r", usage), _as_float(r[1], "r's inflection"))
+        if isinstance(r, (str, bytes)) or not hasattr(r, "__iter__") or getattr(r, "ndim", 1) == 0:
+            return _as_int(r, "r", usage)
+        return [_as_int(v, "r", usage) for v in r]
 
     def _validate_r(self) -> None:
         r = self.r

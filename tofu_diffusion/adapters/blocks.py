@@ -198,6 +198,7 @@ class BlockAdapter(Adapter):
             raise ValueError(f"{', '.join(other)} {'is an option' if len(other) == 1 else 'are options'} of ViT/DeiT "
                              f"classifiers, which {type(model).__name__} does not read; remove it")
         model_name = type(model).__name__
+        config.check_grid_ratio()
         if len(config.stride) > self.grid_rank:
             raise ValueError(f"stride {config.stride} has {len(config.stride)} axes but {model_name}'s token grid has "
                              f"{self.grid_rank} ({'frames, ' if self.grid_rank == 3 else ''}rows, cols); give at "

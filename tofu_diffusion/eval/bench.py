@@ -261,16 +261,34 @@ def _count_flops(fn) -> int:
         _planning.BlockState._compute_plan = original
 
 
-def _overhead_shares(fn) -> dict[str, float]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+OVERHEAD_PARTS = ("plan", "merge", "unmerge")
+
+
+def _overhead_shares(fn, device: torch.device | str = "cpu") -> dict[str, float]:
+    """The shares of one call's time spent planning, merging and unmerging (the ``tofu_diffusion::*`` ranges).
+
+    On CUDA the shares are of device time: the kernels each range launched, timed on the GPU by the
+    profiler (CUPTI), over all kernels of the call. Host time there would measure launches, which return
+    before the work is done, and make the reducer's parts look cheap or dear by how many kernels they queue.
+    """
+    on_device = torch.device(device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_device:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         fn()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    shares = {}
-    for label in ("plan", "merge", "unmerge"):
-        name = f"tofu_diffusion::{label}"
-        shares[label] = sum(e.cpu_time_total for e in events if e.key == name) / max(total, 1)
-    return shares
+        if on_device:
+            torch.cuda.synchronize()
+    return shares_of(prof.key_averages(), on_device)
+
+
+def shares_of(events, on_device: bool) -> dict[str, float]:
+    """Each ``tofu_diffusion::<part>`` range's total time over the call's: device time or host time."""
+    total_key, self_key = ("device_time_total", "self_device_time_total") if on_device else \
+        ("cpu_time_total", "self_cpu_time_total")
+    total = sum(getattr(e, self_key) for e in events)
+    return {part: sum(getattr(e, total_key) for e in events if e.key == f"tofu_diffusion::{part}") / max(total, 1)
+            for part in OVERHEAD_PARTS}
 
 
 def _geometry(spec: Workload, resolution: int, args) -> str:
@@ -363,7 +381,7 @@ def run_workload(key: str, args) -> list[dict]:
             flops = _count_flops(step)
             base_flops = flops if name == "baseline" else base_flops
             timed = v["method"] not in ("baseline", "tomesd 0.1.3") and not args.flops_only
-            shares = _overhead_shares(sample) if timed else {}
+            shares = _overhead_shares(sample, device) if timed else {}
             speedup = speedups[name]["speedup"]
             ideal = base_flops / flops
             rows.append({

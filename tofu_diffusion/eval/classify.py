@@ -2,9 +2,11 @@
 
     tofu-diffusion classify --model tiny-vit --methods none tome tofu mctf --r 4 8 --out results/classify
 
-For every (method, r): top-1 accuracy, images per second (interleaved repeats against the baseline in
-the same run, median), GFLOPs per image (torch.utils.flop_counter, matching included) and the tokens
-entering each layer. Writes ``results.json``, ``results.csv`` and ``accuracy_vs_throughput.png``.
+``--ratios`` adds rows by share of each layer's tokens (MCTF's form) and ``--presets`` rows for the named
+presets (``default``: what ``tofu.apply(model)`` does with no options). For every setting: top-1 accuracy,
+images per second (interleaved repeats against the baseline in the same run, median), GFLOPs per image
+(torch.utils.flop_counter, matching included) and the tokens entering each layer. Writes ``results.json``,
+``results.csv`` and ``accuracy_vs_throughput.png``.
 
 The embedded default ``tiny-vit`` is evaluated on held-out procedural shapes; a real checkpoint is
 ``--model <hub id or folder> --data <ImageFolder>`` (one sub-folder per class, named as the model's labels).
@@ -23,6 +25,7 @@ import argparse
 import functools
 import os
 import statistics
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,10 +39,10 @@ from tofu_diffusion.eval.timing import interleaved_times, speedups_of, with_base
 from tofu_diffusion.eval.variants import use_variant
 from tofu_diffusion.eval.workloads import IMAGE_SUFFIXES
 
-COLUMNS = ("method", "r", "accuracy", "images_per_second", "speedup", "speedup_low", "speedup_high", "gflops",
-           "tokens_per_layer")
-BENCH_COLUMNS = ("geometry", "method", "r", "images_per_second", "speedup", "speedup_low", "speedup_high", "gflops",
-                 "ideal_speedup", "efficiency")
+COLUMNS = ("setting", "method", "r", "ratio", "accuracy", "images_per_second", "speedup", "speedup_low",
+           "speedup_high", "gflops", "tokens_per_layer")
+BENCH_COLUMNS = ("geometry", "setting", "method", "r", "ratio", "images_per_second", "speedup", "speedup_low",
+                 "speedup_high", "gflops", "ideal_speedup", "efficiency")
 # ViT-S/16 and ViT-B/16 (DeiT-S/B have the same shapes): 12 layers, 224 px, patch 16 -> 196 patches + CLS.
 GEOMETRIES = {
     "vit-s": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
@@ -53,7 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny-vit", help="tiny-vit (bundled) or a transformers hub id / local folder")
     p.add_argument("--methods", nargs="+", default=["none", "tome", "tofu", "mctf"],
                    choices=("none", *tofu.CLASSIFIER_METHODS))
-    p.add_argument("--r", nargs="+", type=int, default=[2, 4, 8], help="tokens removed per layer")
+    p.add_argument("--r", nargs="*", type=int, default=[2, 4, 8], help="tokens removed per layer")
+    p.add_argument("--ratios", nargs="*", type=float, default=[],
+                   help="share of each layer's tokens removed (MCTF's form), for every method")
+    p.add_argument("--presets", nargs="*", default=[], choices=["default", *tofu.PRESETS],
+                   help="rows for named presets (default: what tofu.apply(model) does with no options)")
     p.add_argument("--data", help="ImageFolder of evaluation images (real checkpoints)")
     p.add_argument("--num-images", type=int, default=2000, help="bundled model: held-out images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -65,9 +72,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--geometries", nargs="+", default=["vit-s", "vit-b"], choices=list(GEOMETRIES))
     p.add_argument("--bench-batch", type=int, default=16, help="images per timed call (--bench)")
     args = p.parse_args(argv)
-    if min(args.r) < 0:
+    if args.r and min(args.r) < 0:
         p.error("--r values must be >= 0")
+    if args.ratios and not all(0 < ratio <= 0.5 for ratio in args.ratios):
+        p.error("--ratios must lie in (0, 0.5]: bipartite matching removes at most half of a layer's tokens")
     return args
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: the unmodified model (method "none"), a method at ``r`` or ``ratio``, or a named preset."""
+
+    method: str
+    r: int = 0
+    ratio: Optional[float] = None
+    preset: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        if self.preset is not None:
+            return f"preset {self.preset}"
+        if self.method == "none":
+            return "none"
+        return f"{self.method} ratio={self.ratio:g}" if self.ratio is not None else f"{self.method} r={self.r}"
+
+    def config(self) -> Optional[tofu.TokenFusionConfig]:
+        if self.preset == "default":
+            return tofu.TokenFusionConfig()
+        if self.preset is not None:
+            return tofu.TokenFusionConfig(preset=self.preset)
+        if self.method == "none":
+            return None
+        if self.ratio is not None:
+            return tofu.TokenFusionConfig(method=self.method, ratio=self.ratio)
+        return tofu.TokenFusionConfig(method=self.method, r=self.r)
+
+    def row(self, model) -> dict:
+        """The setting's columns; a preset's method and reduction are what it resolves to on ``model``."""
+        if self.preset is None:
+            return {"setting": self.name, "method": self.method, "r": self.r, "ratio": self.ratio}
+        resolved = self.config().resolve(tofu.family_of(model))
+        return {"setting": self.name, "method": resolved.method, "r": resolved.r or 0, "ratio": resolved.ratio}
 
 
 def embedded_or(name: str) -> str:
@@ -129,17 +174,19 @@ def accuracy(model, images, labels, batch_size, device, dtype) -> float:
     return hits / images.shape[0]
 
 
-def settings_of(args) -> list[tuple[str, int]]:
-    settings = [("none", 0)]
+def settings_of(args) -> list[Setting]:
+    settings = [Setting("none")]
     for method in args.methods:
         if method != "none":
-            settings += [(method, r) for r in sorted(set(args.r)) if r > 0]
+            settings += [Setting(method, r=r) for r in sorted(set(args.r)) if r > 0]
+            settings += [Setting(method, ratio=ratio) for ratio in sorted(set(args.ratios))]
+    settings += [Setting("preset", preset=name) for name in dict.fromkeys(args.presets)]
     return settings
 
 
-def use(model, method: str, r: int) -> None:
-    """Switch ``model`` to one setting ("none" is the unmodified model)."""
-    use_variant(model, None if method == "none" else tofu.TokenFusionConfig(method=method, r=r))
+def use(model, setting: Setting) -> None:
+    """Switch ``model`` to one setting (method "none" is the unmodified model)."""
+    use_variant(model, setting.config())
 
 
 def tokens_per_layer(model, sample) -> list[int]:
@@ -172,21 +219,21 @@ def evaluate(args) -> dict:
     timing_batch = images[: args.batch_size].to(device, dtype)
     one = images[:1].to(device, dtype)
 
-    names = [f"{m}_{r}" for m, r in settings]
-    setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
+    names = [setting.name for setting in settings]
+    setups = {setting.name: functools.partial(use, model, setting) for setting in settings}
     seconds, speedups = _timed(model, timing_batch, names, setups, args, device)
     rows = []
-    for name, (method, r) in tqdm(list(zip(names, settings)), desc="evaluating"):
-        use(model, method, r)
+    for name, setting in tqdm(list(zip(names, settings)), desc="evaluating"):
+        use(model, setting)
         rows.append({
-            "method": method, "r": r,
+            **setting.row(model),
             "accuracy": accuracy(model, images, labels, args.batch_size, device, dtype),
             "images_per_second": timing_batch.shape[0] / seconds[name],
             **speedups[name],
             "gflops": count_flops(lambda: model(one)) / 1e9,
             "tokens_per_layer": tokens_per_layer(model, one),
         })
-    use(model, "none", 0)
+    use(model, settings[0])
     return {"model": args.model, "num_images": int(images.shape[0]), "device": str(device),
             "timing_batch": int(timing_batch.shape[0]), "rows": rows}
 
@@ -203,23 +250,23 @@ def bench(args) -> dict:
     """Throughput of every (method, r) at ViT-S/B geometry, interleaved with the baseline, and the FLOP ideal."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     settings = settings_of(args)
-    names = [f"{m}_{r}" for m, r in settings]
+    names = [setting.name for setting in settings]
     rows = []
     for geometry in args.geometries:
         model = geometry_model(geometry, device, dtype)
         batch = torch.randn(args.bench_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        setups = {n: functools.partial(use, model, m, r) for n, (m, r) in zip(names, settings)}
+        setups = {setting.name: functools.partial(use, model, setting) for setting in settings}
         seconds, speedups = _timed(model, batch, names, setups, args, device)
         flops = {}
-        for name, (method, r) in zip(names, settings):
-            use(model, method, r)
-            flops[name] = count_flops(lambda: model(batch[:1]))
-        use(model, "none", 0)
+        for setting in settings:
+            use(model, setting)
+            flops[setting.name] = count_flops(lambda: model(batch[:1]))
+        use(model, settings[0])
         base = names[0]
-        for name, (method, r) in zip(names, settings):
+        for name, setting in zip(names, settings):
             timed, ideal = speedups[name], flops[base] / flops[name]
             speedup = timed["speedup"]
-            rows.append({"geometry": geometry, "method": method, "r": r,
+            rows.append({"geometry": geometry, **setting.row(model),
                          "images_per_second": batch.shape[0] / seconds[name], **timed,
                          "gflops": flops[name] / 1e9, "ideal_speedup": ideal, "efficiency": speedup / ideal})
     return {"device": str(device), "dtype": args.dtype, "batch": args.bench_batch, "repeats": args.repeats,
@@ -227,21 +274,21 @@ def bench(args) -> dict:
 
 
 def format_bench(result: dict) -> str:
-    header = (f"{'geometry':<9}{'method':<7}{'r':>4}{'img/s':>9}{'speedup':>21}{'GFLOPs':>8}{'FLOP ideal':>12}"
+    header = (f"{'geometry':<9}{'setting':<20}{'img/s':>9}{'speedup':>21}{'GFLOPs':>8}{'FLOP ideal':>12}"
               f"{'of ideal':>10}")
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
-        lines.append(f"{row['geometry']:<9}{row['method']:<7}{row['r']:>4}{row['images_per_second']:>9.1f}"
+        lines.append(f"{row['geometry']:<9}{row['setting']:<20}{row['images_per_second']:>9.1f}"
                      f"{report.format_speedup(row):>21}{row['gflops']:>8.2f}{row['ideal_speedup']:>11.2f}x"
                      f"{row['efficiency']:>10.2f}")
     return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
-    header = f"{'method':<7}{'r':>4}{'top-1':>8}{'img/s':>10}{'speedup':>21}{'GFLOPs':>9}  tokens per layer"
+    header = f"{'setting':<20}{'top-1':>8}{'img/s':>10}{'speedup':>21}{'GFLOPs':>9}  tokens per layer"
     lines = [header, "-" * (len(header) + 20)]
     for row in result["rows"]:
-        lines.append(f"{row['method']:<7}{row['r']:>4}{100 * row['accuracy']:>7.2f}%{row['images_per_second']:>10.0f}"
+        lines.append(f"{row['setting']:<20}{100 * row['accuracy']:>7.2f}%{row['images_per_second']:>10.0f}"
                      f"{report.format_speedup(row):>21}{row['gflops']:>9.4f}  "
                      f"{' '.join(map(str, row['tokens_per_layer']))}")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ in ``tofu_diffusion/pipelines/weights``):
 - ``tiny-dit``: ``ShapesDiTPipeline``, a class-conditional ``DiTTransformer2DModel``, patch 2;
 - ``tiny-mmdit``: ``ShapesMMDiTPipeline``, an ``SD3Transformer2DModel`` (joint attention) on
   learned class tokens and a pooled class vector;
+- ``tiny-unet-64``: tiny-unet's layout at 64 px, 1,024 tokens at its top attention level (the real token
+  counts' stand-in: SD1.5 at 512 px has 4,096);
 - ``shapes-classifier``: the CNN whose features score FID and whose predictions score class accuracy.
 """
 
@@ -17,7 +19,7 @@ import json
 import os
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-EMBEDDED_GENERATORS = ("tiny-unet", "tiny-dit", "tiny-mmdit")
+EMBEDDED_GENERATORS = ("tiny-unet", "tiny-dit", "tiny-mmdit", "tiny-unet-64")
 
 
 def embedded_path(name: str) -> str:
@@ -33,14 +35,16 @@ def shapes_pipeline_class(name_or_path: str):
     """The shapes pipeline class of a bundled name or of a folder saved from one; None for anything else."""
     from .shapes_pipeline import ShapesDiTPipeline, ShapesMMDiTPipeline, ShapesUNetPipeline, ShapesWanPipeline
 
-    classes = {"tiny-unet": ShapesUNetPipeline, "tiny-dit": ShapesDiTPipeline, "tiny-mmdit": ShapesMMDiTPipeline}
+    classes = {"tiny-unet": ShapesUNetPipeline, "tiny-dit": ShapesDiTPipeline, "tiny-mmdit": ShapesMMDiTPipeline,
+               "tiny-unet-64": ShapesUNetPipeline}
     if name_or_path in classes:
         return classes[name_or_path]
     index = os.path.join(name_or_path, "model_index.json")
     if os.path.isfile(index):
         with open(index) as f:
             class_name = json.load(f).get("_class_name")
-        saved = (*classes.values(), ShapesWanPipeline)  # tiny-wan is trained but not shipped yet
+        # tiny-wan is trained but not shipped yet: a folder saved from it loads all the same
+        saved = (ShapesUNetPipeline, ShapesDiTPipeline, ShapesMMDiTPipeline, ShapesWanPipeline)
         return {c.__name__: c for c in saved}.get(class_name)
     return None
 

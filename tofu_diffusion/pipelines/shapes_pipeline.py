@@ -75,16 +75,22 @@ class ClassTokens(ModelMixin, ConfigMixin):
     """Class label -> ``num_tokens`` learned tokens of width ``dim``; label ``num_classes`` is "no class".
 
     With ``pooled_dim`` > 0 each label also has a learned pooled vector (``pooled``), SD3's second input.
+    With ``map_channels`` > 0 each label also has a learned vector of that many channels (``class_map``) that a
+    pipeline concatenates to the latent on every position, as Wan's image-to-video concatenates its condition.
     """
 
     @register_to_config
-    def __init__(self, num_classes: int = len(CLASSES), num_tokens: int = 4, dim: int = 64, pooled_dim: int = 0):
+    def __init__(self, num_classes: int = len(CLASSES), num_tokens: int = 4, dim: int = 64, pooled_dim: int = 0,
+                 map_channels: int = 0):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_classes + 1, num_tokens * dim)
         torch.nn.init.normal_(self.embedding.weight, std=0.5)
         self.pooled_embedding = torch.nn.Embedding(num_classes + 1, pooled_dim) if pooled_dim else None
         if pooled_dim:
             torch.nn.init.normal_(self.pooled_embedding.weight, std=0.5)
+        self.map_embedding = torch.nn.Embedding(num_classes + 1, map_channels) if map_channels else None
+        if map_channels:
+            torch.nn.init.normal_(self.map_embedding.weight, std=1.0)  # the latent's own scale
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -94,6 +100,13 @@ class ClassTokens(ModelMixin, ConfigMixin):
         if self.pooled_embedding is None:
             raise ValueError("these class tokens have no pooled vector; build them with pooled_dim > 0")
         return self.pooled_embedding(labels)
+
+    def class_map(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The labels' condition channels, broadcast over ``like``'s positions: (N, map_channels, *like[2:])."""
+        if self.map_embedding is None:
+            raise ValueError("these class tokens have no condition channels; build them with map_channels > 0")
+        vectors = self.map_embedding(labels).to(like.dtype)
+        return vectors.view(*vectors.shape, *[1] * (like.dim() - 2)).expand(-1, -1, *like.shape[2:])
 
 
 def shapes_unet(token_dim: int = 64, image_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
@@ -144,14 +157,18 @@ def shapes_mmdit(token_dim: int = 64) -> SD3Transformer2DModel:
     )
 
 
-def shapes_wan(token_dim: int = 64) -> WanTransformer3DModel:
+def shapes_wan(token_dim: int = 64, class_channels: int = 0) -> WanTransformer3DModel:
     """Wan 2.1's layout, tiny: 4 blocks of width 128 (self-attention with 3-D rotary, cross-attention on the
-    class tokens), patch (1, 2, 2) on the space-to-depth clip: 8 frames x 8 x 8 = 512 video tokens."""
+    class tokens), patch (1, 2, 2) on the space-to-depth clip: 8 frames x 8 x 8 = 512 video tokens.
+
+    ``class_channels`` > 0 widens the input by that many condition channels (the class, on every position),
+    the way Wan's image-to-video models take their condition: more input channels than output channels.
+    """
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=4,
         attention_head_dim=32,
-        in_channels=3 * PATCH * PATCH,
+        in_channels=3 * PATCH * PATCH + class_channels,
         out_channels=3 * PATCH * PATCH,
         text_dim=token_dim,
         freq_dim=64,
@@ -357,9 +374,11 @@ class ShapesWanPipeline(_ShapesPipeline):
 
     def latent_shape(self) -> tuple[int, ...]:
         side = IMAGE_SIZE // PATCH
-        return (self.transformer.config.in_channels, self.config.num_frames, side, side)
+        return (self.transformer.config.out_channels, self.config.num_frames, side, side)
 
     def velocity(self, x, t, labels):
+        if self.class_tokens.config.get("map_channels", 0):  # the class also on every position (I2V-style)
+            x = torch.cat([x, self.class_tokens.class_map(labels, x)], dim=1)
         return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=self.class_tokens(labels).to(x.dtype)
                                 ).sample
 

@@ -50,6 +50,7 @@ from .shapes_pipeline import (
 
 KD_TEMPERATURE = 2.0
 FEATURE_LAYER = 3  # tiny-vit hidden state whose patch tokens match the CNN's feature map
+WAN_CLASS_CHANNELS = 8  # condition channels that carry the class to every video token (tiny-wan)
 
 
 @torch.enable_grad()
@@ -156,7 +157,10 @@ def build_pipeline(kind: str, image_size: int = IMAGE_SIZE):
     if kind == "unet":
         pipe = ShapesUNetPipeline(shapes_unet(image_size=image_size), ClassTokens(), flow_scheduler())
     elif kind == "wan":
-        pipe = ShapesWanPipeline(shapes_wan(), ClassTokens(), flow_scheduler())
+        # The class reaches a Wan block through cross-attention only, too weakly for this small model (its
+        # samples barely changed with the label); condition channels give it the class on every token as well.
+        pipe = ShapesWanPipeline(shapes_wan(class_channels=WAN_CLASS_CHANNELS),
+                                 ClassTokens(map_channels=WAN_CLASS_CHANNELS), flow_scheduler())
     elif kind == "mmdit":
         pipe = ShapesMMDiTPipeline(shapes_mmdit(), ClassTokens(pooled_dim=64), flow_scheduler())
     else:
@@ -174,13 +178,39 @@ def _warm_start(fresh, saved):
     side; the shapes may sit anywhere, so little hangs on absolute position) and the 64 px model starts from
     everything the 32 px one knows.
     """
-    if saved.latent_shape() == fresh.latent_shape():
+    if saved.latent_shape() == fresh.latent_shape() and _state_shapes(saved) == _state_shapes(fresh):
         return saved
     for name, module in fresh.components.items():
         if isinstance(module, torch.nn.Module):
-            module.load_state_dict(getattr(saved, name).state_dict())
+            _load_widened(module, getattr(saved, name).state_dict())
     fresh.register_to_config(default_guidance_scale=saved.config.get("default_guidance_scale", DEFAULT_GUIDANCE))
     return fresh
+
+
+def _state_shapes(pipe) -> dict:
+    return {(name, key): tuple(value.shape) for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module) for key, value in module.state_dict().items()}
+
+
+@torch.no_grad()
+def _load_widened(module: torch.nn.Module, saved: dict) -> None:
+    """Load ``saved`` into ``module``, which may have more input channels (or new parameters) than it.
+
+    A widened weight gets the saved one on its leading input channels and zeros on the new ones, so the
+    model starts out computing exactly what the saved one did; new parameters keep their initialisation.
+    """
+    for key, value in module.state_dict().items():
+        if key not in saved:
+            continue
+        old = saved[key]
+        if old.shape == value.shape:
+            value.copy_(old)
+        elif old.dim() >= 2 and old.shape[0] == value.shape[0] and old.shape[2:] == value.shape[2:] \
+                and old.shape[1] < value.shape[1]:
+            value.zero_()
+            value[:, :old.shape[1]].copy_(old)
+        else:
+            raise ValueError(f"cannot warm-start {key}: saved shape {tuple(old.shape)}, new {tuple(value.shape)}")
 
 
 def _components(pipe) -> list[torch.nn.Module]:

@@ -48,6 +48,10 @@ class ClassifierAdapter(Adapter):
             raise ValueError(f"{', '.join(other)} {'is an option' if len(other) == 1 else 'are options'} of "
                              f"diffusion denoisers, which a classifier does not read; remove it (classifiers take "
                              f"method, ratio or r, layers, merge_mode, proportional_attention and token_order)")
+        if config.ratio is not None and config.ratio > 0.5:
+            raise ValueError(f"ratio {config.ratio} is more than a classifier layer can remove: the ratio is the share "
+                             f"of each layer's tokens merged, and bipartite matching pairs at most half of them; give "
+                             f"a ratio of at most 0.5, or r (tokens per layer)")
         backbone = backbone_of(model)
         n = len(backbone.layers)
         if config.layers is not None and max(config.layers) >= n:
