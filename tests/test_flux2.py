@@ -5,6 +5,7 @@ batch consistency; mctf's informativeness read from the fused projection; Flux2P
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import tofu_diffusion as tofu
 from tofu_diffusion.adapters.flux2 import FusedQueryKey
@@ -115,3 +116,19 @@ def test_flux2_pipeline_end_to_end(method):
     assert torch.equal(_image(pipe), reduced)
     tofu.remove(pipe)
     assert torch.equal(_image(pipe), base)
+
+
+@pytest.mark.slow
+def test_explain_gives_the_steps_flux2s_own_dynamic_shift_gives():
+    # Flux2Pipeline computes mu from the sequence length and the number of steps, not Flux.1's linear rule
+    pipe = flux2_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True,
+                                                                 base_shift=0.5, max_shift=1.15, shift=3.0)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(float(kwargs["timestep"][0]) * 1000), with_kwargs=True)
+    pipe(**flux2_prompt(), height=32, width=48, num_inference_steps=6, output_type="pt",
+         generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    plan = tofu.explain(pipe, num_inference_steps=6, height=32, width=48)
+    assert [s.timestep for s in plan.steps] == pytest.approx(seen, abs=1e-3)

@@ -5,6 +5,7 @@ per-token modulate_index; QwenImagePipeline end to end with true CFG as one step
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import tofu_diffusion as tofu
 from tofu_diffusion.pipelines.tiny import TEXT_DIM, qwen_image_pipeline, qwen_image_prompt, qwen_image_transformer
@@ -97,3 +98,25 @@ def test_qwen_image_pipeline_end_to_end_with_true_cfg_as_one_step():
     assert torch.equal(_image(pipe), reduced)
     tofu.remove(pipe)
     assert torch.equal(_image(pipe), base)
+
+
+def test_explain_says_what_a_qwen_image_call_does():
+    # the pipeline packs 2x2 (the config's patch_size) and passes sigmas linspace(1, 1/N, N) with a dynamic mu
+    pipe = qwen_image_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True,
+                                                                 base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
+    handle = tofu.apply(pipe, method="tome", schedule=((0.0, 0.0), (0.5, 0.5)))
+    seen, counts = [], []
+
+    def record(module, args, kwargs, output):
+        seen.append(float(kwargs["timestep"][0]) * 1000)
+        counts.append(handle.token_counts()[handle.blocks[0].name])
+
+    hook = pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    _image(pipe)
+    hook.remove()
+    plan = tofu.explain(pipe, num_inference_steps=3, height=32, width=48)
+    steps = [s for s in plan.steps for _ in range(2)]  # true CFG: two calls per step
+    assert [s.timestep for s in steps] == pytest.approx(seen, abs=1e-3)
+    assert [s.tokens for s in steps] == counts
+    tofu.remove(pipe)

@@ -229,3 +229,17 @@ def test_true_cfg_calls_reuse_their_own_plans(with_scheduler):
     assert all(torch.equal(a, b) for a, b in zip(uncond_alone, uncond_paired))
     assert all(torch.equal(a, b) for a, b in zip(cond_alone, cond_paired))
     tofu.remove(pipe.transformer)
+
+
+@pytest.mark.slow
+def test_explain_previews_the_timesteps_a_flux_pipeline_really_runs():
+    # Flux's pipeline passes its own sigmas, linspace(1, 1/N, N), and a mu from the image size
+    pipe = flux_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(float(kwargs["timestep"][0]) * 1000), with_kwargs=True)
+    _flux_call(pipe, 7)
+    hook.remove()
+    plan = tofu.explain(pipe, num_inference_steps=7, height=32, width=32)
+    assert [s.timestep for s in plan.steps] == pytest.approx(seen, abs=1e-3)

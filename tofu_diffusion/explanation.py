@@ -125,16 +125,6 @@ def step_savings(blocks: list[BlockGeometry], config: TokenFusionConfig, ratio: 
     return shown, saved / max(1, total)
 
 
-def dynamic_shift(scheduler, image_tokens: int) -> float:
-    """The ``mu`` a Flux-style pipeline passes for ``image_tokens`` tokens: linear in the sequence length
-    between the scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
-    config = scheduler.config
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_tokens * slope + base_shift - slope * base_len
-
-
 def latent_size(pipeline, model: torch.nn.Module, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
     """The denoiser's latent (height, width) for an image of ``height`` x ``width`` pixels (None: the default)."""
     scale = getattr(pipeline, "vae_scale_factor", None)
@@ -166,8 +156,8 @@ def explain_call(pipeline, model: torch.nn.Module, adapter: BlockAdapter, config
     latent = latent_size(pipeline, model, height, width)
     blocks = adapter.geometry(model, config, sites, latent)
     if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
-        mu = dynamic_shift(scheduler, num_tokens(adapter.token_grid(model, latent)))
-    timesteps = preview_timesteps(scheduler, num_inference_steps, mu)
+        mu = adapter.dynamic_shift(scheduler, num_tokens(adapter.token_grid(model, latent)), num_inference_steps)
+    timesteps = preview_timesteps(scheduler, num_inference_steps, mu, adapter.pipeline_sigmas)
     scale = float(getattr(scheduler.config, "num_train_timesteps", None) or 1000)
     steps = []
     for index, t in enumerate(timesteps.tolist()):

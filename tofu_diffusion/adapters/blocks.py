@@ -36,7 +36,7 @@ from .hooks import (
 from .planning import BlockState
 from .registry import register
 from .state import GridRecord, ImageLayout, RunState
-from .steps import StepLocator
+from .steps import StepLocator, linear_dynamic_shift
 
 logger = logging.getLogger("tofu_diffusion")
 
@@ -161,6 +161,9 @@ class BlockAdapter(Adapter):
     rotary_attention: bool = False
     timestep_unit: float = 1.0  # the denoiser's timestep per scheduler timestep (Flux: 1/1000)
     packing: int = 1  # latent positions per token side beyond config.patch_size (Flux packs 2x2 in the pipeline)
+    # The family's pipelines pass the scheduler sigmas = linspace(1, 1/N, N) (Flux, Flux.2, Chroma, Qwen-Image,
+    # LTX) rather than letting it space its own: the steps ``explain`` previews must be those.
+    pipeline_sigmas: bool = False
 
     def token_grid(self, model: torch.nn.Module, latent: tuple[int, ...]) -> tuple[int, ...]:
         """The full-resolution token grid of a (height, width) latent."""
@@ -184,6 +187,11 @@ class BlockAdapter(Adapter):
                                      reduced_sublayers(site.block, config, self.sublayer_attributes),
                                      id(site.block) in chosen))
         return out
+
+    def dynamic_shift(self, scheduler, image_tokens: int, num_steps: int) -> float:
+        """The ``mu`` the family's pipelines pass a dynamically shifting scheduler (Flux.1's linear rule;
+        a family whose pipeline computes it otherwise says so)."""
+        return linear_dynamic_shift(scheduler, image_tokens)
 
     def to_scheduler_units(self, timestep: float) -> float:
         """The family's timestep convention: what the denoiser receives -> the scheduler's timestep."""

@@ -55,4 +55,4 @@ class ChromaAdapter(JointBlockAdapter):
 
 
 ADAPTER = ChromaAdapter("chroma", (ChromaTransformer2DModel,), chroma_sites, packed_ids_grid, all_levels,
-                        timestep_unit=1e-3, packing=2, rotary_attention=True)
+                        timestep_unit=1e-3, packing=2, rotary_attention=True, pipeline_sigmas=True)

@@ -81,6 +81,16 @@ class FusedQueryKey:
 
 @dataclass(frozen=True)
 class Flux2Adapter(JointBlockAdapter):
+    def dynamic_shift(self, scheduler, image_tokens: int, num_steps: int) -> float:
+        """Flux2Pipeline's empirical ``mu``: fitted on the sequence length and the number of steps (at 1024x1024
+        and 28 steps, 2.15, a shift of e^2.15 = 8.6), linear in the length alone past 4,300 tokens."""
+        long_fit = 0.00016927 * image_tokens + 0.45666666  # the fit at 200 steps
+        if image_tokens > 4300:
+            return long_fit
+        short_fit = 8.73809524e-05 * image_tokens + 1.89833333  # the fit at 10 steps
+        slope = (long_fit - short_fit) / 190.0
+        return long_fit + slope * (num_steps - 200)
+
     def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
         single = isinstance(block, Flux2SingleTransformerBlock)
         attention = None
@@ -92,4 +102,4 @@ class Flux2Adapter(JointBlockAdapter):
 
 
 ADAPTER = Flux2Adapter("flux2", (Flux2Transformer2DModel,), flux2_sites, flux2_grid, all_levels, timestep_unit=1e-3,
-                       packing=2, rotary_attention=True)
+                       packing=2, rotary_attention=True, pipeline_sigmas=True)

@@ -60,5 +60,6 @@ def per_token_modulation(value, plan: MergePlan):
 
 
 ADAPTER = BlockAdapter("ltx", (LTXVideoTransformer3DModel,), ltx_sites, packed_video_grid, all_levels, grid_rank=3,
-                       rotary_attention=True, self_attention_followers={"image_rotary_emb": rows_of_kept},
+                       rotary_attention=True, pipeline_sigmas=True,
+                       self_attention_followers={"image_rotary_emb": rows_of_kept},
                        block_followers={"image_rotary_emb": rows_of_kept, "temb": per_token_modulation})

@@ -81,6 +81,7 @@ class QwenImageAdapter(JointBlockAdapter):
         register(block, hook, ROTARY_BLOCK_HOOK)
 
 
+# config.patch_size (2) is the pipeline's own 2x2 packing: the transformer patchifies no further
 ADAPTER = QwenImageAdapter("qwen_image", (QwenImageTransformer2DModel,), qwen_sites, shapes_grid, all_levels,
-                           timestep_unit=1e-3, packing=2, rotary_attention=True)
+                           timestep_unit=1e-3, rotary_attention=True, pipeline_sigmas=True)
 

@@ -103,20 +103,36 @@ def _reference(source):
         return lambda: source
 
 
-def preview_timesteps(scheduler, num_inference_steps: int, mu: Optional[float] = None) -> torch.Tensor:
+def linear_dynamic_shift(scheduler, image_tokens: int) -> float:
+    """The ``mu`` Flux.1, Qwen-Image and Z-Image pipelines pass for ``image_tokens`` tokens: linear in the
+    sequence length between the scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    config = scheduler.config
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + base_shift - slope * base_len
+
+
+def preview_timesteps(scheduler, num_inference_steps: int, mu: Optional[float] = None,
+                      pipeline_sigmas: bool = False) -> torch.Tensor:
     """The timesteps ``scheduler`` will run for ``num_inference_steps``, from a copy (the pipeline's own
-    scheduler is left as it is). ``mu``: the dynamic shift a pipeline passes (Flux, Qwen-Image, LTX)."""
+    scheduler is left as it is). ``mu``: the dynamic shift a pipeline passes (Flux, Qwen-Image, LTX);
+    ``pipeline_sigmas``: the pipeline passes sigmas ``linspace(1, 1/N, N)``, where the scheduler takes them."""
     import copy
     import inspect
 
     preview = copy.deepcopy(scheduler)
     options = {}
+    parameters = inspect.signature(preview.set_timesteps).parameters
+    if pipeline_sigmas and "sigmas" in parameters and not getattr(preview.config, "use_flow_sigmas", False):
+        options["sigmas"] = [1.0 - i * (1.0 - 1.0 / num_inference_steps) / max(1, num_inference_steps - 1)
+                             for i in range(num_inference_steps)]
     if getattr(preview.config, "use_dynamic_shifting", False):
         if mu is None:
             raise ValueError(f"{type(scheduler).__name__} shifts dynamically: its shift depends on the image size; "
                              f"give height and width (or mu)")
         options["mu"] = mu
-    if "device" in inspect.signature(preview.set_timesteps).parameters:
+    if "device" in parameters:
         options["device"] = "cpu"
     preview.set_timesteps(num_inference_steps, **options)
     return preview.timesteps.detach().float().cpu()

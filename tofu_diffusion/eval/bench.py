@@ -151,6 +151,68 @@ def _flux_inputs(batch, resolution, dtype, device):
     }
 
 
+def _flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX.2-dev scheduler/scheduler_config.json; Flux2Pipeline passes its empirical mu (size and steps)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096,
+                                           time_shift_type="exponential")
+
+
+def _flux2(depth, width=None):
+    from diffusers import Flux2Transformer2DModel
+
+    width = width or 6144
+    double = max(1, round(depth * 8 / 56))  # FLUX.2-dev: 8 double-stream and 48 single-stream blocks
+    return Flux2Transformer2DModel(  # black-forest-labs/FLUX.2-dev transformer/config.json (width 6144)
+        patch_size=1, in_channels=128, num_layers=double, num_single_layers=depth - double, attention_head_dim=128,
+        num_attention_heads=width // 128, joint_attention_dim=15360, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=True)
+
+
+def _flux2_inputs(batch, resolution, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 16  # the 2x2-packed latent of Flux.2's 8x VAE
+    ids = torch.zeros(side, side, 4)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    text_ids = torch.zeros(512, 4)
+    text_ids[:, 3] = torch.arange(512)
+    return (torch.randn(batch, side * side, 128, generator=g).to(device, dtype),), {
+        "encoder_hidden_states": torch.randn(batch, 512, 15360, generator=g).to(device, dtype),  # 512 Mistral tokens
+        "timestep": torch.full((batch,), 0.5, device=device), "guidance": torch.full((batch,), 4.0, device=device),
+        "img_ids": ids.reshape(1, -1, 4).expand(batch, -1, -1).to(device),
+        "txt_ids": text_ids[None].expand(batch, -1, -1).to(device),
+    }
+
+
+def _qwen_image_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler/scheduler_config.json
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+def _qwen_image(depth, width=None):
+    from diffusers import QwenImageTransformer2DModel
+
+    width = width or 3072
+    return QwenImageTransformer2DModel(  # Qwen/Qwen-Image transformer/config.json (width 3072)
+        patch_size=2, in_channels=64, out_channels=16, num_layers=depth, attention_head_dim=128,
+        num_attention_heads=width // 128, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+
+
+def _qwen_image_inputs(batch, resolution, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 16
+    return (torch.randn(batch, side * side, 64, generator=g).to(device, dtype),), {
+        "encoder_hidden_states": torch.randn(batch, 256, 3584, generator=g).to(device, dtype),  # 256 Qwen2.5-VL tokens
+        "encoder_hidden_states_mask": torch.ones(batch, 256, dtype=torch.long, device=device),
+        "timestep": torch.full((batch,), 0.5, device=device), "img_shapes": [[(1, side, side)]] * batch,
+    }
+
+
 def _wan(depth, width=None):
     from diffusers import WanTransformer3DModel
 
@@ -239,6 +301,10 @@ WORKLOADS = {
     "sd3": Workload("SD3.5-M", _sd3, _sd3_inputs, 1024, 24, False, _sd35_scheduler, "shift 3"),
     "flux": Workload("FLUX.1", _flux, _flux_inputs, 1024, 57, False, _flux_dev_scheduler,
                      "dynamic shift, mu from size"),
+    "flux2": Workload("FLUX.2-dev", _flux2, _flux2_inputs, 1024, 56, False, _flux2_scheduler,
+                      "dynamic shift, Flux.2's empirical mu"),
+    "qwen_image": Workload("Qwen-Image", _qwen_image, _qwen_image_inputs, 1024, 60, False, _qwen_image_scheduler,
+                           "dynamic shift, mu from size, shift_terminal 0.02"),
     "wan": Workload("Wan2.1-1.3B", _wan, _wan_inputs, 480, 30, False, _wan_scheduler, "UniPC, flow shift 3",
                     frames=17, width_px=832),
     "hunyuan_video": Workload("HunyuanVideo", _hunyuan_video, _hunyuan_video_inputs, 720, 60, False, None, "",
