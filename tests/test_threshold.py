@@ -131,3 +131,29 @@ def test_bad_thresholds_are_refused_with_the_fix():
                                               num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="threshold"):
         tofu.apply(vit, method="tome", r=2, threshold=0.9)
+
+
+def test_the_adaptive_preset_is_a_threshold_capped_by_the_stride_and_an_explicit_ratio_overrides_it(latents):
+    resolved = tofu.TokenFusionConfig(preset="adaptive").resolve("unet")
+    assert (resolved.method, resolved.threshold, resolved.ratio, resolved.schedule) == ("tome", 0.8, 0.75, None)
+    assert tofu.TokenFusionConfig(preset="adaptive", threshold=0.95).resolve("dit").threshold == 0.95
+    explicit = tofu.TokenFusionConfig(preset="adaptive", ratio=0.5).resolve("dit")
+    assert explicit.threshold is None and explicit.ratio == 0.5  # a ratio alone means that ratio everywhere
+    model = dit_transformer()
+    _, flat = latents
+    with tofu.fused(model, preset="adaptive") as handle:
+        _dit_call(model, flat)
+        preset_share = handle.removed_share()
+    with tofu.fused(model, method="tome", threshold=0.8) as handle:
+        _dit_call(model, flat)
+        assert handle.removed_share() == preset_share > 0
+
+
+def test_the_adaptive_preset_is_refused_on_a_classifier_with_the_presets_it_takes():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=32,
+                                              num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="'adaptive' is for diffusion denoisers.*'quality', 'balanced', 'fast'"):
+        tofu.apply(vit, preset="adaptive")
+    assert tofu.handle_of(vit) is None

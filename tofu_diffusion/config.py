@@ -94,7 +94,8 @@ class TokenFusionConfig:
             ``schedule`` is given.
         preset: the named defaults (``tofu_diffusion.presets``) that fill ``method``, the schedule and the
             blocks when they are not given: ``"quality"`` (default: faster with no visible loss),
-            ``"balanced"`` or ``"fast"``; chosen per model family from measured sweeps.
+            ``"balanced"``, ``"fast"`` or, on denoisers, ``"adaptive"`` (a similarity ``threshold``: the count
+            follows the content and the resolution); chosen per model family from measured sweeps.
         merge_mode: override the method's merge mode for every block: ``"mean"``, ``"size_weighted"``,
             ``"mlerp"`` or ``"prune"``.
         stride: the cell of the token grid that holds one destination token: ``(sy, sx)`` (on a video, a
@@ -331,7 +332,9 @@ class TokenFusionConfig:
         updates = {name: value for name, value in method_defaults(family).items() if getattr(self, name) is None}
         if self.method is None:
             updates["method"] = preset.get("method", "tome")
-        if not explicit and self.threshold is not None:
+        if not explicit and self.threshold is None and preset.get("threshold") is not None:
+            updates["threshold"] = preset["threshold"]  # an adaptive preset: the count follows the content
+        if not explicit and (self.threshold is not None or "threshold" in updates):
             # a threshold alone decides how much merges: capped only by what the stride allows
             updates["ratio"] = max_grid_ratio(self.stride)
         elif not explicit:

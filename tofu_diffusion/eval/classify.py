@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r", nargs="*", type=int, default=[2, 4, 8], help="tokens removed per layer")
     p.add_argument("--ratios", nargs="*", type=float, default=[],
                    help="share of each layer's tokens removed (MCTF's form), for every method")
-    p.add_argument("--presets", nargs="*", default=[], choices=["default", *tofu.PRESETS],
+    classifier_presets = [name for name, options in tofu.PRESETS.items() if "vit" in options]
+    p.add_argument("--presets", nargs="*", default=[], choices=["default", *classifier_presets],
                    help="rows for named presets (default: what tofu.apply(model) does with no options)")
     p.add_argument("--data", help="ImageFolder of evaluation images (real checkpoints)")
     p.add_argument("--num-images", type=int, default=2000, help="bundled model: held-out images")
