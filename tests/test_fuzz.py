@@ -46,7 +46,7 @@ _BUILDERS = {"sd": sd_unet, "dit": dit_transformer, "pixart": pixart_transformer
 _DENOISER_REFUSALS = [{"ratio": 0.8}, {"ratio": 0.5, "blocks": [99]}, {"r": 4}, {"ratio": 0.5, "stride": (0, 2)},
                       {"ratio": "half"}, {"method": "merge"}, {"rate": 0.5}, {"ratio": 0.5, "seed": "zero"}]
 _REFUSALS = {"vit": [{"ratio": 0.8}, {"r": [1] * 9}, {"r": 2, "layers": [99]}, {"ratio": 0.5, "levels": [1]},
-                     {"method": "todo", "r": 2}, {"r": 8.0}, {"rate": 0.5}, {"r": 2, "merge_scope": "block"}],
+                     {"method": "todo", "r": 2}, {"r": 8.0}, {"rate": 0.5}, {"r": 2, "merge_scope": "sublayers"}],
              "sd": _DENOISER_REFUSALS + [{"ratio": 0.5, "levels": [64]}]}
 
 
