@@ -82,14 +82,11 @@ class FusedQueryKey:
 @dataclass(frozen=True)
 class Flux2Adapter(JointBlockAdapter):
     def dynamic_shift(self, scheduler, image_tokens: int, num_steps: int) -> float:
-        """Flux2Pipeline's empirical ``mu``: fitted on the sequence length and the number of steps (at 1024x1024
-        and 28 steps, 2.15, a shift of e^2.15 = 8.6), linear in the length alone past 4,300 tokens."""
-        long_fit = 0.00016927 * image_tokens + 0.45666666  # the fit at 200 steps
-        if image_tokens > 4300:
-            return long_fit
-        short_fit = 8.73809524e-05 * image_tokens + 1.89833333  # the fit at 10 steps
-        slope = (long_fit - short_fit) / 190.0
-        return long_fit + slope * (num_steps - 200)
+        """Flux2Pipeline's own empirical ``mu``, from the sequence length and the number of steps (at 1024x1024
+        and 28 steps 2.15, a shift of e^2.15 = 8.6). Imported when asked: the pipeline module loads transformers."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return compute_empirical_mu(image_tokens, num_steps)
 
     def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
         single = isinstance(block, Flux2SingleTransformerBlock)

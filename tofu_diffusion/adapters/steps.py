@@ -104,13 +104,14 @@ def _reference(source):
 
 
 def linear_dynamic_shift(scheduler, image_tokens: int) -> float:
-    """The ``mu`` Flux.1, Qwen-Image and Z-Image pipelines pass for ``image_tokens`` tokens: linear in the
-    sequence length between the scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    """The ``mu`` Flux.1, Qwen-Image and Z-Image pipelines pass for ``image_tokens`` tokens: diffusers' own
+    ``calculate_shift``, linear in the sequence length between the scheduler's (base_image_seq_len, base_shift)
+    and (max_image_seq_len, max_shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     config = scheduler.config
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_tokens * slope + base_shift - slope * base_len
+    return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
 def preview_timesteps(scheduler, num_inference_steps: int, mu: Optional[float] = None,
@@ -125,8 +126,8 @@ def preview_timesteps(scheduler, num_inference_steps: int, mu: Optional[float] =
     options = {}
     parameters = inspect.signature(preview.set_timesteps).parameters
     if pipeline_sigmas and "sigmas" in parameters and not getattr(preview.config, "use_flow_sigmas", False):
-        options["sigmas"] = [1.0 - i * (1.0 - 1.0 / num_inference_steps) / max(1, num_inference_steps - 1)
-                             for i in range(num_inference_steps)]
+        options["sigmas"] = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps,
+                                           dtype=torch.float64).tolist()
     if getattr(preview.config, "use_dynamic_shifting", False):
         if mu is None:
             raise ValueError(f"{type(scheduler).__name__} shifts dynamically: its shift depends on the image size; "

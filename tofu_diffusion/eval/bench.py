@@ -138,15 +138,21 @@ def _flux(depth, width=None):
     )
 
 
+def _grid_ids(side: int, axes: int) -> torch.Tensor:
+    """Row-major (side * side, axes) position ids, the row in axis 1 and the column in axis 2 (Flux's layout)."""
+    ids = torch.zeros(side, side, axes)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    return ids.reshape(-1, axes)
+
+
 def _flux_inputs(batch, resolution, dtype, device):
     g = torch.Generator().manual_seed(0)
     side = resolution // 16  # the 2x2-packed latent of an 8x VAE
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    ids = _grid_ids(side, 3)
     return (torch.randn(batch, side * side, 64, generator=g).to(device, dtype),), {
         "encoder_hidden_states": torch.randn(batch, 512, 4096, generator=g).to(device, dtype),  # 512 T5 tokens
         "pooled_projections": torch.randn(batch, 768, generator=g).to(device, dtype),
-        "timestep": torch.full((batch,), 0.5, device=device), "img_ids": ids.reshape(-1, 3).to(device),
+        "timestep": torch.full((batch,), 0.5, device=device), "img_ids": ids.to(device),
         "txt_ids": torch.zeros(512, 3, device=device),
     }
 
@@ -174,14 +180,13 @@ def _flux2(depth, width=None):
 def _flux2_inputs(batch, resolution, dtype, device):
     g = torch.Generator().manual_seed(0)
     side = resolution // 16  # the 2x2-packed latent of Flux.2's 8x VAE
-    ids = torch.zeros(side, side, 4)
-    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    ids = _grid_ids(side, 4)
     text_ids = torch.zeros(512, 4)
     text_ids[:, 3] = torch.arange(512)
     return (torch.randn(batch, side * side, 128, generator=g).to(device, dtype),), {
         "encoder_hidden_states": torch.randn(batch, 512, 15360, generator=g).to(device, dtype),  # 512 Mistral tokens
         "timestep": torch.full((batch,), 0.5, device=device), "guidance": torch.full((batch,), 4.0, device=device),
-        "img_ids": ids.reshape(1, -1, 4).expand(batch, -1, -1).to(device),
+        "img_ids": ids[None].expand(batch, -1, -1).to(device),
         "txt_ids": text_ids[None].expand(batch, -1, -1).to(device),
     }
 
