@@ -15,6 +15,16 @@ from tofu_diffusion.pipelines.tiny import (
     sd3_prompt,
     sd_pipeline,
 )
+from tofu_diffusion.pipelines.tiny_video import (
+    cogvideox_pipeline,
+    cogvideox_prompt,
+    hunyuan_video_pipeline,
+    hunyuan_video_prompt,
+    ltx_pipeline,
+    ltx_prompt,
+    wan_pipeline,
+    wan_prompt,
+)
 
 SCHEDULE = ((0.0, 0.0), (0.7, 0.5))
 
@@ -47,8 +57,23 @@ def _pixart_call(pipe, steps):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-PIPELINES = {"sd": (sd_pipeline, _sd_call), "dit": (dit_pipeline, _dit_call), "pixart": (pixart_pipeline, _pixart_call),
-             "sd3": (sd3_pipeline, _sd3_call), "flux": (flux_pipeline, _flux_call)}
+def _video_call(prompt, size=32):
+    def call(pipe, steps):
+        return pipe(**prompt(), num_inference_steps=steps, height=size, width=size, num_frames=9, guidance_scale=1.0,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    return call
+
+
+IMAGE = {"height": 32, "width": 32}
+VIDEO = {"height": 32, "width": 32, "num_frames": 9}
+# kind: (make the pipeline, call it for a number of steps, the call's size as explain takes it)
+PIPELINES = {"sd": (sd_pipeline, _sd_call, IMAGE), "dit": (dit_pipeline, _dit_call, IMAGE),
+             "pixart": (pixart_pipeline, _pixart_call, IMAGE), "sd3": (sd3_pipeline, _sd3_call, IMAGE),
+             "flux": (flux_pipeline, _flux_call, IMAGE),
+             "wan": (wan_pipeline, _video_call(wan_prompt), VIDEO),
+             "ltx": (ltx_pipeline, _video_call(ltx_prompt), VIDEO),
+             "hunyuan_video": (hunyuan_video_pipeline, _video_call(hunyuan_video_prompt), VIDEO),
+             "cogvideox": (cogvideox_pipeline, _video_call(cogvideox_prompt, 64), {**VIDEO, "height": 64, "width": 64})}
 
 
 class RatioLog:
@@ -70,7 +95,7 @@ class RatioLog:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(PIPELINES))
 def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
-    make, call = PIPELINES[kind]
+    make, call, size = PIPELINES[kind]
     pipe = make()
     handle = tofu.apply(pipe, method="tome", schedule=SCHEDULE)
     log = RatioLog(pipe, handle)
@@ -78,7 +103,7 @@ def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
     log.close()
     # steps 7, 8, 9 of 10 are at progress >= 0.7, whatever the scheduler's timesteps
     assert log.ratios == [0.0] * 7 + [0.5] * 3
-    plan = tofu.explain(pipe, num_inference_steps=10, height=32, width=32)
+    plan = tofu.explain(pipe, num_inference_steps=10, **size)
     assert [s.ratio for s in plan.steps] == log.ratios
     assert plan.reduced_steps == 3 and 0 < plan.flops_saved < 1
     # the explained token counts are the ones the first reduced block had
@@ -243,3 +268,40 @@ def test_explain_previews_the_timesteps_a_flux_pipeline_really_runs():
     hook.remove()
     plan = tofu.explain(pipe, num_inference_steps=7, height=32, width=32)
     assert [s.timestep for s in plan.steps] == pytest.approx(seen, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wan", "ltx", "hunyuan_video", "cogvideox"])
+def test_explain_previews_the_timesteps_and_latent_a_video_pipeline_really_runs(kind):
+    make, call, size = PIPELINES[kind]
+    pipe = make()
+    if kind == "ltx":  # LTX's pipeline shifts by the video's token count
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True)
+    seen, shapes = [], []
+
+    def record(module, args, kwargs):
+        seen.append(float(kwargs["timestep"].flatten()[0]))
+        shapes.append(tuple(kwargs["hidden_states"].shape))
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    call(pipe, 6)
+    hook.remove()
+    plan = tofu.explain(pipe, num_inference_steps=6, **size)
+    assert [s.timestep for s in plan.steps] == pytest.approx(seen, abs=1e-3)
+    frames, height, width = plan.latent
+    assert frames == 3  # 9 frames through a VAE that keeps the first and compresses the rest 4x
+    if kind == "ltx":  # LTX's pipeline packs the latent into tokens before the transformer
+        assert shapes[0][1] == frames * height * width
+    elif kind == "cogvideox":  # (B, F, C, H, W)
+        assert (shapes[0][1],) + shapes[0][3:] == plan.latent
+    else:
+        assert shapes[0][2:] == plan.latent
+
+
+def test_explain_refuses_frames_it_cannot_place():
+    with pytest.raises(ValueError, match="num_frames - 1 must be a multiple of the VAE's temporal factor 4"):
+        tofu.explain(wan_pipeline(), num_inference_steps=4, height=32, width=32, num_frames=8)
+    with pytest.raises(ValueError, match="num_frames is for video pipelines"):
+        tofu.explain(sd3_pipeline(), num_inference_steps=4, height=32, width=32, num_frames=9)
+    with pytest.raises(ValueError, match="does not tile"):
+        tofu.explain(wan_pipeline(), num_inference_steps=4, height=40, width=32, num_frames=9)

@@ -7,6 +7,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+import tofu_diffusion as tofu
 from tofu_diffusion.pipelines import load_embedded
 from tofu_diffusion.pipelines.classifier import load_classifier
 from tofu_diffusion.pipelines.train_shapes import train_classifier, train_generator
@@ -75,6 +76,9 @@ def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     frames = pipe([1, 4], num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (2, 8, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
+    # explain reads its size and frames from the pipeline: 8 frames of 8 x 8 tokens
+    plan = tofu.explain(pipe, num_inference_steps=4, ratio=0.5)
+    assert plan.blocks[0].grid == (8, 8, 8) and plan.steps[0].tokens == (512, 256)
 
 
 def test_a_resumed_run_never_overwrites_a_better_saved_model(tmp_path, monkeypatch):

@@ -190,7 +190,3 @@ def test_both_denoisers_of_a_two_stage_pipeline_are_patched_and_removed_by_one_l
     assert tofu.handle_of(pipe.transformer_2) is None
     assert torch.equal(_video(pipe), base)
 
-
-def test_explain_says_it_does_not_describe_video_yet():
-    with pytest.raises(TypeError, match="explain describes image pipelines"):
-        tofu.explain(wan_pipeline(), num_inference_steps=4, height=32, width=32)

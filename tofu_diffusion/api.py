@@ -191,11 +191,11 @@ def _second_stages(model_or_pipeline, model: torch.nn.Module) -> list[torch.nn.M
 
 
 def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, num_inference_steps: int,
-            height: Optional[int] = None, width: Optional[int] = None, mu: Optional[float] = None,
-            scheduler=None, **options):
-    """What a configuration will do in one call of ``num_inference_steps`` at ``height`` x ``width`` pixels (None:
-    the pipeline's default size), before it runs: per step the ratio, the reduced blocks' token counts and the
-    share of the transformer blocks' multiply-adds saved. ``print()`` the result for a table.
+            height: Optional[int] = None, width: Optional[int] = None, num_frames: Optional[int] = None,
+            mu: Optional[float] = None, scheduler=None, **options):
+    """What a configuration will do in one call of ``num_inference_steps`` at ``height`` x ``width`` pixels (and
+    ``num_frames`` for video; None: the pipeline's defaults), before it runs: per step the ratio, the reduced
+    blocks' token counts and the share of the transformer blocks' multiply-adds saved. ``print()`` the result.
 
     The configuration is ``config`` and ``options`` resolved as ``apply`` would, or, with neither, the one
     applied now (else the default). ``mu``: a dynamically shifting scheduler's shift (default: computed from
@@ -214,7 +214,8 @@ def explain(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, nu
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     source = _scheduling(model_or_pipeline, scheduler)
     pipeline = model_or_pipeline if source is model_or_pipeline else _SchedulerOnly(source)
-    return explain_call(pipeline, model, adapter, config, checked, num_inference_steps, height, width, mu)
+    return explain_call(pipeline, model, adapter, config, checked, num_inference_steps, height, width, mu,
+                        num_frames)
 
 
 class _SchedulerOnly:

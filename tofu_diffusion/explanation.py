@@ -34,7 +34,7 @@ class Explanation:
     model: str
     family: str
     config: TokenFusionConfig
-    latent: tuple[int, int]
+    latent: tuple[int, ...]  # (height, width), or (frames, height, width) for video
     blocks: list[BlockGeometry]
     steps: list[StepPlan]
 
@@ -55,11 +55,12 @@ class Explanation:
     def __str__(self) -> str:
         cfg = self.config
         reduced = [b for b in self.blocks if b.reduced]
+        axes = " (frames x height x width)" if len(self.latent) == 3 else ""
         lines = [
             f"{self.model} ({self.family}): {cfg.method}, "
             + (f"ratio {cfg.ratio:g} at every step" if cfg.schedule is None else
                "schedule " + ", ".join(f"{r:g} from {p:g}" for p, r in cfg.schedule) + f" (axis: {cfg.schedule_axis})"),
-            f"{len(self.steps)} steps, latent {grid_text(self.latent)}; {len(reduced)} of {len(self.blocks)} "
+            f"{len(self.steps)} steps, latent {grid_text(self.latent)}{axes}; {len(reduced)} of {len(self.blocks)} "
             f"blocks reduced ({', '.join(sorted({grid_text(b.grid) for b in reduced}))} tokens)",
             "",
             f"{'steps':>9}  {'timestep':>17}  {'progress':>11}  {'ratio':>5}  "
@@ -143,17 +144,70 @@ def latent_size(pipeline, model: torch.nn.Module, height: Optional[int], width: 
     return height // scale, width // scale
 
 
+def _first_attribute(owner, names: tuple[str, ...], default=None):
+    for name in names:
+        value = getattr(owner, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _call_default(pipeline, name: str):
+    """The default of the pipeline's ``__call__`` argument ``name`` (its config's ``name`` first), None if unset."""
+    import inspect
+
+    config = getattr(pipeline, "config", None)
+    if hasattr(config, "get") and config.get(name) is not None:
+        return config.get(name)
+    try:
+        parameter = inspect.signature(type(pipeline).__call__).parameters.get(name)
+    except (AttributeError, TypeError, ValueError):  # not a callable pipeline (explain's scheduler-only view)
+        parameter = None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
+
+
+def video_latent_size(pipeline, model: torch.nn.Module, height: Optional[int], width: Optional[int],
+                      num_frames: Optional[int]) -> tuple[int, int, int]:
+    """The denoiser's latent (frames, height, width) for ``num_frames`` frames of ``height`` x ``width`` pixels
+    (None: the pipeline's defaults), through its VAE's spatial and temporal compression."""
+    spatial = int(_first_attribute(pipeline, ("vae_scale_factor_spatial", "vae_spatial_compression_ratio",
+                                              "vae_scale_factor"), 8))
+    temporal = int(_first_attribute(pipeline, ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"), 1))
+    side = getattr(pipeline, "image_size", None)  # a pipeline of one fixed size (the bundled tiny-wan)
+    height = height or _call_default(pipeline, "height") or _sample_side(model, "sample_height", spatial) or side
+    width = width or _call_default(pipeline, "width") or _sample_side(model, "sample_width", spatial) or side
+    num_frames = num_frames or _call_default(pipeline, "num_frames") or getattr(model.config, "sample_frames", None)
+    if height is None or width is None or num_frames is None:
+        raise ValueError(f"give height, width and num_frames: {type(model).__name__}'s pipeline has no default for "
+                         f"{'num_frames' if num_frames is None else 'its size'}")
+    if height % spatial or width % spatial:
+        raise ValueError(f"height and width must be multiples of the VAE's factor {spatial}; got {height}x{width}")
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(f"num_frames - 1 must be a multiple of the VAE's temporal factor {temporal} (e.g. "
+                         f"{4 * temporal + 1}); got {num_frames}")
+    return (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def _sample_side(model: torch.nn.Module, name: str, scale: int) -> Optional[int]:
+    side = getattr(model.config, name, None)
+    return None if side is None else int(side) * scale
+
+
 def explain_call(pipeline, model: torch.nn.Module, adapter: BlockAdapter, config: TokenFusionConfig, sites,
                  num_inference_steps: int, height: Optional[int], width: Optional[int],
-                 mu: Optional[float] = None) -> Explanation:
+                 mu: Optional[float] = None, num_frames: Optional[int] = None) -> Explanation:
     """The plan of one call (see ``tofu.explain``)."""
-    if adapter.grid_rank != 2:
-        raise TypeError(f"explain describes image pipelines; {type(model).__name__}'s video calls are not described "
-                        f"yet (the token counts are in tofu.handle_of(pipe).token_counts() after a call)")
     scheduler = getattr(pipeline, "scheduler", None)
     if scheduler is None:
         raise ValueError("explain needs the pipeline (or scheduler=): the steps come from its scheduler")
-    latent = latent_size(pipeline, model, height, width)
+    if adapter.grid_rank == 3:
+        latent = video_latent_size(pipeline, model, height, width, num_frames)
+    elif num_frames is not None:
+        raise ValueError(f"num_frames is for video pipelines; {type(model).__name__} makes images")
+    else:
+        latent = latent_size(pipeline, model, height, width)
     blocks = adapter.geometry(model, config, sites, latent)
     if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
         mu = adapter.dynamic_shift(scheduler, num_tokens(adapter.token_grid(model, latent)), num_inference_steps)

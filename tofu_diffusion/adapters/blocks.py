@@ -166,12 +166,16 @@ class BlockAdapter(Adapter):
     pipeline_sigmas: bool = False
 
     def token_grid(self, model: torch.nn.Module, latent: tuple[int, ...]) -> tuple[int, ...]:
-        """The full-resolution token grid of a (height, width) latent."""
-        side = int(getattr(model.config, "patch_size", None) or 1) * self.packing
-        if latent[0] % side or latent[1] % side:
-            raise ValueError(f"a {latent[0]}x{latent[1]} latent does not tile into {type(model).__name__}'s tokens of "
-                             f"{side}x{side} latent positions; use a size whose latent is a multiple of {side}")
-        return latent[0] // side, latent[1] // side
+        """The full-resolution token grid of a (height, width) latent, or of a (frames, height, width) one."""
+        sides = patch_sides(model, len(latent))
+        sides = sides[:-2] + tuple(side * self.packing for side in sides[-2:])
+        if any(size % side for size, side in zip(latent[-2:], sides[-2:])):
+            raise ValueError(f"a {latent[-2]}x{latent[-1]} latent does not tile into {type(model).__name__}'s tokens "
+                             f"of {sides[-2]}x{sides[-1]} latent positions; use a size whose latent is a multiple "
+                             f"of {sides[-1]}")
+        # frames a temporal patch does not divide are padded by the pipeline (CogVideoX 1.5)
+        return tuple(-(-size // side) for size, side in zip(latent[:-2], sides[:-2])) + tuple(
+            size // side for size, side in zip(latent[-2:], sides[-2:]))
 
     def geometry(self, model: torch.nn.Module, config: TokenFusionConfig, reduced: list[Site],
                  latent: tuple[int, int]) -> list[BlockGeometry]:
@@ -295,14 +299,21 @@ def patch_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) ->
     return hidden.shape[-2] // p, hidden.shape[-1] // p
 
 
+def patch_sides(model: torch.nn.Module, rank: int) -> tuple[int, ...]:
+    """Latent positions per token along each of a ``rank``-axis latent: ``config.patch_size`` as a tuple, or one
+    spatial size (with ``patch_size_t`` for a video's frames)."""
+    patch = getattr(model.config, "patch_size", None) or 1
+    if isinstance(patch, int):
+        patch = (getattr(model.config, "patch_size_t", None) or 1, patch, patch)[-rank:]
+    return tuple(int(p) for p in patch)
+
+
 def video_latent_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> tuple[int, int, int]:
     """(frames, rows, cols) of a (B, C, F, H, W) latent patchified by ``model.config.patch_size``: a (pt, ph, pw)
     tuple, or one spatial size with ``patch_size_t`` for the frames."""
     if hidden.dim() != 5:
         raise ValueError(f"expected a (batch, channels, frames, height, width) latent, got {tuple(hidden.shape)}")
-    patch = model.config.patch_size
-    if isinstance(patch, int):
-        patch = (getattr(model.config, "patch_size_t", None) or 1, patch, patch)
+    patch = patch_sides(model, 3)
     sizes = tuple(hidden.shape[2:])
     if any(s % p for s, p in zip(sizes, patch)):
         raise ValueError(f"latent {sizes[0]}x{sizes[1]}x{sizes[2]} (frames x height x width) does not tile into "

@@ -76,4 +76,5 @@ class HunyuanVideoAdapter(JointBlockAdapter):
 
 
 ADAPTER = HunyuanVideoAdapter("hunyuan_video", (HunyuanVideoTransformer3DModel,), hunyuan_sites,
-                              video_latent_grid, all_levels, grid_rank=3, rotary_attention=True)
+                              video_latent_grid, all_levels, grid_rank=3, rotary_attention=True,
+                              pipeline_sigmas=True)  # the pipeline passes linspace(1, 0, N + 1)[:-1]

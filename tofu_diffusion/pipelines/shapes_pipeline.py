@@ -372,6 +372,14 @@ class ShapesWanPipeline(_ShapesPipeline):
     def image_size(self) -> int:
         return IMAGE_SIZE
 
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return PATCH  # the space-to-depth stand-in for a VAE, as tiny-unet's
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return 1  # frames are not compressed
+
     def latent_shape(self) -> tuple[int, ...]:
         side = IMAGE_SIZE // PATCH
         return (self.transformer.config.out_channels, self.config.num_frames, side, side)
