@@ -1,7 +1,8 @@
 """Reference-image tokens (Flux.1 Kontext, Flux.2 with images, Qwen-Image-Edit): the target image's tokens are
 reduced, every reference token is kept whole - it enters each block as it is, with its own rotary row and
-per-token conditioning, and comes out as the block computed it. Exact at ratio 0 and after remove(); a sample
-alone equals itself in a batch; the edit pipelines end to end."""
+per-token conditioning, and comes out as the block computed it - or, with ``reduce_references=True``, each
+reference is reduced on its own grid. Exact at ratio 0 and after remove(); a sample alone equals itself in a
+batch; the edit pipelines end to end."""
 
 import numpy as np
 import pytest
@@ -129,6 +130,63 @@ def test_reference_tokens_keep_their_rotary_rows_and_enter_as_they_are():
     assert torch.equal(reduced["hidden_states"][:, 12:], whole["hidden_states"][:, 24:])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_reduced_references_each_on_its_own_grid_exact_and_batch_consistent(family, method):
+    build, make_inputs = FAMILIES[family]
+    model, inputs = build(), make_inputs()
+    base = _run(model, inputs)
+    with tofu.fused(model, method=method, ratio=0.0, reduce_references=True):
+        assert torch.equal(_run(model, inputs), base)
+    handle = tofu.apply(model, method=method, ratio=0.5, reduce_references=True)
+    together = _run(model, inputs)
+    assert together.shape == base.shape and torch.isfinite(together).all()
+    # the 4x6 target and the 4x4 reference each lose half: 12 + 8 of 40
+    assert set(handle.token_counts().values()) == {(40, 20)}
+    plan = handle.last_plans()["transformer_blocks.0"][0]
+    image_of = (torch.arange(40) >= 24).long()  # 0: the target's tokens, 1: the reference's
+    for b in range(2):  # no token merges into another image
+        kept_image = image_of[plan.kept_idx[b]]
+        assert kept_image.sum() == 8
+        assert torch.equal(image_of[plan.src_idx[b]], kept_image[plan.src_slot[b]])
+    assert torch.equal(_run(model, inputs), together)
+    for i in range(2):
+        assert torch.allclose(_run(model, _one(inputs, i))[0], together[i], atol=1e-5)
+    tofu.remove(model)
+    assert torch.equal(_run(model, inputs), base)
+
+
+def test_reduced_references_keep_the_rotary_rows_of_their_kept_tokens():
+    model = flux_transformer()
+    inputs = _kontext_inputs(batch=1)
+    seen = []
+    model.transformer_blocks[0].attn.register_forward_pre_hook(lambda m, a, k: seen.append(k) and None,
+                                                               with_kwargs=True)
+    full_cos = model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))[0]
+    handle = tofu.apply(model, method="tome", ratio=0.5, reduce_references=True)
+    _run(model, inputs)
+    kept = handle.last_plans()["transformer_blocks.0"][0].kept_idx[0]
+    assert seen[0]["hidden_states"].shape[1] == 12 + 8
+    assert torch.equal(seen[0]["image_rotary_emb"][0], torch.cat([full_cos[:9], full_cos[9 + kept]]))
+    tofu.remove(model)
+
+
+def test_reduce_references_is_refused_where_no_reference_can_come_and_when_they_do_not_tile():
+    from tofu_diffusion.pipelines.tiny import sd3_transformer
+
+    with pytest.raises(ValueError, match="takes no reference images"):
+        tofu.apply(sd3_transformer(), ratio=0.5, reduce_references=True)
+    model = flux_transformer()
+    inputs = _kontext_inputs(batch=1)
+    ids = inputs["img_ids"].clone()
+    ids[24:] = ids[24:].flip(0)  # the reference's ids no longer row-major
+    with tofu.fused(model, method="tome", ratio=0.5, reduce_references=True):
+        with pytest.raises(ValueError, match="do not tile a grid"):
+            _run(model, {**inputs, "img_ids": ids})
+    with tofu.fused(model, method="tome", ratio=0.5):  # kept whole, they need not tile
+        assert _run(model, {**inputs, "img_ids": ids}).shape == inputs["hidden_states"].shape
+
+
 def test_qwen_edit_modulate_index_keeps_the_references_index():
     model = _qwen_edit_model()
     handle = tofu.apply(model, method="tome", ratio=0.5)
@@ -159,8 +217,9 @@ def _seeded(pipe, **call):
     return pipe(**call, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
 
+@pytest.mark.parametrize("reduce_references", [False, True])
 @pytest.mark.parametrize("name", ["kontext", "flux2"])
-def test_edit_pipelines_end_to_end(name):
+def test_edit_pipelines_end_to_end(name, reduce_references):
     if name == "kontext":
         pipe = flux_kontext_pipeline()
         # its defaults resize to about 1024x1024: keep the test's size
@@ -170,10 +229,12 @@ def test_edit_pipelines_end_to_end(name):
         pipe = flux2_pipeline()
         call = dict(**flux2_prompt(), image=[_reference()], height=32, width=48)
     base = _seeded(pipe, **call)
-    handle = tofu.apply(pipe, method="tome", ratio=0.5)
+    handle = tofu.apply(pipe, method="tome", ratio=0.5, reduce_references=reduce_references)
     reduced = _seeded(pipe, **call)
     counts = handle.token_counts()
-    assert set(counts.values()) == {(96, 48)}  # the 8x12 target's tokens only
+    reference = 96 if name == "kontext" else 384  # Kontext's 32x48 reference; Flux.2 keeps its 64x96
+    # the 8x12 target's tokens only, or the target's and the reference's
+    assert set(counts.values()) == ({(96 + reference, 48 + reference // 2)} if reduce_references else {(96, 48)})
     assert reduced.shape == base.shape and torch.isfinite(reduced).all() and not torch.equal(reduced, base)
     assert torch.equal(_seeded(pipe, **call), reduced)
     tofu.remove(pipe)

@@ -15,7 +15,7 @@ SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
 DIFFUSION_OPTIONS = ("schedule", "schedule_axis", "blocks", "stride", "destination", "destination_position",
                      "max_downsample", "levels", "merge_self_attention", "merge_cross_attention",
                      "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans",
-                     "threshold")
+                     "threshold", "reduce_references")
 CLASSIFIER_OPTIONS = ("r", "layers", "proportional_attention", "token_order")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
@@ -136,6 +136,11 @@ class TokenFusionConfig:
             difference where two plans' errors add (README: the schedules under shifted schedulers). A
             sample's plan still depends only on its own inputs, so batch composition changes nothing.
         seed: base seed of the random destinations.
+        reduce_references: edit pipelines (Flux.1 Kontext, Flux.2 with reference images, Qwen-Image-Edit) append
+            the reference images' tokens to the target's. False (default): they are kept whole, every block sees
+            the references as the unreduced model does. True: each reference is reduced on its own grid at the
+            block's ratio, as the target is (no token merges across images); faster, and measured to follow
+            the unreduced edit less closely (README).
 
     Vision-transformer classifiers (ViT, DeiT) reduce tokens for good, layer by layer:
 
@@ -176,6 +181,7 @@ class TokenFusionConfig:
     info_queries: int = 16
     plan_reuse_steps: int = 1
     share_guidance_plans: bool = True
+    reduce_references: bool = False
     seed: int = 0
     r: Optional[Union[int, tuple, Sequence[int]]] = None
     layers: Optional[Sequence[int]] = None
@@ -199,7 +205,7 @@ class TokenFusionConfig:
         if self.max_downsample is not None:
             self.max_downsample = _as_int(self.max_downsample, "max_downsample", "an int (a downsampling factor)")
         for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "share_guidance_plans",
-                     "proportional_attention"):
+                     "proportional_attention", "reduce_references"):
             setattr(self, name, _as_bool(getattr(self, name), name))
         for name in ("tau_sim", "tau_info", "tau_size"):
             if getattr(self, name) is not None:

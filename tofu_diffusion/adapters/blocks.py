@@ -164,6 +164,9 @@ class BlockAdapter(Adapter):
     # The family's pipelines pass the scheduler sigmas = linspace(1, 1/N, N) (Flux, Flux.2, Chroma, Qwen-Image,
     # LTX) rather than letting it space its own: the steps ``explain`` previews must be those.
     pipeline_sigmas: bool = False
+    # The family's edit pipelines append reference images' tokens (``ImageLayout.references``): what
+    # ``reduce_references`` reduces; elsewhere that option is refused rather than ignored.
+    reference_images: bool = False
 
     def token_grid(self, model: torch.nn.Module, latent: tuple[int, ...]) -> tuple[int, ...]:
         """The full-resolution token grid of a (height, width) latent, or of a (frames, height, width) one."""
@@ -215,6 +218,9 @@ class BlockAdapter(Adapter):
             raise ValueError(f"stride {config.stride} has {len(config.stride)} axes but {model_name}'s token grid has "
                              f"{self.grid_rank} ({'frames, ' if self.grid_rank == 3 else ''}rows, cols); give at "
                              f"most {self.grid_rank} values")
+        if config.reduce_references and not self.reference_images:
+            raise ValueError(f"reduce_references=True: {model_name} takes no reference images (Flux.1 Kontext, "
+                             f"Flux.2 and Qwen-Image-Edit do); leave it False")
         self.refuse(model_name, config)
         all_sites = self.sites(model)
         if not all_sites:
@@ -262,7 +268,7 @@ class BlockAdapter(Adapter):
         for depth, site in enumerate(sites):
             owner_key = id(site.grid_owner)
             if owner_key not in grids:
-                grids[owner_key] = GridRecord()
+                grids[owner_key] = GridRecord(config.reduce_references)
                 register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
             state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
                                sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
@@ -343,9 +349,33 @@ def packed_ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dic
         raise ValueError("img_ids interleave the target image's tokens with another image's; token fusion needs the "
                          "target's tokens first and any reference image's after them (as diffusers' pipelines "
                          "order them)")
-    rows, cols = ids[:n, 1].long(), ids[:n, 2].long()
+    grid = row_major_grid(ids[:n, 1], ids[:n, 2])
+    if grid is None:
+        raise ValueError(f"img_ids do not tile a grid row-major ({n} tokens); token fusion needs the packed "
+                         f"latent's own ids (the pipeline's _prepare_latent_image_ids)")
+    return ImageLayout(grid, total - n, reference_grids(ids[n:]))
+
+
+def row_major_grid(rows: torch.Tensor, cols: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(h, w) when tokens at (rows, cols) tile an h x w grid row-major (from any corner offset), else None."""
+    rows, cols = rows.long() - rows.min().long(), cols.long() - cols.min().long()
     h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    if h * w != n or not torch.equal(rows * w + cols, torch.arange(n, device=ids.device)):
-        raise ValueError(f"img_ids do not tile a {h}x{w} grid row-major ({n} tokens); token fusion needs the "
-                         f"packed latent's own ids (the pipeline's _prepare_latent_image_ids)")
-    return ImageLayout((h, w), total - n)
+    if h * w != rows.numel() or not torch.equal(rows * w + cols, torch.arange(rows.numel(), device=rows.device)):
+        return None
+    return h, w
+
+
+def reference_grids(ids: torch.Tensor) -> tuple:
+    """The grids of the reference images whose ids ((M, 3+): image, row, col, ...) follow the target's: one per
+    run of one image index; () when any of them does not tile (they can only be kept whole then)."""
+    if ids.shape[0] == 0:
+        return ()
+    image = ids[:, 0]
+    starts = [0] + (image[1:] != image[:-1]).nonzero().flatten().add(1).tolist() + [ids.shape[0]]
+    grids = []
+    for start, end in zip(starts[:-1], starts[1:]):
+        grid = row_major_grid(ids[start:end, 1], ids[start:end, 2])
+        if grid is None:
+            return ()
+        grids.append(grid)
+    return tuple(grids)

@@ -40,4 +40,4 @@ class FluxAdapter(JointBlockAdapter):
 
 
 ADAPTER = FluxAdapter("flux", (FluxTransformer2DModel,), flux_sites, packed_ids_grid, all_levels, timestep_unit=1e-3,
-                      packing=2, rotary_attention=True, pipeline_sigmas=True)
+                      packing=2, rotary_attention=True, pipeline_sigmas=True, reference_images=True)

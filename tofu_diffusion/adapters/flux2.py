@@ -99,4 +99,4 @@ class Flux2Adapter(JointBlockAdapter):
 
 
 ADAPTER = Flux2Adapter("flux2", (Flux2Transformer2DModel,), flux2_sites, flux2_grid, all_levels, timestep_unit=1e-3,
-                       packing=2, rotary_attention=True, pipeline_sigmas=True)
+                       packing=2, rotary_attention=True, pipeline_sigmas=True, reference_images=True)

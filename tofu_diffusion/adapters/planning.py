@@ -21,9 +21,11 @@ from ..core import (
     bidirectional_matching,
     bipartite_soft_matching,
     cells,
+    concat_plans,
     count_above,
     estimate_attention_received,
     grid_text,
+    identity_plan,
     mctf_scores,
     mix_key,
     reduction_pays,
@@ -126,31 +128,59 @@ class BlockState:
                                   None if attention_input is None else attention_input[half:])
         return None if plan is None else plan.repeat(2)
 
-    def checked_grid(self, n: int) -> tuple[int, ...]:
-        grid = self.grid.get()
-        if grid is None or math.prod(grid) != n:
-            shape = "unknown" if grid is None else grid_text(grid)
+    def checked_grids(self, n: int) -> tuple[tuple[int, ...], ...]:
+        """The grids of this call's ``n`` planned tokens: the image's (and each reference's, when reduced)."""
+        grids = self.grid.grids()
+        if not grids or self.grid.planned_tokens() != n:
+            shape = "unknown" if not grids else " + ".join(grid_text(g) for g in grids)
             raise ValueError(f"{self.name}: the block has {n} tokens but its token grid is {shape}; "
                              f"token fusion cannot tile this input")
-        return grid
+        return grids
+
+    def checked_grid(self, n: int) -> tuple[int, ...]:
+        """The grid of this call's ``n`` tokens, for a reducer that works on one grid (ToDo's downsampling)."""
+        grids = self.checked_grids(n)
+        if len(grids) > 1:
+            raise ValueError(f"{self.name}: this reducer works on one image grid, not on the references' too; use "
+                             f"reduce_references=False")
+        return grids[0]
 
     def reset(self) -> None:
         """Forget every caller's pass (and the plans it could reuse)."""
         self._calls.reset()
 
     def _compute_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
-        cfg = self.run.config
         if x.dim() != 3:
             raise ValueError(f"{self.name}: expected block input (batch, tokens, channels), got {tuple(x.shape)}")
         n = x.shape[1]
-        r = int(n * ratio)
-        if r == 0:
+        if int(n * ratio) == 0:
             if ratio > 0 and not self.run.warned_too_few:
                 self.run.warned_too_few = True
                 logger.warning("%s: ratio %s of %d tokens removes no token; these calls run unreduced (raise the "
                                "ratio or reduce blocks with more tokens)", self.name, ratio, n)
             return None
-        grid = self.checked_grid(n)
+        grids = self.checked_grids(n)
+        if len(grids) == 1:
+            return self._grid_plan(x, grids[0], ratio, attention, attention_input, 0)
+        # An edit pipeline's target and references, each reduced on its own grid: no token merges into another
+        # image, and every image keeps its share of the tokens.
+        plans, start = [], 0
+        for index, grid in enumerate(grids):
+            size = math.prod(grid)
+            part = slice(start, start + size)
+            plan = self._grid_plan(x[:, part], grid, ratio, attention,
+                                   None if attention_input is None else attention_input[:, part], index)
+            plans.append(identity_plan(x.shape[0], size, x.device) if plan is None else plan)
+            start += size
+        return None if all(p.num_merged == 0 for p in plans) else concat_plans(plans)
+
+    def _grid_plan(self, x, grid, ratio, attention, attention_input, image: int) -> Optional[MergePlan]:
+        """The plan of one image's tokens ``x`` (B, prod(grid), C); ``image`` salts its random draws."""
+        cfg = self.run.config
+        n = x.shape[1]
+        r = int(n * ratio)
+        if r == 0:
+            return None
         num_dst = math.prod(cells(grid, cfg.stride))
         if num_dst and not reduction_pays(n, x.shape[-1], r, num_dst, self.sublayers):
             if grid not in self._skipped:
@@ -158,7 +188,8 @@ class BlockState:
                 logger.debug("%s: not reduced at %s tokens, ratio %s: matching would cost more than it saves",
                              self.name, grid_text(grid), ratio)
             return None
-        src, dst = self.run.partition(grid, x.device, salt=self.depth)
+        salt = self.depth if image == 0 else mix_key(self.depth, image)
+        src, dst = self.run.partition(grid, x.device, salt=salt)
         if cfg.method == "mctf" and cfg.threshold is not None:
             # the threshold is on similarity alone; MCTF's other criteria then pick among those sources
             r = count_above(best_similarity(x, src, dst), cfg.threshold, r, threshold_granularity(n))
@@ -173,7 +204,7 @@ class BlockState:
                     # to a per-channel scale and shift, close enough to rank informativeness.
                     attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
                 info = estimate_attention_received(attention, attention_input, cfg.info_queries, grid,
-                                                   key=mix_key(self.run.step().key, self.depth, 1))
+                                                   key=mix_key(self.run.step().key, self.depth, 1 + image))
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
         return bipartite_soft_matching(x, src, dst, r, threshold=cfg.threshold)

@@ -41,7 +41,8 @@ def qwen_sites(model: torch.nn.Module) -> list[Site]:
 
 def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
     """(rows, cols) of the target image's tokens, from ``img_shapes`` ([[(1, rows, cols), references...], ...]);
-    the reference images' tokens (Qwen-Image-Edit appends them after the target's) are kept whole."""
+    the reference images' tokens (Qwen-Image-Edit appends them after the target's) are kept whole, or reduced on
+    their own grids with ``reduce_references``."""
     shapes = arguments.get("img_shapes")
     if not shapes:
         raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_shapes; pass img_shapes "
@@ -54,7 +55,10 @@ def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -
     frames, rows, cols = (int(v) for v in per_sample[0])
     if sum(sizes) != hidden.shape[1] or frames != 1:
         raise ValueError(f"img_shapes {per_sample} does not match the {hidden.shape[1]} image tokens")
-    return ImageLayout((rows, cols), sum(sizes[1:]))
+    references = tuple((int(r), int(c)) for f, r, c in per_sample[1:])
+    if any(int(f) != 1 for f, _, _ in per_sample[1:]):
+        references = ()  # a reference of several frames (layers): kept whole
+    return ImageLayout((rows, cols), sum(sizes[1:]), references)
 
 
 def per_token_index(value, plan: MergePlan):
@@ -83,5 +87,6 @@ class QwenImageAdapter(JointBlockAdapter):
 
 # config.patch_size (2) is the pipeline's own 2x2 packing: the transformer patchifies no further
 ADAPTER = QwenImageAdapter("qwen_image", (QwenImageTransformer2DModel,), qwen_sites, shapes_grid, all_levels,
-                           timestep_unit=1e-3, rotary_attention=True, pipeline_sigmas=True)
+                           timestep_unit=1e-3, rotary_attention=True, pipeline_sigmas=True,
+                           reference_images=True)
 

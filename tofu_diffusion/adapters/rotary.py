@@ -8,7 +8,6 @@ kept tokens (a merged group takes its destination's row): a sample never depends
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -63,16 +62,17 @@ class PerSampleRotaryBlockHook(BlockStateHook):
         self.followers = followers
 
     def _image_span(self, sequence: torch.Tensor) -> tuple[int, int]:
-        """(start, N) of the reduced image's tokens in the block's first argument."""
-        grid, kept = self.state.grid.get(), self.state.grid.kept_whole()
+        """(start, N) of the planned image tokens (the image's, and the references' when they are reduced) in the
+        block's first argument."""
+        n, kept = self.state.grid.planned_tokens(), self.state.grid.kept_whole()
         length = sequence.shape[1]
         if not self.joint_sequence and not kept:
             return 0, length  # the image stream is the grid's tokens (checked when planning)
-        n = None if grid is None else math.prod(grid)
         if n is None or n + kept > length or (not self.joint_sequence and n + kept != length):
             what = "joint sequence" if self.joint_sequence else "image stream"
-            raise ValueError(f"{self.state.name}: the {what} has {length} tokens but the image grid is {grid} "
-                             f"with {kept} tokens kept whole after it; token fusion cannot find the image tokens")
+            raise ValueError(f"{self.state.name}: the {what} has {length} tokens but the image grid is "
+                             f"{self.state.grid.get()} with {kept} tokens kept whole after it; token fusion cannot "
+                             f"find the image tokens")
         if self.joint_sequence and self.image_at == "end":
             return length - n - kept, n
         return 0, n

@@ -8,6 +8,7 @@ steps or plans. Every state class has ``reset()``; the hooks that hold it implem
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -70,33 +71,60 @@ class PerCaller:
 @dataclass(frozen=True)
 class ImageLayout:
     """What a grid function reads from a denoiser's input: the grid of the image that is reduced, and how many
-    tokens follow it in the image stream that are kept whole (reference images of an edit pipeline)."""
+    tokens follow it in the image stream that are kept whole (reference images of an edit pipeline), with the
+    grids of those references when they tile (``references``, in order: what ``reduce_references`` reduces)."""
 
     grid: tuple
     kept_whole: int = 0
+    references: tuple = ()
 
 
 class GridRecord:
     """The token grid of a grid-owning module's current call, per caller: (rows, cols), (frames, rows, cols), ...
-    and the tokens after the grid's that are kept whole (``ImageLayout``)."""
+    and the tokens after the grid's that are kept whole (``ImageLayout``). With ``reduce_references`` the
+    references' grids are planned too, each on its own, and nothing is kept whole."""
 
-    def __init__(self):
+    def __init__(self, reduce_references: bool = False):
         self._layouts = PerCaller()
+        self.reduce_references = reduce_references
 
     def set(self, layout) -> None:
         """``layout``: an ``ImageLayout``, or a grid alone (nothing kept whole)."""
         if not isinstance(layout, ImageLayout):
             layout = ImageLayout(layout)
-        self._layouts.set(ImageLayout(tuple(int(g) for g in layout.grid), int(layout.kept_whole)))
+        references = tuple(tuple(int(g) for g in grid) for grid in layout.references)
+        if references and sum(math.prod(g) for g in references) != layout.kept_whole:
+            raise ValueError(f"reference grids {references} do not cover the {layout.kept_whole} tokens after the "
+                             f"image's")
+        if self.reduce_references and layout.kept_whole and not references:
+            raise ValueError(f"reduce_references=True, but the {layout.kept_whole} reference tokens after the image's "
+                             f"do not tile a grid (their ids or shapes are not row-major); use "
+                             f"reduce_references=False to keep them whole")
+        self._layouts.set(ImageLayout(tuple(int(g) for g in layout.grid), int(layout.kept_whole), references))
 
     def get(self) -> Optional[tuple[int, ...]]:
+        """The reduced image's grid (the target's, in an edit pipeline)."""
         layout = self._layouts.get()
         return None if layout is None else layout.grid
 
-    def kept_whole(self) -> int:
-        """Tokens after the grid's in the image stream that pass through unreduced (0 without references)."""
+    def grids(self) -> tuple[tuple[int, ...], ...]:
+        """The grids planned, in sequence order: the image's, then each reference's with ``reduce_references``."""
         layout = self._layouts.get()
-        return 0 if layout is None else layout.kept_whole
+        if layout is None:
+            return ()
+        return (layout.grid,) + (layout.references if self.reduce_references else ())
+
+    def planned_tokens(self) -> Optional[int]:
+        """How many tokens the plan covers (None before a call)."""
+        grids = self.grids()
+        return sum(math.prod(g) for g in grids) if grids else None
+
+    def kept_whole(self) -> int:
+        """Tokens after the planned ones in the image stream that pass through unreduced (0 without references)."""
+        layout = self._layouts.get()
+        if layout is None or (self.reduce_references and layout.references):
+            return 0
+        return layout.kept_whole
 
     @property
     def latest(self) -> Optional[tuple[int, ...]]:

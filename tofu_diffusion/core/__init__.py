@@ -16,7 +16,16 @@ from .matching import (
     mean_over_queries,
     threshold_granularity,
 )
-from .plan import MERGE_MODES, MergePlan, apply_fused_attention, fuse_attention, mlerp, plan_from_pairs
+from .plan import (
+    MERGE_MODES,
+    MergePlan,
+    apply_fused_attention,
+    concat_plans,
+    fuse_attention,
+    identity_plan,
+    mlerp,
+    plan_from_pairs,
+)
 from .sampling import query_cells, stratified_grid_queries
 from .schedule import layer_schedule, requested_r
 
@@ -32,6 +41,7 @@ __all__ = [
     "bipartite_soft_matching",
     "block_flops",
     "cells",
+    "concat_plans",
     "count_above",
     "downsampled_size",
     "estimate_attention_received",
@@ -41,6 +51,7 @@ __all__ = [
     "grid_partition",
     "grid_text",
     "hashed",
+    "identity_plan",
     "interpolation_gap",
     "layer_schedule",
     "matching_flops",

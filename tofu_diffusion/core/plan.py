@@ -220,6 +220,37 @@ def mlerp(tokens: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch
     return mean * scale.to(mean.dtype).unsqueeze(-1)
 
 
+def identity_plan(batch: int, num_tokens: int, device: torch.device | str = "cpu") -> MergePlan:
+    """The plan that keeps every one of ``num_tokens`` tokens: a segment ``concat_plans`` leaves unreduced."""
+    empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+    kept = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+    return MergePlan(kept, empty, empty.clone(), num_tokens)
+
+
+def concat_plans(plans: list[MergePlan]) -> MergePlan:
+    """One plan over consecutive segments of a sequence, each reduced by its own plan (an edit pipeline's target
+    image and each reference, every grid on its own): no token merges across segments. The output slots are the
+    segments' slots in order, so ``merge`` gives ``[merged 1; merged 2; ...]``."""
+    if not plans:
+        raise ValueError("concat_plans needs at least one plan")
+    if len({p.batch_size for p in plans}) != 1:
+        raise ValueError(f"plans of different batch sizes: {[p.batch_size for p in plans]}")
+    kept, src, slot, weights = [], [], [], []
+    tokens = slots = 0
+    for p in plans:
+        kept.append(p.kept_idx + tokens)
+        src.append(p.src_idx + tokens)
+        slot.append(p.src_slot + slots)
+        weights.append(p.weights)
+        tokens, slots = tokens + p.num_tokens, slots + p.num_kept
+    merged_weights = None
+    if any(w is not None for w in weights):
+        like = next(w for w in weights if w is not None)
+        merged_weights = torch.cat([torch.ones(p.batch_size, p.num_tokens, dtype=like.dtype, device=like.device)
+                                    if w is None else w for p, w in zip(plans, weights)], dim=1)
+    return MergePlan(torch.cat(kept, dim=1), torch.cat(src, dim=1), torch.cat(slot, dim=1), tokens, merged_weights)
+
+
 def plan_from_pairs(
     num_tokens: int,
     src_tokens: torch.Tensor,
