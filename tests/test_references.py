@@ -255,3 +255,18 @@ def test_qwen_image_edit_pipeline_end_to_end_with_true_cfg():
     assert reduced.shape == base.shape and torch.isfinite(reduced).all() and not torch.equal(reduced, base)
     tofu.remove(pipe)
     assert torch.equal(_seeded(pipe, **call), base)
+
+
+def test_the_reference_measurement_compares_whole_and_reduced_references():
+    from tofu_diffusion.eval.references import measure, table
+
+    torch.manual_seed(0)
+    rows, about = measure(size=8, ratios=(0.5,), width=64, repeats=1, warmup=0, train_steps=2)
+    by = {row["setting"]: row for row in rows}
+    assert by["baseline"]["error"] == 0 and by["baseline"]["removed"] == 0
+    whole, reduced = by["references whole, ratio 0.5"], by["references reduced, ratio 0.5"]
+    # the reference is as large as the target: keeping it whole removes half as many of the image's tokens
+    assert whole["removed"] == pytest.approx(0.25) and reduced["removed"] == pytest.approx(0.5)
+    assert whole["error"] > 0 and reduced["error"] > 0 and reduced["reduce_references"]
+    assert all(v > 0 for v in about["error_with_another_reference"].values()) and len(about["losses"]) == 2
+    assert "references reduced, ratio 0.5" in table(rows, about)

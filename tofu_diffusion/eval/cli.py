@@ -22,6 +22,7 @@ COMMANDS = {  # subcommand: (module, what it does)
     "classify": ("classify", "ViT/DeiT classifiers: accuracy against throughput"),
     "visualize": ("visualize", "which tokens merge where, drawn over a generated image"),
     "explain": ("explain", "what a configuration does in one pipeline call, step by step, before it runs"),
+    "references": ("references", "edit pipelines: keep the reference image whole or reduce it too, measured"),
     "axis": ("axis", "does a reduced step's damage follow its noise level or its place among the steps"),
     "finetune": ("finetune", "a short fine-tune of a reduced classifier, accuracy before and after"),
     "unet-speed": ("unet_speed", "one minute: an SD-shaped UNet at 512 px, each method against the baseline"),
