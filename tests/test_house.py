@@ -20,8 +20,8 @@ PACKAGE = pathlib.Path(tofu.__file__).parent
 ABOVE_THE_LIBRARY = ("eval", "pipelines")
 FAMILY_WORDS = {"unet", "sd", "sd3", "sdxl", "dit", "pixart", "flux", "flux2", "vit", "deit", "wan", "hunyuan",
                 "cogvideo", "cogvideox", "ltx", "qwen", "zimage", "chroma", "kontext"}
-FAMILY_FILES = {"unet", "dit", "sd3", "flux", "flux2", "wan", "hunyuan_video", "cogvideox", "ltx", "qwen",
-                "qwen_image", "zimage", "z_image", "chroma", "vit"}
+FAMILY_FILES = {"unet", "dit", "sd3", "flux", "flux2", "wan", "hunyuan_video", "hunyuan_video15", "cogvideox", "ltx",
+                "qwen", "qwen_image", "zimage", "z_image", "chroma", "vit"}
 
 
 def _modules():

@@ -1,7 +1,7 @@
 """HunyuanVideo (dual- and single-stream blocks over [video; text] under a mask, video-only rotary table):
 only video tokens are reduced, every text token stays, the mask is rebuilt for the reduced length and the
 rotary rows follow the kept tokens per sample; exact at ratio 0 and after remove(); batch consistency;
-image-to-video's token-replace blocks refused; HunyuanVideoPipeline end to end."""
+image-to-video's token replace keeps the first frame whole and first; HunyuanVideoPipeline end to end."""
 
 import pytest
 import torch
@@ -68,16 +68,46 @@ def test_mask_and_rotary_rows_follow_the_kept_tokens_text_stays_and_batch_consis
         assert torch.allclose(_run(model, one)[0], together[i], atol=1e-5)
 
 
-def test_image_to_video_token_replace_and_todo_are_refused_clearly():
+def _token_replace_transformer():
+    """Image-to-video by token replace: the first frame is the clean image, modulated with t = 0 by position."""
     torch.manual_seed(0)
     from diffusers import HunyuanVideoTransformer3DModel
 
-    i2v = HunyuanVideoTransformer3DModel(in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=10,
-                                         num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
-                                         patch_size_t=1, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
-                                         rope_axes_dim=(2, 4, 4), image_condition_type="token_replace")
-    with pytest.raises(ValueError, match="image-to-video model.*token-replace"):
-        tofu.apply(i2v, method="tome", ratio=0.5)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                          num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                          patch_size_t=1, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
+                                          rope_axes_dim=(2, 4, 4), image_condition_type="token_replace")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_image_to_video_token_replace_keeps_the_first_frame_whole_and_first(method):
+    model = _token_replace_transformer()
+    inputs = _inputs()  # 3 frames of 4x6: the first frame's 24 tokens lead
+    base = _run(model, inputs)
+    with tofu.fused(model, method=method, ratio=0.0):
+        assert torch.equal(_run(model, inputs), base)
+    counts = []
+    model.single_transformer_blocks[0].norm.register_forward_pre_hook(  # (video + text, temb, t = 0 emb, count)
+        lambda m, args: counts.append((args[0].shape[1], args[3])) and None)
+    handle = tofu.apply(model, method=method, ratio=0.5)
+    out = _run(model, inputs)
+    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
+    assert torch.equal(_run(model, inputs), out)
+    # the ratio applies to the 48 tokens of the noisy frames; the first frame's 24 pass through
+    assert all(handle.token_counts()[name] == (72, 48) for name in BLOCKS)
+    assert counts[-1] == (48 + 9, 24)  # the block still modulates its first 24 tokens (the first frame's) with t = 0
+    for name in BLOCKS:
+        plan = handle.last_plans()[name][0]
+        assert torch.equal(plan.kept_idx[:, :24], torch.arange(24).expand(2, 24))
+        assert (plan.src_idx >= 24).all() and (plan.src_slot >= 24).all()  # nothing merges into the first frame
+    for i in range(2):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        assert torch.allclose(_run(model, one)[0], out[i], atol=1e-5)
+    tofu.remove(model)
+    assert torch.equal(_run(model, inputs), base)
+
+
+def test_todo_is_refused_clearly():
     with pytest.raises(ValueError, match="todo is not available for HunyuanVideoTransformer3DModel"):
         tofu.apply(hunyuan_video_transformer(), method="todo", ratio=0.5)
 

@@ -18,6 +18,8 @@ from tofu_diffusion.pipelines.tiny import (
 from tofu_diffusion.pipelines.tiny_video import (
     cogvideox_pipeline,
     cogvideox_prompt,
+    hunyuan_video15_pipeline,
+    hunyuan_video15_prompt,
     hunyuan_video_pipeline,
     hunyuan_video_prompt,
     ltx_pipeline,
@@ -64,6 +66,11 @@ def _video_call(prompt, size=32):
     return call
 
 
+def _hunyuan_video15_call(pipe, steps):  # guidance by the pipeline's guider: no guidance_scale argument
+    return pipe(**hunyuan_video15_prompt(), num_inference_steps=steps, height=64, width=64, num_frames=9,
+                output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+
+
 IMAGE = {"height": 32, "width": 32}
 VIDEO = {"height": 32, "width": 32, "num_frames": 9}
 # kind: (make the pipeline, call it for a number of steps, the call's size as explain takes it)
@@ -73,6 +80,7 @@ PIPELINES = {"sd": (sd_pipeline, _sd_call, IMAGE), "dit": (dit_pipeline, _dit_ca
              "wan": (wan_pipeline, _video_call(wan_prompt), VIDEO),
              "ltx": (ltx_pipeline, _video_call(ltx_prompt), VIDEO),
              "hunyuan_video": (hunyuan_video_pipeline, _video_call(hunyuan_video_prompt), VIDEO),
+             "hunyuan_video15": (hunyuan_video15_pipeline, _hunyuan_video15_call, {**VIDEO, "height": 64, "width": 64}),
              "cogvideox": (cogvideox_pipeline, _video_call(cogvideox_prompt, 64), {**VIDEO, "height": 64, "width": 64})}
 
 
@@ -101,6 +109,9 @@ def test_steps_axis_counts_the_calls_steps_and_explain_says_so(kind):
     log = RatioLog(pipe, handle)
     call(pipe, 10)
     log.close()
+    calls = len(log.ratios) // 10  # HunyuanVideo 1.5's guider calls the denoiser twice per step
+    assert len(log.ratios) == 10 * calls and log.ratios[::calls] == log.ratios[calls - 1::calls]
+    log.ratios, log.tokens = log.ratios[::calls], log.tokens[::calls]
     # steps 7, 8, 9 of 10 are at progress >= 0.7, whatever the scheduler's timesteps
     assert log.ratios == [0.0] * 7 + [0.5] * 3
     plan = tofu.explain(pipe, num_inference_steps=10, **size)
@@ -271,7 +282,7 @@ def test_explain_previews_the_timesteps_a_flux_pipeline_really_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["wan", "ltx", "hunyuan_video", "cogvideox"])
+@pytest.mark.parametrize("kind", ["wan", "ltx", "hunyuan_video", "hunyuan_video15", "cogvideox"])
 def test_explain_previews_the_timesteps_and_latent_a_video_pipeline_really_runs(kind):
     make, call, size = PIPELINES[kind]
     pipe = make()
@@ -287,7 +298,8 @@ def test_explain_previews_the_timesteps_and_latent_a_video_pipeline_really_runs(
     call(pipe, 6)
     hook.remove()
     plan = tofu.explain(pipe, num_inference_steps=6, **size)
-    assert [s.timestep for s in plan.steps] == pytest.approx(seen, abs=1e-3)
+    calls = len(seen) // 6  # HunyuanVideo 1.5's guider: a call per condition
+    assert [s.timestep for s in plan.steps] == pytest.approx(seen[::calls], abs=1e-3) == seen[calls - 1::calls]
     frames, height, width = plan.latent
     assert frames == 3  # 9 frames through a VAE that keeps the first and compresses the rest 4x
     if kind == "ltx":  # LTX's pipeline packs the latent into tokens before the transformer

@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import torch
 
-from . import chroma, cogvideox, dit, flux, flux2, hunyuan_video, ltx, qwen_image, sd3, unet, vit, wan, z_image
+from . import (
+    chroma,
+    cogvideox,
+    dit,
+    flux,
+    flux2,
+    hunyuan_video,
+    hunyuan_video15,
+    ltx,
+    qwen_image,
+    sd3,
+    unet,
+    vit,
+    wan,
+    z_image,
+)
 from .base import Adapter, Patch, Site
 
 FAMILIES: tuple[Adapter, ...] = (unet.ADAPTER, dit.ADAPTER, sd3.ADAPTER, flux.ADAPTER, wan.ADAPTER, ltx.ADAPTER,
-                                  cogvideox.ADAPTER, hunyuan_video.ADAPTER, chroma.ADAPTER,
+                                  cogvideox.ADAPTER, hunyuan_video.ADAPTER, hunyuan_video15.ADAPTER, chroma.ADAPTER,
                                   qwen_image.ADAPTER, flux2.ADAPTER, z_image.ADAPTER, vit.ADAPTER)
 
 SUPPORTED_MODELS = tuple(cls.__name__ for adapter in FAMILIES for cls in adapter.classes) + (

@@ -9,8 +9,11 @@ batch). Only video tokens are reduced: a block runs whole on the merged video to
 the mask is rebuilt for the reduced length (the kept tokens' entries, then the text's), and the rotary rows
 follow the kept tokens per sample (``rotary.PerSampleRotaryBlockHook``).
 
-Image-to-video's token-replace blocks (``HunyuanVideoTokenReplace*``: the first frame's tokens take t = 0
-modulation by position) are refused: merging would move those tokens off the positions that select it.
+Image-to-video with ``image_condition_type="token_replace"``: the first frame is the conditioning image, and
+the token-replace blocks (``HunyuanVideoTokenReplace*``) modulate the first ``first_frame_num_tokens`` tokens of
+the stream with t = 0, by position. Those tokens are kept whole and first (``ImageLayout.leading``), so the count
+the model passes still selects exactly them and each keeps its own conditioning; the other frames are reduced
+(``ratio`` applies to them). Merging them instead would give a clean image token the noisy frames' modulation.
 ToDo is refused (``rotary_attention``): one rotary table covers queries and keys.
 """
 
@@ -36,6 +39,7 @@ from .joint import JointBlockAdapter
 from .planning import BlockState
 from .registry import register
 from .rotary import ROTARY_BLOCK_HOOK, PerSampleRotaryBlockHook, no_rows_before_image
+from .state import ImageLayout
 
 _BLOCKS = (HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock)
 _TOKEN_REPLACE = (HunyuanVideoTokenReplaceTransformerBlock, HunyuanVideoTokenReplaceSingleTransformerBlock)
@@ -54,17 +58,17 @@ def video_first_mask(mask, plan: MergePlan):
     return torch.cat([video, mask[..., n:].expand(b, *middle, -1)], dim=-1)
 
 
+def hunyuan_video_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
+    """The video's (frames, rows, cols) grid; under token replace, the first frame's tokens lead, kept whole."""
+    frames, rows, cols = video_latent_grid(model, hidden, arguments)
+    if getattr(model.config, "image_condition_type", None) != "token_replace":
+        return ImageLayout((frames, rows, cols))
+    return ImageLayout((frames - 1, rows, cols), leading=rows * cols)
+
+
 @dataclass(frozen=True)
 class HunyuanVideoAdapter(JointBlockAdapter):
     image_output: int = 0  # blocks return (video, text)
-
-    def check(self, model: torch.nn.Module, config: TokenFusionConfig):
-        sites = super().check(model, config)
-        if any(isinstance(site.block, _TOKEN_REPLACE) for site in sites):
-            raise ValueError(f"{type(model).__name__} is an image-to-video model (token-replace blocks: the first "
-                             f"frame's tokens take their own modulation by position), which token fusion does not "
-                             f"reduce yet; use the text-to-video model, or remove token fusion for it")
-        return sites
 
     def attach_block(self, block: torch.nn.Module, state: BlockState, config: TokenFusionConfig) -> None:
         attention = self_attention(block) if config.method == "mctf" else None
@@ -76,5 +80,5 @@ class HunyuanVideoAdapter(JointBlockAdapter):
 
 
 ADAPTER = HunyuanVideoAdapter("hunyuan_video", (HunyuanVideoTransformer3DModel,), hunyuan_sites,
-                              video_latent_grid, all_levels, grid_rank=3, rotary_attention=True,
+                              hunyuan_video_grid, all_levels, grid_rank=3, rotary_attention=True,
                               pipeline_sigmas=True)  # the pipeline passes linspace(1, 0, N + 1)[:-1]

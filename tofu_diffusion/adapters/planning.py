@@ -140,6 +140,10 @@ class BlockState:
     def checked_grid(self, n: int) -> tuple[int, ...]:
         """The grid of this call's ``n`` tokens, for a reducer that works on one grid (ToDo's downsampling)."""
         grids = self.checked_grids(n)
+        if self.grid.leading():
+            raise ValueError(f"{self.name}: this reducer works on one image grid, and this model keeps "
+                             f"{self.grid.leading()} tokens before it whole (its conditioning frame); use tome, tofu "
+                             f"or mctf")
         if len(grids) > 1:
             raise ValueError(f"{self.name}: this reducer works on one image grid, not on the references' too; use "
                              f"reduce_references=False")
@@ -160,11 +164,12 @@ class BlockState:
                                "ratio or reduce blocks with more tokens)", self.name, ratio, n)
             return None
         grids = self.checked_grids(n)
-        if len(grids) == 1:
+        leading = self.grid.leading()
+        if len(grids) == 1 and not leading:
             return self._grid_plan(x, grids[0], ratio, attention, attention_input, 0)
         # An edit pipeline's target and references, each reduced on its own grid: no token merges into another
-        # image, and every image keeps its share of the tokens.
-        plans, start = [], 0
+        # image, and every image keeps its share of the tokens. Leading tokens (a conditioning frame) stay whole.
+        plans, start = [identity_plan(x.shape[0], leading, x.device)] if leading else [], leading
         for index, grid in enumerate(grids):
             size = math.prod(grid)
             part = slice(start, start + size)

@@ -72,11 +72,14 @@ class PerCaller:
 class ImageLayout:
     """What a grid function reads from a denoiser's input: the grid of the image that is reduced, and how many
     tokens follow it in the image stream that are kept whole (reference images of an edit pipeline), with the
-    grids of those references when they tile (``references``, in order: what ``reduce_references`` reduces)."""
+    grids of those references when they tile (``references``, in order: what ``reduce_references`` reduces).
+    ``leading``: tokens before the grid's that are always kept whole (an image-to-video model's conditioning
+    frame, which the model modulates by its position at the start of the stream)."""
 
     grid: tuple
     kept_whole: int = 0
     references: tuple = ()
+    leading: int = 0
 
 
 class GridRecord:
@@ -100,7 +103,8 @@ class GridRecord:
             raise ValueError(f"reduce_references=True, but the {layout.kept_whole} reference tokens after the image's "
                              f"do not tile a grid (their ids or shapes are not row-major); use "
                              f"reduce_references=False to keep them whole")
-        self._layouts.set(ImageLayout(tuple(int(g) for g in layout.grid), int(layout.kept_whole), references))
+        self._layouts.set(ImageLayout(tuple(int(g) for g in layout.grid), int(layout.kept_whole), references,
+                                      int(layout.leading)))
 
     def get(self) -> Optional[tuple[int, ...]]:
         """The reduced image's grid (the target's, in an edit pipeline)."""
@@ -114,10 +118,15 @@ class GridRecord:
             return ()
         return (layout.grid,) + (layout.references if self.reduce_references else ())
 
+    def leading(self) -> int:
+        """Tokens before the grid's that the plan keeps whole (0 unless the model treats them specially)."""
+        layout = self._layouts.get()
+        return 0 if layout is None else layout.leading
+
     def planned_tokens(self) -> Optional[int]:
-        """How many tokens the plan covers (None before a call)."""
+        """How many tokens the plan covers: the leading ones, then the grids' (None before a call)."""
         grids = self.grids()
-        return sum(math.prod(g) for g in grids) if grids else None
+        return self.leading() + sum(math.prod(g) for g in grids) if grids else None
 
     def kept_whole(self) -> int:
         """Tokens after the planned ones in the image stream that pass through unreduced (0 without references)."""

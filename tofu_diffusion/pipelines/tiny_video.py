@@ -6,12 +6,16 @@ import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
     AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
     AutoencoderKLWan,
+    ClassifierFreeGuidance,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
     LTXPipeline,
@@ -159,3 +163,39 @@ def hunyuan_video_prompt(seed: int = 1) -> dict:
     mask[:, 7:] = 0  # padded text: the mask over [video; text] must follow the reduction
     return {"prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g), "prompt_attention_mask": mask,
             "pooled_prompt_embeds": torch.randn(1, 8, generator=g)}
+
+
+def hunyuan_video15_transformer(seed: int = 0) -> HunyuanVideo15Transformer3DModel:
+    """HunyuanVideo 1.5's layout: dual-stream blocks only, [video; text] joint attention under a text-only mask,
+    rotary over (frames, rows, cols), patch 1, the input latent + condition latent + mask on channels (4 + 4 + 1)."""
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                            num_layers=2, num_refiner_layers=1, text_embed_dim=TEXT_DIM,
+                                            text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 4, 4),
+                                            target_size=64, task_type="t2v").eval()
+
+
+def hunyuan_video15_pipeline() -> HunyuanVideo15Pipeline:
+    """Text encoders None: call it with prompt embeddings (``hunyuan_video15_prompt``); CFG through its guider, one
+    denoiser call per condition."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1).eval()
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=hunyuan_video15_transformer(),
+                                  vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None,
+                                  tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def hunyuan_video15_prompt(seed: int = 1) -> dict:
+    """The MLLM's and byT5's embeddings and masks for a prompt and its negative (padded: the mask must follow)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix in ("", "negative_"):
+        mask = torch.ones(1, 9, dtype=torch.long)
+        mask[:, 7:] = 0
+        out.update({f"{prefix}prompt_embeds": torch.randn(1, 9, TEXT_DIM, generator=g),
+                    f"{prefix}prompt_embeds_mask": mask,
+                    f"{prefix}prompt_embeds_2": torch.randn(1, 5, 8, generator=g),
+                    f"{prefix}prompt_embeds_mask_2": torch.ones(1, 5, dtype=torch.long)})
+    return out
