@@ -100,3 +100,22 @@ def test_video_workloads_reduce_the_video_tokens_to_half_at_their_geometry(model
     per_frame = (64 // 16) * (width // 16)  # the 8x VAE, then 2x2 patches
     assert reduced["frames"] == 5 and reduced["tokens"] == 2 * per_frame  # (5 - 1) / 4 + 1 = 2 latent frames
     assert ideal[0] < reduced["ideal_speedup"] < ideal[1]
+
+
+@pytest.mark.slow
+def test_the_trajectory_bench_times_the_defaults_cached_unmerge_inside_a_run(tmp_path):
+    """--trajectory under SD3's shift-3 scheduler: the default's reduced steps (unmerge_mode="cached") are timed
+    after an unreduced step of the same run, and that step's cost is taken off again."""
+    import json
+
+    from tofu_diffusion.eval import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "sd3", "--trajectory", "--depth", "1", "--width", "128", "--resolution", "256",
+                "--steps", "10", "--repeats", "1", "--warmup", "0", "--batch", "1", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    default, tome = rows["default, whole call"], rows["tome 0.5 every step"]
+    assert default["reduced_steps"] == 4  # steps 6-9 of 10: progress >= 0.6
+    # 4 of 10 steps at 0.75 of the tokens: more than nothing, less than every step at 0.5
+    assert 1.05 < default["ideal_speedup"] < tome["ideal_speedup"]
+    assert default["ms_per_call"] > 0

@@ -59,11 +59,14 @@ def test_no_options_is_the_family_preset():
         preset = PRESETS["quality"][family]
         assert handle.config.method == preset["method"]
         assert handle.config.schedule == preset.get("schedule")
+        assert handle.config.unmerge_mode == preset.get("unmerge_mode")
     chosen = PRESETS["quality"]["dit"].get("blocks", slice(None))
     assert [b.name for b in dit_handle.blocks] == [f"transformer_blocks.{i}" for i in range(4)][chosen]
     # the preset's blocks apply only with the preset's schedule: an explicit ratio reduces every block
     spared = tofu.apply(dit, schedule=[(0.5, 0.5)], preset="quality")
     assert len(spared.blocks) == 4
+    assert spared.config.unmerge_mode is None  # and its unmerge mode: an explicit schedule unmerges as ToMe
+    assert tofu.apply(dit, schedule=[(0.5, 0.5)], unmerge_mode="cached").config.unmerge_mode == "cached"
     fast = tofu.apply(dit, preset="fast")
     assert fast.config.ratio == PRESETS["fast"]["dit"]["ratio"]
     with pytest.raises(ValueError, match="unknown preset 'fastest'"):
@@ -85,6 +88,18 @@ def test_joint_attention_families_share_the_sd3_preset(monkeypatch):
     dit = dit_transformer()
     assert tofu.apply(dit).config.schedule == PRESETS["quality"]["dit"]["schedule"]
     tofu.remove(dit)
+
+
+def test_video_families_take_the_video_presets_and_the_dits_where_there_is_none():
+    from tofu_diffusion.pipelines.tiny_video import wan_transformer
+    from tofu_diffusion.presets import PRESETS
+
+    model = wan_transformer()
+    handle = tofu.apply(model)
+    assert handle.config.schedule == PRESETS["quality"]["video"]["schedule"]
+    assert handle.config.unmerge_mode is None  # the copying unmerge: no stored update per block
+    assert tofu.apply(model, preset="fast").config.ratio == PRESETS["fast"]["dit"]["ratio"]
+    tofu.remove(model)
 
 
 def test_num_train_timesteps_come_from_the_pipeline():

@@ -11,11 +11,12 @@ from .core import DESTINATIONS, MERGE_MODES, grid_text, max_grid_ratio
 
 METHODS = ("tome", "tofu", "mctf", "todo")
 SCHEDULE_AXES = ("steps", "noise")  # see TokenFusionConfig.schedule_axis
+UNMERGE_MODES = ("copy", "cached")  # see TokenFusionConfig.unmerge_mode
 # Options that only one kind of model reads: set on the other kind, they are refused (not silently ignored).
 DIFFUSION_OPTIONS = ("schedule", "schedule_axis", "blocks", "stride", "destination", "destination_position",
                      "max_downsample", "levels", "merge_self_attention", "merge_cross_attention",
                      "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans",
-                     "threshold", "reduce_references")
+                     "threshold", "reduce_references", "unmerge_mode")
 CLASSIFIER_OPTIONS = ("r", "layers", "proportional_attention", "token_order")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
@@ -135,6 +136,14 @@ class TokenFusionConfig:
             Guidance multiplies cond - uncond by its scale; one shared plan's errors largely cancel in that
             difference where two plans' errors add (README: the schedules under shifted schedulers). A
             sample's plan still depends only on its own inputs, so batch composition changes nothing.
+        unmerge_mode: how a merged token's update reaches the tokens it stands for. ``"copy"`` (as ToMe):
+            each takes its slot's. ``"cached"``: each also keeps its own offset from its group, as the block's
+            (or sublayer's) last unreduced step computed it (``MergePlan.unmerge_with_offsets``): consecutive
+            steps change a token's update little, so a merged token keeps most of its own detail. It needs
+            unreduced steps before the reduced ones (a schedule); it costs one stored update per block (and
+            per separate guidance call) and a merge and unmerge more per reduced block. None (default): the
+            preset's with the preset's schedule, else ``"copy"``: an explicit ``ratio`` or ``schedule`` runs
+            as ToMe does unless this is set (and a constant ratio has no unreduced step to learn from).
         seed: base seed of the random destinations.
         reduce_references: edit pipelines (Flux.1 Kontext, Flux.2 with reference images, Qwen-Image-Edit) append
             the reference images' tokens to the target's. False (default): they are kept whole, every block sees
@@ -183,6 +192,7 @@ class TokenFusionConfig:
     plan_reuse_steps: int = 1
     share_guidance_plans: bool = True
     reduce_references: bool = False
+    unmerge_mode: Optional[str] = None
     seed: int = 0
     r: Optional[Union[int, tuple, Sequence[int]]] = None
     layers: Optional[Sequence[int]] = None
@@ -236,6 +246,8 @@ class TokenFusionConfig:
             if not progress or any(not 0.0 <= p <= 1.0 for p in progress) or progress != sorted(set(progress)):
                 raise ValueError(f"schedule must be ((progress, ratio), ...) with increasing progress in [0, 1], "
                                  f"e.g. ((0.0, 0.0), (0.5, 0.75)); got {self.schedule!r}")
+        if self.unmerge_mode is not None and self.unmerge_mode not in UNMERGE_MODES:
+            raise ValueError(f"unknown unmerge_mode {self.unmerge_mode!r}; choose one of {UNMERGE_MODES} or None")
         if self.schedule_axis not in SCHEDULE_AXES:
             raise ValueError(f"unknown schedule_axis {self.schedule_axis!r}; choose one of {SCHEDULE_AXES}")
         from .presets import PRESETS  # the presets are configs' defaults, validated against this class
@@ -351,6 +363,8 @@ class TokenFusionConfig:
             updates["schedule"] = preset.get("schedule")
             if self.blocks is None:
                 updates["blocks"] = preset.get("blocks")
+        if self.unmerge_mode is None and not explicit and updates.get("schedule") is not None:
+            updates["unmerge_mode"] = preset.get("unmerge_mode")  # None reads as "copy"
         resolved = replace(self, **updates)
         if resolved.threshold is not None and resolved.method == "todo":
             resolved.validate()  # the preset's method may be todo: refused with the same message

@@ -1,9 +1,9 @@
 """Named defaults: what ``apply`` does with the levers a user left unset, per model family.
 
-A preset fills ``method``, the ratio ``schedule`` over denoising progress and the reduced ``blocks``
-only where the user gave none of them; an explicit ``ratio`` or ``schedule``
-is always used as given (see ``TokenFusionConfig.resolve``). The figures behind each choice are in the
-README (the sweeps on the bundled tiny-unet, tiny-dit and tiny-mmdit).
+A preset fills ``method``, the ratio ``schedule`` over denoising progress, the reduced ``blocks`` and the
+``unmerge_mode`` only where the user gave none of them; an explicit ``ratio`` or ``schedule`` is always used
+as given, unmerged by copying unless asked otherwise (see ``TokenFusionConfig.resolve``). The figures behind
+each choice are in docs/measurements.md (the sweeps on the bundled tiny-unet, tiny-dit and tiny-mmdit).
 
 Why these shapes: the layout of an image forms in the first denoising steps and reducing tokens there
 changes what is drawn; late steps refine detail that neighbouring tokens share, so they take a high
@@ -22,12 +22,22 @@ PRESETS: dict[str, dict[str, dict]] = {
     # A DiT reduces every block, so it is more sensitive than a UNet (which reduces one level): on the
     # better-trained tiny-dit only the last 20% of steps stayed within noise of the baseline. On tiny-unet,
     # starting at 0.3 instead of 0.4 bought 1.24x against 1.17x with FID still within noise (README).
-    # Joint attention (tiny-mmdit) ranked the schedules as the DiT did: 0.75 from 0.8 stayed within noise
-    # (1.21x), so SD3 takes the DiT's schedules.
+    # Joint attention (tiny-mmdit) ranked the schedules as the DiT did, so SD3 takes the DiT's schedules.
+    # Since 2026-12-03 the schedules unmerge "cached" (each merged token keeps its own offset from its group,
+    # learnt at the last unreduced step): under SD3's shift 3 at 28 steps, 0.75 from 0.6 of the steps kept
+    # tiny-mmdit's class accuracy (79.2% against 79.2%; copying: 68.8%) and tiny-dit's within 4.2 points, where
+    # copying had to wait until 0.8 (5 of 28 steps, 1.1x) to stay within noise (docs/measurements.md).
     "quality": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75))},
-        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.8, 0.75))},
-        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.8, 0.75))},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75)), "unmerge_mode": "cached"},
+        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.6, 0.75)), "unmerge_mode": "cached"},
+        # Joint attention at few steps: 0.5 for the first tenth, then 0.75; at 8 steps under shift 3 it kept
+        # 82.3% against 84.4% (192 images) where 0.75 from 0.6 kept 79.2%.
+        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.6, 0.5), (0.7, 0.75)), "unmerge_mode": "cached"},
+        # Video transformers keep the copying unmerge and the DiT's earlier schedule: the cached unmerge
+        # stores an update per block, N x width x blocks (Wan2.1-1.3B at 480p and 81 frames: about 3 GB per
+        # denoiser call in bf16, and Wan calls twice per step), and no bundled video generator measures
+        # either yet.
+        "video": {"method": "tome", "schedule": ((0.0, 0.0), (0.8, 0.75))},
         # Classifiers: the share of each layer's tokens merged (MCTF's ratio form), measured on tiny-vit (2,000
         # held-out images): 0.1 is the largest within 1 point (87.35% -> 86.90%); at ViT-S/16 it leaves 1.77x
         # fewer FLOPs (ToMe's r=13 territory) and timed 1.56x on CPU.
@@ -35,9 +45,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     # More speed for a small, measurable loss.
     "balanced": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.75))},
-        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
-        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.75)), "unmerge_mode": "cached"},
+        "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75)), "unmerge_mode": "cached"},
+        "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75)), "unmerge_mode": "cached"},
+        "video": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},
         "vit": {"method": "tome", "ratio": 0.15},  # tiny-vit -4.4 points; ViT-S/16 1.90x on CPU
     },
     # The most speed: the highest ratio the 2x2 stride allows at every step.
@@ -73,8 +84,9 @@ METHOD_DEFAULTS: dict[str, dict] = {
 
 
 # Flux.1/.2, Chroma, Qwen-Image and Z-Image are joint attention like SD3, with no bundled model of their own to
-# measure; anything else (the video transformers) takes a DiT's.
-FALLBACK = {"flux": "sd3", "flux2": "sd3", "chroma": "sd3", "qwen_image": "sd3", "z_image": "sd3"}
+# measure; the video transformers take the "video" entries where a preset has them; anything else a DiT's.
+FALLBACK = {"flux": "sd3", "flux2": "sd3", "chroma": "sd3", "qwen_image": "sd3", "z_image": "sd3",
+            "wan": "video", "ltx": "video", "cogvideox": "video", "hunyuan_video": "video", "hunyuan_video15": "video"}
 
 
 def preset_options(name: str, family: str) -> dict:
@@ -85,7 +97,8 @@ def preset_options(name: str, family: str) -> dict:
     if family == "vit" and family not in options:
         raise ValueError(f"preset {name!r} is for diffusion denoisers (a similarity threshold); classifiers take "
                          f"{', '.join(repr(n) for n, o in PRESETS.items() if 'vit' in o)}")
-    return dict(options[family if family in options else FALLBACK.get(family, "dit")])
+    key = family if family in options else FALLBACK.get(family, "dit")
+    return dict(options[key if key in options else "dit"])
 
 
 def method_defaults(family: str) -> dict:

@@ -186,9 +186,11 @@ class MergeHook(SignedHook):
     def post_forward(self, module, output):
         plan = self.state.call().plan
         if plan is None:
+            if self.state.call().input is not None:
+                self.state.remember_update(output, self.role)
             return output
         with record_function("tofu_diffusion::unmerge"):
-            return plan.unmerge(output)
+            return self.state.unmerged_update(plan, output, self.role)
 
 
 class WholeBlockHook(BlockStateHook):
@@ -219,14 +221,18 @@ class WholeBlockHook(BlockStateHook):
     def post_forward(self, module, output):
         call = self.state.call()
         plan, hidden, merged = call.plan, call.input, call.merged
-        self.state.end()
+        image = output if self.image_output is None else output[self.image_output]
         if plan is None:
+            if self.state.run.config.unmerge_mode == "cached":
+                self.state.remember_update(image - hidden)
+            self.state.end()
             return output
         with record_function("tofu_diffusion::unmerge"):
-            if self.image_output is None:
-                return hidden + plan.unmerge(output - merged)
-            image = hidden + plan.unmerge(output[self.image_output] - merged)
-            return type(output)(image if i == self.image_output else o for i, o in enumerate(output))
+            image = hidden + self.state.unmerged_update(plan, image - merged)
+        self.state.end()
+        if self.image_output is None:
+            return image
+        return type(output)(image if i == self.image_output else o for i, o in enumerate(output))
 
 
 def sample_of(value, index: int, batch: int):

@@ -47,6 +47,8 @@ class BlockCall:
     # call position within a step -> (plan, ratio, (B, N)) of its latest planning: true CFG's unconditional and
     # conditional calls each reuse their own plan, never each other's
     reusable: dict = field(default_factory=dict)
+    # (call position, sublayer) -> (step index, update) of its latest unreduced step: unmerge_mode="cached"
+    updates: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +113,25 @@ class BlockState:
             self.last_plan = call.plan
             self.count_tokens(n, n if call.plan is None else call.plan.num_kept)
         return call.plan
+
+    def remember_update(self, update: torch.Tensor, part: str = "block") -> None:
+        """Keep an unreduced step's per-token update (B, N, C) of ``part`` for ``unmerge_mode="cached"``."""
+        if self.run.config.unmerge_mode == "cached":
+            step = self.run.step()
+            self.call().updates[step.call_in_step, part] = (step.index, update.detach())
+
+    def unmerged_update(self, plan: MergePlan, update: torch.Tensor, part: str = "block") -> torch.Tensor:
+        """The reduced update (B, K, C) for all N tokens: copied from each slot, or with ``unmerge_mode="cached"``
+        plus each token's own offset from its group at the last unreduced step of this run (when there was one
+        for these tokens)."""
+        if self.run.config.unmerge_mode == "cached":
+            step = self.run.step()
+            index, reference = self.call().updates.get((step.call_in_step, part), (None, None))
+            # a stored update from a later step index belongs to an earlier run (the index restarts at 0)
+            if reference is not None and index < step.index and reference.shape[:2] == (plan.batch_size,
+                                                                                         plan.num_tokens):
+                return plan.unmerge_with_offsets(update, reference.to(update.dtype), self.merge_mode)
+        return plan.unmerge(update)
 
     def count_tokens(self, n_in: int, n_out: int) -> None:
         self.last_tokens = (n_in, n_out)

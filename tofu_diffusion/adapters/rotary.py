@@ -87,7 +87,11 @@ class PerSampleRotaryBlockHook(BlockStateHook):
         try:
             plan = self.state.plan(self.attention, None)
             if plan is None:
-                return self.fn_ref.original_forward(*args, **kwargs)
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                if self.state.run.config.unmerge_mode == "cached":
+                    image = output[:, start:start + n] if self.joint_sequence else output[self.image_output][:, :n]
+                    self.state.remember_update(image - hidden)
+                return output
             with record_function("tofu_diffusion::merge"):
                 merged = plan.merge(hidden, self.state.merge_mode)
             whole = plan.within(start, sequence.shape[1])  # the plan over the sequence, the rest kept whole
@@ -105,12 +109,13 @@ class PerSampleRotaryBlockHook(BlockStateHook):
             if self.joint_sequence:  # the sequence back: all but the image as computed, all N image tokens
                 out = torch.cat(outputs)
                 with record_function("tofu_diffusion::unmerge"):
-                    image = hidden + plan.unmerge(out[:, start:start + k] - merged)
+                    image = hidden + self.state.unmerged_update(plan, out[:, start:start + k] - merged)
                 return torch.cat([out[:, :start], image, out[:, start + k:]], dim=1)
             images = torch.cat([out[self.image_output] for out in outputs])
             texts = torch.cat([out[1 - self.image_output] for out in outputs])
             with record_function("tofu_diffusion::unmerge"):
-                image = torch.cat([hidden + plan.unmerge(images[:, :k] - merged), images[:, k:]], dim=1)
+                image = torch.cat([hidden + self.state.unmerged_update(plan, images[:, :k] - merged), images[:, k:]],
+                                  dim=1)
             return (texts, image) if self.image_output == 1 else (image, texts)
         finally:
             self.state.end()

@@ -161,8 +161,9 @@ def _step_key(timestep) -> Key:
 
 
 _COMPILE_NEEDS_CONSTANT_RATIO = (
-    "token fusion with a ratio schedule (or plan_reuse_steps > 1) reads each step's timestep on the host, which "
-    "torch.compile(fullgraph=True) cannot capture; compile with a constant ratio=..., or without fullgraph=True"
+    "token fusion with a ratio schedule (or plan_reuse_steps > 1, or unmerge_mode='cached') reads each step's "
+    "timestep on the host, which torch.compile(fullgraph=True) cannot capture; compile with a constant ratio=..., "
+    "or without fullgraph=True"
 )
 
 
@@ -211,7 +212,7 @@ class RunState:
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
         step.guidance_pairs = cfg.share_guidance_plans and is_guidance_batch(latent)
-        if cfg.schedule is None and cfg.plan_reuse_steps == 1:
+        if cfg.schedule is None and cfg.plan_reuse_steps == 1 and cfg.unmerge_mode != "cached":
             return
         if torch.compiler.is_compiling():
             raise RuntimeError(_COMPILE_NEEDS_CONSTANT_RATIO)

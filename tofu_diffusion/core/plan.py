@@ -161,6 +161,13 @@ class MergePlan:
             raise ValueError(f"unmerge expects {self.num_kept} tokens, got {y.shape[1]}")
         return _select(y, self._flat_index("assign"), self.batch_size)
 
+    def unmerge_with_offsets(self, y: torch.Tensor, reference: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """(B, K, C) -> (B, N, C): every token takes its slot's value plus its own offset from its group in
+        ``reference`` (B, N, C), an earlier unreduced value of the same tokens: ``unmerge(y) + reference -
+        unmerge(merge(reference))``. Where the tokens changed little since, each keeps its own detail instead
+        of its destination's copy; a token merged with none gets its slot's value exactly."""
+        return self.unmerge(y) + (reference - self.unmerge(self.merge(reference, mode)))
+
     def merge_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
         """Sizes travel with merged tokens: (B, N) -> (B, K), each slot the sum of its group."""
         kept = torch.gather(sizes, 1, self.kept_idx)

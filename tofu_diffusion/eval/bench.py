@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import platform
@@ -493,17 +494,30 @@ def trajectory_rows(key: str, args) -> list[dict]:
     def step():
         return model(*call_args, **call_kwargs)
 
+    steps = {name: step for name in configs}
     setups = {name: functools.partial(use_variant, model, config) for name, config in configs.items()}
+    # An unmerge that learns offsets at the unreduced steps costs work in every reduced step and a stored update
+    # in every unreduced one: such a step is timed as [the first step; that step] and the first step's time
+    # taken off (the pair is one run: the second call finds the first call's updates).
+    cached = default.unmerge_mode == "cached"
+    if cached:
+        for ratio in sorted({r for r in per_step if r > 0}):
+            name = f"default at {ratio:g}"
+            setups[name], steps[name] = _cached_step_pair(model, spec, default, plan, ratio, call_args, call_kwargs)
     print(f"\n{spec.name} @ {resolution}px: {args.steps}-step call ({spec.scheduler_note}), default "
           f"{plan.reduced_steps} steps reduced", flush=True)
     with torch.no_grad():
-        times = interleaved_times({n: step for n in configs}, setups, repeats=args.repeats, warmup=args.warmup,
-                                  device=device)
+        times = interleaved_times(steps, setups, repeats=args.repeats, warmup=args.warmup, device=device)
         flops = {}
         for name in configs:
             setups[name]()
-            flops[name] = _count_flops(step)
+            flops[name] = _count_flops(steps[name])
         use_variant(model, None)
+    if cached:  # the reduced step alone: the pair less its unreduced first step, round by round
+        for name in times:
+            if name.startswith("default at"):
+                times[name] = [pair - base for pair, base in zip(times[name], times["baseline"])]
+                flops[name] -= flops["baseline"]
 
     def call_of(series: dict) -> list[float]:  # the call's time in each round: its steps at their ratios
         return [sum(series[r][i] for r in per_step) for i in range(args.repeats)]
@@ -526,6 +540,39 @@ def trajectory_rows(key: str, args) -> list[dict]:
         rows.append({**common, "variant": name, "reduced_steps": reduced, "ms_per_call": statistics.median(call) * 1000,
                      "speedup": speedup, "speedup_low": low, "speedup_high": high, "ideal_speedup": ideal_speedup})
     return rows
+
+
+def _cached_step_pair(model, spec, default, plan, ratio: float, call_args: tuple, call_kwargs: dict):
+    """(setup, step) that run the call's first step (unreduced: it stores the updates) and then its first step
+    at ``ratio`` (which unmerges with them), read from the call's real timesteps by a scheduler given to apply."""
+    from tofu_diffusion.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    first = next(s for s in plan.steps if s.ratio == ratio)
+    scheduler = spec.scheduler()
+    scheduler.timesteps = torch.tensor([s.timestep for s in plan.steps])
+    config = tofu.TokenFusionConfig(method=default.method, schedule=((0.0, 0.0), (first.progress, ratio)),
+                                    blocks=default.blocks, stride=default.stride, unmerge_mode="cached")
+    signature = inspect.signature(model.forward)
+
+    def at(timestep: float):
+        bound = signature.bind_partial(*call_args, **call_kwargs)
+        value = bound.arguments[adapter.timestep_argument]
+        bound.arguments[adapter.timestep_argument] = torch.full_like(value, timestep * adapter.timestep_unit)
+        return bound.args, bound.kwargs
+
+    calls = [at(plan.steps[0].timestep), at(first.timestep)]
+
+    def setup():
+        use_variant(model, None)
+        tofu.apply(model, config, scheduler=scheduler)
+
+    def pair():
+        for args, kwargs in calls:
+            out = model(*args, **kwargs)
+        return out
+
+    return setup, pair
 
 
 def explain_full_size(key: str, args) -> str:

@@ -1,0 +1,81 @@
+"""unmerge_mode="cached": a merged token's update is its slot's plus its own offset from its group at the block's
+last unreduced step. The core identity, exactness (ratio 0, remove, seeded repeat) and that it is closer to the
+unreduced model than copying, on the three hook shapes: whole joint blocks (SD3), per-sample rotary blocks
+(Flux), sublayers (SD UNet)."""
+
+import pytest
+import torch
+
+import tofu_diffusion as tofu
+from tofu_diffusion.core import bipartite_soft_matching, grid_partition
+from tofu_diffusion.pipelines.tiny import (
+    flux_pipeline,
+    flux_prompt,
+    prompt_embeds,
+    sd3_pipeline,
+    sd3_prompt,
+    sd_pipeline,
+)
+
+
+@pytest.mark.parametrize("mode", ["mean", "size_weighted", "mlerp", "prune"])
+def test_offsets_restore_the_reference_and_leave_unmerged_tokens_their_slot(mode):
+    g = torch.Generator().manual_seed(0)
+    x, reference = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    src, dst = grid_partition((4, 4), (2, 2), key=3)
+    plan = bipartite_soft_matching(x, src, dst, 6)
+    # the update of the reference itself, merged, comes back as the reference: every token its own
+    assert torch.allclose(plan.unmerge_with_offsets(plan.merge(reference, mode), reference, mode), reference,
+                          atol=1e-5)
+    y = torch.randn(2, plan.num_kept, 8, generator=g)
+    out, copied = plan.unmerge_with_offsets(y, reference, mode), plan.unmerge(y)
+    alone = plan.group_count == 1  # slots that stand for one token: that token gets the slot's value exactly
+    for b in range(2):
+        tokens = plan.kept_idx[b][alone[b]]
+        assert torch.allclose(out[b, tokens], copied[b, tokens], atol=1e-6)
+    assert not torch.allclose(out, copied)
+
+
+def _sd3(pipe):
+    return pipe(**sd3_prompt(), num_inference_steps=8, height=32, width=32, output_type="pt", guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def _flux(pipe):
+    return pipe(**flux_prompt(), num_inference_steps=8, height=32, width=32, output_type="pt", guidance_scale=0.0,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def _sd(pipe):
+    e = prompt_embeds()
+    return pipe(prompt_embeds=e, negative_prompt_embeds=torch.zeros_like(e), num_inference_steps=8, height=64,
+                width=64, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+CASES = {"sd3": (sd3_pipeline, _sd3, {}), "flux": (flux_pipeline, _flux, {}),
+         "sd": (sd_pipeline, _sd, {"merge_scope": "sublayers"})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CASES))
+def test_cached_unmerge_is_exact_off_repeatable_and_closer_to_the_unreduced_model(kind):
+    make, call, options = CASES[kind]
+    pipe = make()
+    base = call(pipe)
+    with tofu.fused(pipe, method="tome", ratio=0.0, unmerge_mode="cached", **options):
+        assert torch.equal(call(pipe), base)
+    schedule = ((0.0, 0.0), (0.5, 0.75))  # 4 unreduced steps, then 4 at 0.75
+    errors = {}
+    for mode in ("copy", "cached"):
+        tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode=mode, **options)
+        out = call(pipe)
+        assert torch.equal(call(pipe), out)  # the run's stored updates never reach the next run
+        errors[mode] = (out - base).pow(2).mean().item()
+        tofu.remove(pipe)
+    assert torch.equal(call(pipe), base)
+    assert 0 < errors["cached"] < errors["copy"]
+
+
+def test_unmerge_mode_is_validated():
+    with pytest.raises(ValueError, match="unknown unmerge_mode 'cache'"):
+        tofu.TokenFusionConfig(unmerge_mode="cache")
