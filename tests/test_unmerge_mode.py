@@ -1,7 +1,8 @@
 """unmerge_mode="cached": a merged token's update is its slot's plus its own offset from its group at the block's
 last unreduced step. The core identity, exactness (ratio 0, remove, seeded repeat) and that it is closer to the
-unreduced model than copying, on the three hook shapes: whole joint blocks (SD3), per-sample rotary blocks
-(Flux), sublayers (SD UNet)."""
+unreduced model than copying, on every hook shape: whole joint blocks (SD3), per-sample rotary blocks (Flux), a
+joint sequence with the image last (Chroma's single-stream blocks, under true CFG's two calls a step) or first
+(Z-Image), sublayers (SD UNet)."""
 
 import pytest
 import torch
@@ -9,12 +10,16 @@ import torch
 import tofu_diffusion as tofu
 from tofu_diffusion.core import bipartite_soft_matching, grid_partition
 from tofu_diffusion.pipelines.tiny import (
+    chroma_pipeline,
+    chroma_prompt,
     flux_pipeline,
     flux_prompt,
     prompt_embeds,
     sd3_pipeline,
     sd3_prompt,
     sd_pipeline,
+    z_image_pipeline,
+    z_image_prompt,
 )
 
 
@@ -46,6 +51,16 @@ def _flux(pipe):
                 generator=torch.Generator().manual_seed(0)).images
 
 
+def _chroma(pipe):  # true CFG: two denoiser calls per step, each with its own stored updates
+    return pipe(**chroma_prompt(), height=32, width=48, num_inference_steps=8, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def _z_image(pipe):  # the image at the start of one joint sequence
+    return pipe(**z_image_prompt(), height=32, width=48, num_inference_steps=8, output_type="pt", guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0)).images
+
+
 def _sd(pipe):
     e = prompt_embeds()
     return pipe(prompt_embeds=e, negative_prompt_embeds=torch.zeros_like(e), num_inference_steps=8, height=64,
@@ -53,6 +68,7 @@ def _sd(pipe):
 
 
 CASES = {"sd3": (sd3_pipeline, _sd3, {}), "flux": (flux_pipeline, _flux, {}),
+         "chroma": (chroma_pipeline, _chroma, {}), "z_image": (z_image_pipeline, _z_image, {}),
          "sd": (sd_pipeline, _sd, {"merge_scope": "sublayers"})}
 
 
