@@ -5,6 +5,7 @@ image-to-video's token replace keeps the first frame whole and first; HunyuanVid
 
 import pytest
 import torch
+from conftest import check_reduced_exactly, check_samples_alone, record_rotary_attention
 
 import tofu_diffusion as tofu
 from tofu_diffusion.pipelines.tiny import TEXT_DIM
@@ -30,42 +31,25 @@ def _run(model, inputs):
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_at_ratio_zero_and_after_remove_and_repeatable(method):
     model = hunyuan_video_transformer()
-    inputs = _inputs()
-    base = _run(model, inputs)
-    with tofu.fused(model, method=method, ratio=0.0):
-        assert torch.equal(_run(model, inputs), base)
-    handle = tofu.apply(model, method=method, ratio=0.5)
-    assert handle.family == "hunyuan_video" and [b.name for b in handle.blocks] == BLOCKS
-    out = _run(model, inputs)
-    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
-    assert torch.equal(_run(model, inputs), out)
-    assert all(handle.token_counts()[name] == (72, 36) for name in BLOCKS)
+    assert tofu.apply(model, ratio=0.5).family == "hunyuan_video"
     tofu.remove(model)
-    assert torch.equal(_run(model, inputs), base)
+    check_reduced_exactly(model, _run, _inputs(), method, {name: (72, 36) for name in BLOCKS})
 
 
 def test_mask_and_rotary_rows_follow_the_kept_tokens_text_stays_and_batch_consistency():
     model = hunyuan_video_transformer()
     inputs = _inputs()
-    seen = []
-    model.transformer_blocks[0].attn.register_forward_pre_hook(lambda m, a, k: seen.append(k) and None,
-                                                               with_kwargs=True)
-    full = {}
-    model.rope.register_forward_hook(lambda m, a, out: full.update(rotary=out) and None)
-    handle = tofu.apply(model, method="tome", ratio=0.5)
-    together = _run(model, inputs)
-    plan = handle.last_plans()["transformer_blocks.0"][0]
+    seen, rotary, plan, together = record_rotary_attention(model, model.transformer_blocks[0].attn, _run, inputs,
+                                                           "transformer_blocks.0")
     assert len(seen) == 2  # one reduced call per sample
     for b, kwargs in enumerate(seen):
         assert kwargs["hidden_states"].shape[1] == 36 and kwargs["encoder_hidden_states"].shape[1] == 9
         mask = kwargs["attention_mask"]
         assert mask.shape[-1] == 36 + 9 and mask[..., :36].all()
         assert mask[..., 36:].flatten().tolist() == ([True] * 6 + [False] * 3 if b == 0 else [True] * 9)
-        for got, table in zip(kwargs["image_rotary_emb"], full["rotary"]):
+        for got, table in zip(kwargs["image_rotary_emb"], rotary):
             assert torch.equal(got, table[plan.kept_idx[b]])
-    for i in range(2):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        assert torch.allclose(_run(model, one)[0], together[i], atol=1e-5)
+    check_samples_alone(model, _run, inputs, together)
 
 
 def _token_replace_transformer():
@@ -83,28 +67,20 @@ def _token_replace_transformer():
 def test_image_to_video_token_replace_keeps_the_first_frame_whole_and_first(method):
     model = _token_replace_transformer()
     inputs = _inputs()  # 3 frames of 4x6: the first frame's 24 tokens lead
-    base = _run(model, inputs)
-    with tofu.fused(model, method=method, ratio=0.0):
-        assert torch.equal(_run(model, inputs), base)
+    # the ratio applies to the 48 tokens of the noisy frames; the first frame's 24 pass through
+    out = check_reduced_exactly(model, _run, inputs, method, {name: (72, 48) for name in BLOCKS})
     counts = []
     model.single_transformer_blocks[0].norm.register_forward_pre_hook(  # (video + text, temb, t = 0 emb, count)
         lambda m, args: counts.append((args[0].shape[1], args[3])) and None)
     handle = tofu.apply(model, method=method, ratio=0.5)
-    out = _run(model, inputs)
-    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
     assert torch.equal(_run(model, inputs), out)
-    # the ratio applies to the 48 tokens of the noisy frames; the first frame's 24 pass through
-    assert all(handle.token_counts()[name] == (72, 48) for name in BLOCKS)
     assert counts[-1] == (48 + 9, 24)  # the block still modulates its first 24 tokens (the first frame's) with t = 0
     for name in BLOCKS:
         plan = handle.last_plans()[name][0]
         assert torch.equal(plan.kept_idx[:, :24], torch.arange(24).expand(2, 24))
         assert (plan.src_idx >= 24).all() and (plan.src_slot >= 24).all()  # nothing merges into the first frame
-    for i in range(2):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        assert torch.allclose(_run(model, one)[0], out[i], atol=1e-5)
+    check_samples_alone(model, _run, inputs, out)
     tofu.remove(model)
-    assert torch.equal(_run(model, inputs), base)
 
 
 def test_todo_is_refused_clearly():

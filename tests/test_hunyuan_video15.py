@@ -5,6 +5,7 @@ HunyuanVideo15Pipeline end to end, its guider's separate calls one step."""
 
 import pytest
 import torch
+from conftest import check_reduced_exactly, check_samples_alone, record_rotary_attention
 
 import tofu_diffusion as tofu
 from tofu_diffusion.pipelines.tiny import TEXT_DIM
@@ -36,41 +37,24 @@ def _run(model, inputs):
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_at_ratio_zero_and_after_remove_and_repeatable(method):
     model = hunyuan_video15_transformer()
-    inputs = _inputs()
-    base = _run(model, inputs)
-    with tofu.fused(model, method=method, ratio=0.0):
-        assert torch.equal(_run(model, inputs), base)
-    handle = tofu.apply(model, method=method, ratio=0.5)
-    assert handle.family == "hunyuan_video15" and [b.name for b in handle.blocks] == BLOCKS
-    out = _run(model, inputs)
-    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.allclose(out, base)
-    assert torch.equal(_run(model, inputs), out)
-    assert all(handle.token_counts()[name] == (72, 36) for name in BLOCKS)
+    assert tofu.apply(model, ratio=0.5).family == "hunyuan_video15"
     tofu.remove(model)
-    assert torch.equal(_run(model, inputs), base)
+    check_reduced_exactly(model, _run, _inputs(), method, {name: (72, 36) for name in BLOCKS})
 
 
 def test_text_stays_rotary_rows_follow_the_kept_tokens_and_batch_consistency():
     model = hunyuan_video15_transformer()
     inputs = _inputs()
-    seen = []
-    model.transformer_blocks[0].attn.register_forward_pre_hook(lambda m, a, k: seen.append(k) and None,
-                                                               with_kwargs=True)
-    full = {}
-    model.rope.register_forward_hook(lambda m, a, out: full.update(rotary=out) and None)
-    handle = tofu.apply(model, method="tome", ratio=0.5)
-    together = _run(model, inputs)
-    plan = handle.last_plans()["transformer_blocks.0"][0]
+    seen, rotary, plan, together = record_rotary_attention(model, model.transformer_blocks[0].attn, _run, inputs,
+                                                           "transformer_blocks.0")
     assert len(seen) == 2  # one reduced call per sample
     for b, kwargs in enumerate(seen):
         # 36 of 72 video tokens; all 4 + 5 + 9 text tokens (image, byT5, MLLM) under their own text-only mask
         assert kwargs["hidden_states"].shape[1] == 36 and kwargs["encoder_hidden_states"].shape[1] == 18
         assert kwargs["attention_mask"].shape[-1] == 18
-        for got, table in zip(kwargs["image_rotary_emb"], full["rotary"]):
+        for got, table in zip(kwargs["image_rotary_emb"], rotary):
             assert torch.equal(got, table[plan.kept_idx[b]])
-    for i in range(2):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        assert torch.allclose(_run(model, one)[0], together[i], atol=1e-5)
+    check_samples_alone(model, _run, inputs, together)
 
 
 @pytest.mark.parametrize("frames, h, w", [(5, 4, 6), (2, 6, 4)])
