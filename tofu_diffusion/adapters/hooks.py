@@ -186,7 +186,7 @@ class MergeHook(SignedHook):
     def post_forward(self, module, output):
         plan = self.state.call().plan
         if plan is None:
-            if self.state.call().input is not None:
+            if self.state.cached_unmerge:
                 self.state.remember_update(output, self.role)
             return output
         with record_function("tofu_diffusion::unmerge"):
@@ -223,7 +223,7 @@ class WholeBlockHook(BlockStateHook):
         plan, hidden, merged = call.plan, call.input, call.merged
         image = output if self.image_output is None else output[self.image_output]
         if plan is None:
-            if self.state.run.config.unmerge_mode == "cached":
+            if self.state.cached_unmerge:
                 self.state.remember_update(image - hidden)
             self.state.end()
             return output

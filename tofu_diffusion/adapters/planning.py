@@ -114,17 +114,22 @@ class BlockState:
             self.count_tokens(n, n if call.plan is None else call.plan.num_kept)
         return call.plan
 
+    @property
+    def cached_unmerge(self) -> bool:
+        """``unmerge_mode="cached"``: unreduced steps store their updates (``remember_update``) for the next
+        reduced ones; hooks ask first, so that the copying unmerge never computes an update it does not keep."""
+        return self.run.config.unmerge_mode == "cached"
+
     def remember_update(self, update: torch.Tensor, part: str = "block") -> None:
-        """Keep an unreduced step's per-token update (B, N, C) of ``part`` for ``unmerge_mode="cached"``."""
-        if self.run.config.unmerge_mode == "cached":
-            step = self.run.step()
-            self.call().updates[step.call_in_step, part] = (step.index, update.detach())
+        """Keep an unreduced step's per-token update (B, N, C) of ``part`` (only with ``cached_unmerge``)."""
+        step = self.run.step()
+        self.call().updates[step.call_in_step, part] = (step.index, update.detach())
 
     def unmerged_update(self, plan: MergePlan, update: torch.Tensor, part: str = "block") -> torch.Tensor:
         """The reduced update (B, K, C) for all N tokens: copied from each slot, or with ``unmerge_mode="cached"``
         plus each token's own offset from its group at the last unreduced step of this run (when there was one
         for these tokens)."""
-        if self.run.config.unmerge_mode == "cached":
+        if self.cached_unmerge:
             step = self.run.step()
             index, reference = self.call().updates.get((step.call_in_step, part), (None, None))
             # a stored update from a later step index belongs to an earlier run (the index restarts at 0)

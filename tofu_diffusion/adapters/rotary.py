@@ -88,7 +88,7 @@ class PerSampleRotaryBlockHook(BlockStateHook):
             plan = self.state.plan(self.attention, None)
             if plan is None:
                 output = self.fn_ref.original_forward(*args, **kwargs)
-                if self.state.run.config.unmerge_mode == "cached":
+                if self.state.cached_unmerge:
                     image = output[:, start:start + n] if self.joint_sequence else output[self.image_output][:, :n]
                     self.state.remember_update(image - hidden)
                 return output

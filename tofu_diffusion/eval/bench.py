@@ -486,30 +486,31 @@ def trajectory_rows(key: str, args) -> list[dict]:
                         scheduler=spec.scheduler())
     default = plan.config
     per_step = [s.ratio for s in plan.steps]
-    configs = {"baseline": None, "tome 0.5": tofu.TokenFusionConfig(method="tome", ratio=0.5)}
-    for ratio in sorted({r for r in per_step if r > 0}):
-        configs[f"default at {ratio:g}"] = tofu.TokenFusionConfig(method=default.method, ratio=ratio,
-                                                                  blocks=default.blocks, stride=default.stride)
 
     def step():
         return model(*call_args, **call_kwargs)
 
-    steps = {name: step for name in configs}
-    setups = {name: functools.partial(use_variant, model, config) for name, config in configs.items()}
+    setups = {name: functools.partial(use_variant, model, config) for name, config in
+              (("baseline", None), ("tome 0.5", tofu.TokenFusionConfig(method="tome", ratio=0.5)))}
+    steps = {name: step for name in setups}
     # An unmerge that learns offsets at the unreduced steps costs work in every reduced step and a stored update
     # in every unreduced one: such a step is timed as [the first step; that step] and the first step's time
     # taken off (the pair is one run: the second call finds the first call's updates).
     cached = default.unmerge_mode == "cached"
-    if cached:
-        for ratio in sorted({r for r in per_step if r > 0}):
-            name = f"default at {ratio:g}"
+    for ratio in sorted({r for r in per_step if r > 0}):
+        name = f"default at {ratio:g}"
+        if cached:
             setups[name], steps[name] = _cached_step_pair(model, spec, default, plan, ratio, call_args, call_kwargs)
+        else:
+            config = tofu.TokenFusionConfig(method=default.method, ratio=ratio, blocks=default.blocks,
+                                            stride=default.stride)
+            setups[name], steps[name] = functools.partial(use_variant, model, config), step
     print(f"\n{spec.name} @ {resolution}px: {args.steps}-step call ({spec.scheduler_note}), default "
           f"{plan.reduced_steps} steps reduced", flush=True)
     with torch.no_grad():
         times = interleaved_times(steps, setups, repeats=args.repeats, warmup=args.warmup, device=device)
         flops = {}
-        for name in configs:
+        for name in steps:
             setups[name]()
             flops[name] = _count_flops(steps[name])
         use_variant(model, None)
