@@ -92,3 +92,37 @@ def test_clip_score_with_a_local_clip_model(tmp_path):
     assert score == pytest.approx(100 * cosine.mean().item(), rel=1e-4)
     with pytest.raises(RuntimeError, match="--clip-model"):
         metrics.clip_score(str(tmp_path / "nowhere"), images, ["a", "b"])
+
+
+def test_temporal_error_is_zero_for_the_same_motion_and_grows_with_flicker():
+    from tofu_diffusion.pipelines.shapes import generate_clips
+
+    clips = generate_clips(4, seed=1)[0]
+    assert torch.equal(metrics.temporal_error(clips, clips), torch.zeros(4))
+    # the same clip brighter in every frame has the same frame-to-frame changes: no temporal error, though
+    # every frame differs
+    assert metrics.temporal_error(clips + 0.2, clips).abs().max() < 1e-6
+    flicker = clips.clone()
+    flicker[:, 1::2] += 0.2  # every other frame brighter: each change is off by 0.2
+    assert metrics.temporal_error(flicker, clips) == pytest.approx(torch.full((4,), 0.2), abs=1e-5)
+    with pytest.raises(ValueError, match="clips"):
+        metrics.temporal_error(clips[:, 0], clips[:, 0])
+    assert metrics.as_frames(clips).shape == (32, 3, 32, 32) and metrics.as_frames(clips[:, 0]).shape == (4, 3, 32, 32)
+
+
+def test_moving_shape_track_follows_the_shape_and_trajectory_error_measures_a_shift():
+    from tofu_diffusion.pipelines.shapes import generate_clips
+
+    clips, _, centres = generate_clips(64, seed=3)
+    track = metrics.moving_shape_track(clips)
+    truth = (centres + 1) * clips.shape[-1] / 2 - 0.5  # [-1, 1] -> pixel index
+    error = (track - truth).norm(dim=-1)
+    assert error.isnan().float().mean() < 0.05  # a shape is found in nearly every frame
+    assert error.nanmedian() < 2.0  # within two pixels of where the generator put it (measured 1.3)
+    # the same clips three pixels to the right on a wider canvas: their track is three pixels off
+    moved, placed = torch.nn.functional.pad(clips, (3, 5)), torch.nn.functional.pad(clips, (0, 8))
+    shift = metrics.trajectory_error(moved, placed)
+    assert shift.nanmean() == pytest.approx(3.0, abs=1e-3)
+    assert metrics.trajectory_error(clips, clips).nan_to_num(0).abs().max() == 0
+    still = clips[:, :1].expand(-1, 8, -1, -1, -1)  # nothing moves: no track, not a wrong one
+    assert metrics.moving_shape_track(still).isnan().all()

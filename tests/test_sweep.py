@@ -59,6 +59,28 @@ def test_sweep_writes_the_table_json_csv_plot_and_grids(unet_folder, tmp_path, c
     assert "noise floor" in printed and "mctf" in printed
 
 
+def test_a_video_sweep_scores_frames_and_motion(tmp_path):
+    """tiny-wan's layout (randomly initialised): frames scored as images, plus the two temporal measures."""
+    torch.manual_seed(0)
+    build_pipeline("wan").save_pretrained(tmp_path / "wan")
+    out = tmp_path / "results"
+    result = sweep.main(["--model", str(tmp_path / "wan"), "--methods", "tome", "--ratios", "0", "0.5",
+                         "--out", str(out), "--num-images", "3", "--batch-size", "3", "--steps", "2",
+                         "--repeats", "1", "--num-reference", "48"])
+    base, reduced = result["rows"]
+    assert base["temporal_error"] == 0 and base["psnr"] == 100.0
+    assert reduced["temporal_error"] > 0 and reduced["psnr"] < 100.0
+    frames = 3 * 8  # class accuracy counts every frame of the three clips
+    assert reduced["class_accuracy"] * frames == pytest.approx(round(reduced["class_accuracy"] * frames))
+    assert base["fid"] > 0 and result["noise_floor_fid"] > 0
+    with open(out / "results.csv") as f:
+        assert {"temporal_error", "trajectory_error"} <= set(next(csv.DictReader(f)))
+    # the grid shows each clip as a row of its 8 frames (32 px enlarged 3x, 2 px borders)
+    from PIL import Image
+
+    assert Image.open(out / "samples_none_0.png").size == (8 * 34 * 3, 3 * 34 * 3)
+
+
 def test_an_image_is_the_same_whatever_the_batch(unet_folder):
     work = workloads.embedded(unet_folder, torch.device("cpu"), steps=2, guidance_scale=2.0)
     indices = [0, 1, 2, 3, 4]

@@ -10,6 +10,7 @@ import torch
 import tofu_diffusion as tofu
 from tofu_diffusion.pipelines import load_embedded
 from tofu_diffusion.pipelines.classifier import load_classifier
+from tofu_diffusion.pipelines.shapes import generate_clips
 from tofu_diffusion.pipelines.train_shapes import train_classifier, train_generator
 
 pytestmark = pytest.mark.slow  # trainings, sweeps and the shipped models: minutes in all
@@ -67,18 +68,29 @@ def test_a_64_px_dit_warm_starts_from_a_32_px_one():
         build_pipeline("mmdit", 64)
 
 
-def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path):
+def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path, monkeypatch):
+    from tofu_diffusion.pipelines import train_shapes
+
+    drawn = []
+
+    def clips(count, seed, frames):
+        drawn.append((count, frames))
+        return generate_clips(count, seed=seed, frames=frames)
+
+    monkeypatch.setattr(train_shapes, "generate_clips", clips)
     out = str(tmp_path / "wan")
-    train_generator(Namespace(what="wan", minutes=60, max_steps=2, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0,
-                              snapshot_every=0, classifier=None, out=out))
+    train_generator(Namespace(what="wan", minutes=60, max_steps=4, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0,
+                              snapshot_every=0, classifier=None, out=out, stills_share=0.5))
+    # half the steps train on single frames, eight times as many: the same tokens per step
+    assert drawn == [(2, 8), (16, 1), (2, 8), (16, 1)]
     pipe = load_embedded(out)
     assert type(pipe).__name__ == "ShapesWanPipeline" and type(pipe.transformer).__name__ == "WanTransformer3DModel"
     pipe.set_progress_bar_config(disable=True)
     frames = pipe([1, 4], num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (2, 8, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
-    # explain reads its size and frames from the pipeline: 8 frames of 8 x 8 tokens
+    # explain reads its size and frames from the pipeline: 8 frames of 16 x 16 tokens (2x2 pixels each)
     plan = tofu.explain(pipe, num_inference_steps=4, ratio=0.5)
-    assert plan.blocks[0].grid == (8, 8, 8) and plan.steps[0].tokens == (512, 256)
+    assert plan.blocks[0].grid == (8, 16, 16) and plan.steps[0].tokens == (2048, 1024)
 
 
 def test_a_resumed_run_never_overwrites_a_better_saved_model(tmp_path, monkeypatch):

@@ -203,3 +203,50 @@ def clip_score(model_path: str, images: torch.Tensor, prompts: list[str], batch_
         chunk = to_uint8(images[start:start + batch_size])
         metric.update(chunk, prompts[start:start + batch_size])
     return float(metric.compute())
+
+
+# ---- video: clips (N, F, 3, H, W) in [-1, 1] ------------------------------------------------------------
+
+def as_frames(images: torch.Tensor) -> torch.Tensor:
+    """Clips (N, F, 3, H, W) as their frames (N * F, 3, H, W); images (N, 3, H, W) as they are.
+
+    Every per-image measure (FID, class accuracy, PSNR) scores a video frame by frame."""
+    return images.flatten(0, 1) if images.dim() == 5 else images
+
+
+def temporal_error(videos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per clip: how far its frame-to-frame changes are from ``reference``'s, mean absolute (0: the same motion).
+
+    A clip that matches the reference frame by frame scores 0; one that flickers or moves differently does not,
+    even where each frame on its own looks as good (which PSNR per frame cannot tell apart).
+    """
+    if videos.dim() != 5 or videos.shape != reference.shape or videos.shape[1] < 2:
+        raise ValueError(f"temporal_error takes two clips batches (N, F >= 2, 3, H, W) of one shape; got "
+                         f"{tuple(videos.shape)} and {tuple(reference.shape)}")
+    change, wanted = videos.float().diff(dim=1), reference.float().diff(dim=1)
+    return (change - wanted).abs().mean(dim=(1, 2, 3, 4))
+
+
+def moving_shape_track(videos: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The moving object's centre in each frame, (N, F, 2) as (x, y) pixels; NaN where nothing moves.
+
+    The background is each pixel's median over the clip (a moving shape covers any one pixel in few frames);
+    the object is what differs from it by more than ``threshold`` (summed over channels, [-1, 1] units), and
+    its centre the centroid of that excess. Made for the moving-shapes clips (one shape, a still background).
+    """
+    videos = videos.float().contiguous()  # torch's median over a broadcast (stride-0) dim is wrong
+    background = videos.median(dim=1, keepdim=True).values
+    excess = ((videos - background).abs().sum(dim=2) - threshold).clamp(min=0)  # (N, F, H, W)
+    h, w = excess.shape[-2:]
+    ys = torch.arange(h, dtype=excess.dtype, device=excess.device).view(h, 1)
+    xs = torch.arange(w, dtype=excess.dtype, device=excess.device).view(1, w)
+    mass = excess.sum(dim=(2, 3))
+    centre = torch.stack([(excess * xs).sum(dim=(2, 3)), (excess * ys).sum(dim=(2, 3))], dim=-1) / mass[..., None]
+    return centre.masked_fill((mass < 1.0)[..., None], float("nan"))
+
+
+def trajectory_error(videos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per clip: mean distance in pixels between its moving shape's track and ``reference``'s (NaN where
+    neither has a track to compare)."""
+    distance = (moving_shape_track(videos) - moving_shape_track(reference)).norm(dim=-1)  # (N, F)
+    return distance.nanmean(dim=1)

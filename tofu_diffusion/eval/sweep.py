@@ -323,17 +323,18 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     real = work.real_images(max(args.num_reference, args.num_images)) if work.real_images else None
     fid = kid = None
     if real is not None:
+        # a video's frames are scored as images: FID of all the frames against real frames
         scorer = metrics.FID(work.fid_metric().to(device), real.to(device))
-        fid = lambda fake: scorer(metrics.from_uint8(fake).to(device))  # noqa: E731
+        fid = lambda fake: scorer(metrics.as_frames(metrics.from_uint8(fake)).to(device))  # noqa: E731
         if work.kid_metric is not None:
             kid_scorer = metrics.KID(work.kid_metric().to(device), real.to(device))
-            kid = lambda fake: kid_scorer(metrics.from_uint8(fake).to(device))  # noqa: E731
+            kid = lambda fake: kid_scorer(metrics.as_frames(metrics.from_uint8(fake)).to(device))  # noqa: E731
     baseline = metrics.from_uint8(images["baseline"])
     noise_floor = None
     if work.fid_metric is not None:
         # The same model and settings, other seeds: how far FID moves by chance alone.
-        against_baseline = metrics.FID(work.fid_metric().to(device), baseline.to(device))
-        noise_floor = against_baseline(metrics.from_uint8(floor_images).to(device))
+        against_baseline = metrics.FID(work.fid_metric().to(device), metrics.as_frames(baseline).to(device))
+        noise_floor = against_baseline(metrics.as_frames(metrics.from_uint8(floor_images)).to(device))
     family = tofu.family_of(work.denoiser)
     rows = []
     for setting in tqdm(settings, desc="scoring", disable=not sharding.is_main):
@@ -359,8 +360,9 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             "kid": kid_mean, "kid_std": kid_std,
             "clip_score": scores.get("clip_score"),
             "class_accuracy": scores.get("class_accuracy"),
-            "psnr": float(metrics.psnr(fake, baseline).mean()),
-            "ssim": float(metrics.ssim(fake, baseline).mean()),
+            "psnr": float(metrics.psnr(metrics.as_frames(fake), metrics.as_frames(baseline)).mean()),
+            "ssim": float(metrics.ssim(metrics.as_frames(fake), metrics.as_frames(baseline)).mean()),
+            **_temporal_scores(fake, baseline),
             "peak_memory_mb": max(t[2][name] for t in timings),
         })
     report.mark_pareto(rows, "speedup", "fid" if fid else "psnr", lower_is_better=bool(fid))
@@ -371,11 +373,21 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
     return result
 
 
+def _temporal_scores(fake: torch.Tensor, baseline: torch.Tensor) -> dict:
+    """Videos only: frame-to-frame changes and the moving shape's track, each against the unreduced clips."""
+    if fake.dim() != 5:
+        return {"temporal_error": None, "trajectory_error": None}
+    track = metrics.trajectory_error(fake, baseline)
+    return {"temporal_error": float(metrics.temporal_error(fake, baseline).mean()),
+            "trajectory_error": float(track.nanmean()) if not track.isnan().all() else None}
+
+
 # ---- outputs ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("setting", "method", "ratio", "schedule", "seconds_per_image", "denoiser_ms_per_step", "speedup",
            "speedup_low", "speedup_high", "tokens_removed", "fid",
-           "kid", "kid_std", "clip_score", "class_accuracy", "psnr", "ssim", "peak_memory_mb", "pareto")
+           "kid", "kid_std", "clip_score", "class_accuracy", "psnr", "ssim", "temporal_error", "trajectory_error",
+           "peak_memory_mb", "pareto")
 
 
 def format_schedule(config: tofu.TokenFusionConfig) -> str:
@@ -397,7 +409,9 @@ def write_outputs(out: str, result: dict, images: dict, settings, grid: int) -> 
         row["samples"] = f"samples_{setting.file_key}.png"
     report.write_json_csv(out, result, COLUMNS)
     for setting, row in zip(settings, result["rows"]):
-        save_grid(images[setting.name][:grid], os.path.join(out, row["samples"]))
+        shown = images[setting.name][:grid]  # a video: one clip per row, its frames left to right
+        save_grid(metrics.as_frames(shown), os.path.join(out, row["samples"]),
+                  columns=shown.shape[1] if shown.dim() == 5 else 8)
     rows, floor = result["rows"], result.get("noise_floor_fid")
     title = f"{result['model']}: quality vs speed ({result['num_images']} images, {result['steps']} steps)"
     if rows[0]["fid"] is not None:
@@ -429,8 +443,10 @@ def format_table(result: dict) -> str:
     cell = report.format_value
     condition = "class acc" if any(r["class_accuracy"] is not None for r in result["rows"]) else "CLIP"
     width = max(12, *(len(r["setting"]) + 2 for r in result["rows"]))
+    video = any(r.get("temporal_error") is not None for r in result["rows"])
     header = (f"{'setting':<{width}}{'method':<8}{'reduces':<24}{'s/image':>9}{'speedup':>21}{'FID':>8}{'KID x1e3':>16}"
-              f"{condition:>10}{'PSNR':>7}{'SSIM':>7}{'mem MB':>8} pareto")
+              f"{condition:>10}{'PSNR':>7}{'SSIM':>7}" + (f"{'temp err':>9}{'track px':>9}" if video else "")
+              + f"{'mem MB':>8} pareto")
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
         score = r["class_accuracy"] if r["class_accuracy"] is not None else r["clip_score"]
@@ -438,13 +454,19 @@ def format_table(result: dict) -> str:
         reduces = r["schedule"] or (f"{r['ratio']:g}" if r["ratio"] else "-")
         lines.append(f"{r['setting']:<{width}}{r['method']:<8}{reduces:<24}{r['seconds_per_image']:>9.4f}"
                      f"{report.format_speedup(r):>21}{cell(r['fid'], '.2f'):>8}{kid:>16}{cell(score, '.3f'):>10}"
-                     f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}{r['peak_memory_mb']:>8.0f}"
-                     f" {'*' if r['pareto'] else ''}")
+                     f"{cell(r['psnr'], '.1f'):>7}{cell(r['ssim'], '.3f'):>7}"
+                     + (f"{cell(r['temporal_error'], '.4f'):>9}{cell(r['trajectory_error'], '.2f'):>9}"
+                        if video else "")
+                     + f"{r['peak_memory_mb']:>8.0f} {'*' if r['pareto'] else ''}")
     floor = result.get("noise_floor_fid")
     lines.append(f"noise floor: FID of the baseline against itself with other seeds = {cell(floor, '.2f')} "
                  "(FID differences smaller than this are not real)")
     lines.append("speedup (low-high): the middle 80% of the interleaved rounds' speedups; the baseline's own spread "
                  "is the timing noise")
+    if video:
+        lines.append("video: s/image is per clip; FID, class accuracy, PSNR and SSIM frame by frame; temp err: mean "
+                     "absolute difference of the frame-to-frame changes from the unreduced clip's; track px: how far "
+                     "the moving shape's centre is from where the unreduced clip has it")
     lines.append("pareto *: no other row is both faster and better (FID; PSNR where there is no reference set)")
     return "\n".join(lines)
 

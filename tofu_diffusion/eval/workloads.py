@@ -75,24 +75,32 @@ def with_shift(pipe, shift: Optional[float]):
 def embedded(name: str, device: torch.device, steps: int, guidance_scale: Optional[float] = None,
              shift: Optional[float] = None) -> Workload:
     from tofu_diffusion.pipelines import load_embedded, load_shapes_classifier
-    from tofu_diffusion.pipelines.shapes import CLASSES, HELD_OUT_SEED, generate
+    from tofu_diffusion.pipelines.shapes import CLASSES, HELD_OUT_SEED, generate, generate_clips
 
     pipe = with_shift(load_embedded(name), shift).to(device)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_shapes_classifier().to(device)
+    video = "num_frames" in pipe.config  # tiny-wan: clips (N, F, 3, H, W), every frame scored as an image
 
     options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
 
     def draw(seeds, labels):
-        return pipe(labels, num_inference_steps=steps, generator=_generators(seeds), **options).images
+        output = pipe(labels, num_inference_steps=steps, generator=_generators(seeds), **options)
+        return output.frames if video else output.images
 
     def real_images(n):
-        return generate(n, seed=HELD_OUT_SEED, size=pipe.image_size)[0].to(device)
+        if not video:
+            return generate(n, seed=HELD_OUT_SEED, size=pipe.image_size)[0].to(device)
+        frames = pipe.config.num_frames  # n real frames, from as few clips as hold them
+        clips = generate_clips(-(-n // frames), seed=HELD_OUT_SEED, frames=frames)[0]
+        return clips.flatten(0, 1)[:n].to(device)
 
     def score(images, labels):
+        wanted = torch.as_tensor(labels, device=images.device)
+        if images.dim() == 5:  # each frame against its clip's class
+            wanted = wanted.repeat_interleave(images.shape[1])
         with torch.no_grad():
-            wanted = torch.as_tensor(labels, device=images.device)
-            return {"class_accuracy": metrics.class_accuracy(classifier, images.to(device), wanted)}
+            return {"class_accuracy": metrics.class_accuracy(classifier, metrics.as_frames(images).to(device), wanted)}
 
     extractor = metrics.FeatureExtractor(classifier, classifier.feature_dim)
     return Workload(name, pipe, list(range(len(CLASSES))), draw, real_images,

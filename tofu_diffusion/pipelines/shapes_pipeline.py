@@ -157,22 +157,27 @@ def shapes_mmdit(token_dim: int = 64) -> SD3Transformer2DModel:
     )
 
 
-def shapes_wan(token_dim: int = 64, class_channels: int = 0) -> WanTransformer3DModel:
+def shapes_wan(token_dim: int = 64, class_channels: int = 0, space_to_depth: bool = False) -> WanTransformer3DModel:
     """Wan 2.1's layout, tiny: 4 blocks of width 128 (self-attention with 3-D rotary, cross-attention on the
-    class tokens), patch (1, 2, 2) on the space-to-depth clip: 8 frames x 8 x 8 = 512 video tokens.
+    class tokens), patch (1, 2, 2) on the RGB frames: 8 frames x 16 x 16 = 2,048 video tokens, each token 2x2
+    pixels as tiny-dit's. Two heads of 64: a head's rotary table then has 10 frequencies per spatial axis
+    (4 heads of 32 leave 5, of which only two turn measurably across a frame).
 
-    ``class_channels`` > 0 widens the input by that many condition channels (the class, on every position),
-    the way Wan's image-to-video models take their condition: more input channels than output channels.
+    ``space_to_depth=True`` is the first tiny-wan's layout: patch (1, 2, 2) on the space-to-depth clip (8 x 8 x 8
+    = 512 tokens of 4x4 pixels each, 4 heads of 32, ffn 256); it never drew a recognisable frame
+    (docs/measurements.md). ``class_channels`` > 0 widens the input by that many condition channels (the class,
+    on every position), the way Wan's image-to-video models take their condition.
     """
+    packed = 3 * PATCH * PATCH if space_to_depth else 3
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=32,
-        in_channels=3 * PATCH * PATCH + class_channels,
-        out_channels=3 * PATCH * PATCH,
+        num_attention_heads=4 if space_to_depth else 2,
+        attention_head_dim=32 if space_to_depth else 64,
+        in_channels=packed + class_channels,
+        out_channels=packed,
         text_dim=token_dim,
         freq_dim=64,
-        ffn_dim=256,
+        ffn_dim=256 if space_to_depth else 512,
         num_layers=4,
         rope_max_seq_len=64,
     )
@@ -374,15 +379,23 @@ class ShapesWanPipeline(_ShapesPipeline):
 
     @property
     def vae_scale_factor_spatial(self) -> int:
-        return PATCH  # the space-to-depth stand-in for a VAE, as tiny-unet's
+        """Pixels per latent position: 2 for the space-to-depth layout (12 channels, tiny-unet's stand-in for a
+        VAE), 1 for RGB frames."""
+        return PATCH if self.transformer.config.out_channels == 3 * PATCH * PATCH else 1
 
     @property
     def vae_scale_factor_temporal(self) -> int:
         return 1  # frames are not compressed
 
     def latent_shape(self) -> tuple[int, ...]:
-        side = IMAGE_SIZE // PATCH
+        side = IMAGE_SIZE // self.vae_scale_factor_spatial
         return (self.transformer.config.out_channels, self.config.num_frames, side, side)
+
+    def encode(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips (N, F, 3, H, W) -> the transformer's latent (N, C, F, H', W'), the inverse of ``decode``."""
+        if self.vae_scale_factor_spatial == 1:
+            return clips.transpose(1, 2)
+        return to_video_latent(clips)
 
     def velocity(self, x, t, labels):
         if self.class_tokens.config.get("map_channels", 0):  # the class also on every position (I2V-style)
@@ -391,7 +404,7 @@ class ShapesWanPipeline(_ShapesPipeline):
                                 ).sample
 
     def decode(self, latents):
-        return to_video(latents)
+        return latents.transpose(1, 2) if self.vae_scale_factor_spatial == 1 else to_video(latents)
 
     def output(self, frames: torch.Tensor, output_type: str):
         if output_type != "pt":

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from . import WEIGHTS_DIR
 from .classifier import ShapesClassifier, load_classifier, shapes_vit, shapes_vit_processor
-from .shapes import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, generate, generate_clips
+from .shapes import CLASSES, FRAMES, HELD_OUT_SEED, IMAGE_SIZE, generate, generate_clips
 from .shapes_pipeline import (
     DEFAULT_GUIDANCE,
     ClassTokens,
@@ -45,7 +45,6 @@ from .shapes_pipeline import (
     shapes_unet,
     shapes_wan,
     to_latent,
-    to_video_latent,
 )
 
 KD_TEMPERATURE = 2.0
@@ -236,16 +235,23 @@ def train_generator(args) -> None:
     while (time.time() - start) / 60 < args.minutes and step < args.max_steps:
         data_seed = args.seed * 1_000_000 + getattr(args, "data_offset", 0) + step
         if args.what == "wan":
-            clips, labels, _ = generate_clips(args.batch, seed=data_seed)
-            x0 = to_video_latent(clips)
+            # A --stills-share of the steps trains on single frames instead, FRAMES times as many for the same
+            # tokens: eight times the layouts per step for what a frame looks like; rotary attention within a
+            # frame is the same at any frame count, so what is learned there carries over to the clips.
+            share = getattr(args, "stills_share", 0.0)
+            still = int((step + 1) * share) > int(step * share)
+            clips, labels, _ = generate_clips(args.batch * (FRAMES if still else 1), seed=data_seed,
+                                              frames=1 if still else FRAMES)
+            x0 = pipe.encode(clips)
         else:
             images, labels = generate(args.batch, seed=data_seed, size=size)
             x0 = to_latent(images) if args.what == "unet" else images
         # 10% "no class" labels teach the unconditional prediction classifier-free guidance needs.
-        drop = torch.rand(args.batch, generator=g) < 0.1
+        drop = torch.rand(labels.shape[0], generator=g) < 0.1
         labels = torch.where(drop, torch.full_like(labels, pipe.null_class), labels)
         noise = torch.randn(x0.shape, generator=g)
-        t = _training_timesteps(args.batch, getattr(args, "timestep_shift", 1.0), g).view(-1, *[1] * (x0.dim() - 1))
+        t = _training_timesteps(labels.shape[0], getattr(args, "timestep_shift", 1.0), g)
+        t = t.view(-1, *[1] * (x0.dim() - 1))
         xt = (1 - t) * x0 + t * noise
         loss = F.mse_loss(pipe.velocity(xt, t.flatten() * 1000, labels), noise - x0)
         for group in opt.param_groups:
@@ -301,7 +307,8 @@ def _save_generator(args, pipe, step, start, log, best: float = -1.0) -> float:
     result = {"what": args.what, "seed": args.seed, "steps": step, "batch": args.batch, "lr": args.lr,
               "minutes": round((time.time() - start) / 60, 2), "threads": torch.get_num_threads(),
               "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, min(5, len(log))), "log": log,
-              "timestep_shift": getattr(args, "timestep_shift", 1.0)}
+              "timestep_shift": getattr(args, "timestep_shift", 1.0),
+              "stills_share": getattr(args, "stills_share", 0.0)}
     if args.classifier:
         guidance = getattr(args, "score_guidance", None)
         per_class = getattr(args, "score_per_class", 32)
@@ -370,6 +377,9 @@ def main(argv=None) -> None:
         u.add_argument("--score-per-class", type=int, default=32,
                        help="samples per class when scoring a snapshot (fewer for the costly 64 px model)")
         u.add_argument("--out", default=os.path.join(WEIGHTS_DIR, f"tiny-{kind}"))
+        if kind == "wan":
+            u.add_argument("--stills-share", type=float, default=0.0,
+                           help="share of the steps that train on single frames (FRAMES x the batch) instead of clips")
         if kind in ("unet", "dit"):
             u.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                            help=f"64 for the 1,024-token tiny-{kind}-64 (--init from a 32 px model warm-starts it)")
