@@ -83,6 +83,20 @@ def test_image_to_video_token_replace_keeps_the_first_frame_whole_and_first(meth
     tofu.remove(model)
 
 
+def test_explain_counts_the_token_replace_first_frame_as_kept_whole():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = _token_replace_transformer()
+    plan = tofu.explain(model, num_inference_steps=2, height=32, width=48, num_frames=3, ratio=0.5,
+                        scheduler=FlowMatchEulerDiscreteScheduler())
+    # what the blocks do (the test above): 72 tokens, half of the 48 noisy frames' merged, the first frame's 24 kept
+    assert plan.steps[0].tokens == (72, 48)
+    assert all(block.grid == (2, 4, 6) and block.leading == 24 for block in plan.blocks)
+    plain = tofu.explain(hunyuan_video_transformer(), num_inference_steps=2, height=32, width=48, num_frames=3,
+                         ratio=0.5, scheduler=FlowMatchEulerDiscreteScheduler())
+    assert plain.steps[0].tokens == (72, 36) and plain.blocks[0].leading == 0  # text-to-video: every frame
+
+
 def test_todo_is_refused_clearly():
     with pytest.raises(ValueError, match="todo is not available for HunyuanVideoTransformer3DModel"):
         tofu.apply(hunyuan_video_transformer(), method="todo", ratio=0.5)

@@ -93,6 +93,18 @@ def test_video_generator_trains_on_moving_shapes_and_saves_a_pipeline(tmp_path, 
     assert plan.blocks[0].grid == (8, 16, 16) and plan.steps[0].tokens == (2048, 1024)
 
 
+def test_the_first_tiny_wan_layout_resumes_as_it_is():
+    from tofu_diffusion.pipelines.shapes_pipeline import ClassTokens, ShapesWanPipeline, flow_scheduler, shapes_wan
+    from tofu_diffusion.pipelines.train_shapes import _warm_start, build_pipeline
+
+    old = ShapesWanPipeline(shapes_wan(class_channels=8, space_to_depth=True), ClassTokens(map_channels=8),
+                            flow_scheduler())
+    assert old.latent_shape() == (12, 8, 16, 16) and build_pipeline("wan").latent_shape() == (3, 8, 32, 32)
+    assert _warm_start(build_pipeline("wan"), old) is old  # not widened into the new layout, nor refused
+    clips = generate_clips(2, seed=0)[0]
+    assert torch.equal(old.decode(old.encode(clips)), clips)
+
+
 def test_a_resumed_run_never_overwrites_a_better_saved_model(tmp_path, monkeypatch):
     import json
 

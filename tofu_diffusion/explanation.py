@@ -115,12 +115,13 @@ def step_savings(blocks: list[BlockGeometry], config: TokenFusionConfig, ratio: 
             saved += full - block_flops(n, c, block.parts, key_tokens=keys)
             out = keys
         else:
-            r = int(n * ratio)
+            planned = num_tokens(block.grid)  # leading tokens are kept whole: ratio and matching are the grid's
+            r = int(planned * ratio)
             num_dst = num_tokens(cells(block.grid, stride))
-            if r == 0 or not reduction_pays(n, c, r, num_dst, block.sublayers):
+            if r == 0 or not reduction_pays(planned, c, r, num_dst, block.sublayers):
                 continue
             saved += block_flops(n, c, block.sublayers) - block_flops(n - r, c, block.sublayers)
-            saved -= matching_flops(n, c, num_dst)
+            saved -= matching_flops(planned, c, num_dst)
             out = n - r
         if block is largest:
             shown = (n, out)

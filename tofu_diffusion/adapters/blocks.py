@@ -137,10 +137,12 @@ class BlockGeometry:
     parts: tuple[str, ...]  # every sublayer it has (what its unreduced cost counts)
     sublayers: tuple[str, ...]  # those that run on reduced tokens
     reduced: bool
+    leading: int = 0  # tokens before the grid's that are always kept whole (``ImageLayout.leading``)
 
     @property
     def tokens(self) -> int:
-        return math.prod(self.grid)
+        """Every token the block runs on: the grid's and the leading ones."""
+        return math.prod(self.grid) + self.leading
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ class BlockAdapter(Adapter):
     def geometry(self, model: torch.nn.Module, config: TokenFusionConfig, reduced: list[Site],
                  latent: tuple[int, int]) -> list[BlockGeometry]:
         """Every block of ``model`` on a (height, width) latent, those in ``reduced`` marked."""
-        full = self.token_grid(model, latent)
+        layout = self.planned_layout(model, self.token_grid(model, latent))
+        full = layout.grid
         chosen = {id(site.block) for site in reduced}
         out = []
         for site in self.sites(model):
@@ -192,8 +195,13 @@ class BlockAdapter(Adapter):
             grid = tuple(full[:-2]) + tuple(-(-side // site.level) for side in full[-2:])
             out.append(BlockGeometry(site.name, grid, channels, block_parts(site.block),
                                      reduced_sublayers(site.block, config, self.sublayer_attributes),
-                                     id(site.block) in chosen))
+                                     id(site.block) in chosen, layout.leading))
         return out
+
+    def planned_layout(self, model: torch.nn.Module, grid: tuple[int, ...]) -> ImageLayout:
+        """What the blocks plan on for a full token ``grid``: the grid itself, unless the family keeps some of its
+        tokens whole (HunyuanVideo's token-replace first frame). What ``explain`` previews."""
+        return ImageLayout(grid)
 
     def dynamic_shift(self, scheduler, image_tokens: int, num_steps: int) -> float:
         """The ``mu`` the family's pipelines pass a dynamically shifting scheduler (Flux.1's linear rule;

@@ -60,7 +60,11 @@ def video_first_mask(mask, plan: MergePlan):
 
 def hunyuan_video_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
     """The video's (frames, rows, cols) grid; under token replace, the first frame's tokens lead, kept whole."""
-    frames, rows, cols = video_latent_grid(model, hidden, arguments)
+    return token_replace_layout(model, video_latent_grid(model, hidden, arguments))
+
+
+def token_replace_layout(model: torch.nn.Module, grid: tuple[int, int, int]) -> ImageLayout:
+    frames, rows, cols = grid
     if getattr(model.config, "image_condition_type", None) != "token_replace":
         return ImageLayout((frames, rows, cols))
     return ImageLayout((frames - 1, rows, cols), leading=rows * cols)
@@ -77,6 +81,9 @@ class HunyuanVideoAdapter(JointBlockAdapter):
         hook = PerSampleRotaryBlockHook(state, attention, self.image_output, rotary, no_rows_before_image,
                                         followers={"attention_mask": video_first_mask})
         register(block, hook, ROTARY_BLOCK_HOOK)
+
+    def planned_layout(self, model: torch.nn.Module, grid: tuple[int, ...]) -> ImageLayout:
+        return token_replace_layout(model, grid)
 
 
 ADAPTER = HunyuanVideoAdapter("hunyuan_video", (HunyuanVideoTransformer3DModel,), hunyuan_sites,

@@ -179,6 +179,8 @@ def _warm_start(fresh, saved):
     """
     if saved.latent_shape() == fresh.latent_shape() and _state_shapes(saved) == _state_shapes(fresh):
         return saved
+    if isinstance(saved, ShapesWanPipeline) and saved.vae_scale_factor_spatial != fresh.vae_scale_factor_spatial:
+        return saved  # the first tiny-wan's space-to-depth layout: a resumed run continues it as it is
     for name, module in fresh.components.items():
         if isinstance(module, torch.nn.Module):
             _load_widened(module, getattr(saved, name).state_dict())
