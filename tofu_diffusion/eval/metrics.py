@@ -246,7 +246,7 @@ def moving_shape_track(videos: torch.Tensor, threshold: float = 0.5) -> torch.Te
 
 
 def trajectory_error(videos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per clip: mean distance in pixels between its moving shape's track and ``reference``'s (NaN where
-    neither has a track to compare)."""
+    """Per clip: mean distance in pixels between its moving shape's track and ``reference``'s, over the frames
+    where both have one (NaN for a clip with no such frame)."""
     distance = (moving_shape_track(videos) - moving_shape_track(reference)).norm(dim=-1)  # (N, F)
     return distance.nanmean(dim=1)

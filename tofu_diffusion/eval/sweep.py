@@ -330,15 +330,17 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             kid_scorer = metrics.KID(work.kid_metric().to(device), real.to(device))
             kid = lambda fake: kid_scorer(metrics.as_frames(metrics.from_uint8(fake)).to(device))  # noqa: E731
     baseline = metrics.from_uint8(images["baseline"])
+    baseline_frames = metrics.as_frames(baseline)  # a video's frames are scored as images
     noise_floor = None
     if work.fid_metric is not None:
         # The same model and settings, other seeds: how far FID moves by chance alone.
-        against_baseline = metrics.FID(work.fid_metric().to(device), metrics.as_frames(baseline).to(device))
+        against_baseline = metrics.FID(work.fid_metric().to(device), baseline_frames.to(device))
         noise_floor = against_baseline(metrics.as_frames(metrics.from_uint8(floor_images)).to(device))
     family = tofu.family_of(work.denoiser)
     rows = []
     for setting in tqdm(settings, desc="scoring", disable=not sharding.is_main):
         name, fake = setting.name, metrics.from_uint8(images[setting.name])
+        frames = metrics.as_frames(fake)
         seconds = sum(t[0][name] for t in timings) / len(timings)
         # every process's interleaved rounds, pooled: the median and spread of the paired speedups
         pooled = [ratio for t in timings for ratio in t[3][name]]
@@ -360,8 +362,8 @@ def evaluate(args, sharding: Sharding) -> Optional[dict]:
             "kid": kid_mean, "kid_std": kid_std,
             "clip_score": scores.get("clip_score"),
             "class_accuracy": scores.get("class_accuracy"),
-            "psnr": float(metrics.psnr(metrics.as_frames(fake), metrics.as_frames(baseline)).mean()),
-            "ssim": float(metrics.ssim(metrics.as_frames(fake), metrics.as_frames(baseline)).mean()),
+            "psnr": float(metrics.psnr(frames, baseline_frames).mean()),
+            "ssim": float(metrics.ssim(frames, baseline_frames).mean()),
             **_temporal_scores(fake, baseline),
             "peak_memory_mb": max(t[2][name] for t in timings),
         })

@@ -170,7 +170,9 @@ def build_pipeline(kind: str, image_size: int = IMAGE_SIZE):
 
 
 def _warm_start(fresh, saved):
-    """``saved`` itself when it has ``fresh``'s image size; otherwise ``fresh`` with ``saved``'s weights.
+    """``saved`` itself when it has ``fresh``'s image size, or another packing of the latent (channels: the first
+    tiny-wan's space-to-depth clips, which a resumed run continues as they are); otherwise ``fresh`` with
+    ``saved``'s weights.
 
     A UNet has no position table, and a DiT's sin-cos table is computed from its size, not stored, so a
     32 px model's weights load into a 64 px one unchanged (the DiT sees positions 0..31 instead of 0..15 per
@@ -179,8 +181,8 @@ def _warm_start(fresh, saved):
     """
     if saved.latent_shape() == fresh.latent_shape() and _state_shapes(saved) == _state_shapes(fresh):
         return saved
-    if isinstance(saved, ShapesWanPipeline) and saved.vae_scale_factor_spatial != fresh.vae_scale_factor_spatial:
-        return saved  # the first tiny-wan's space-to-depth layout: a resumed run continues it as it is
+    if saved.latent_shape()[0] != fresh.latent_shape()[0]:
+        return saved
     for name, module in fresh.components.items():
         if isinstance(module, torch.nn.Module):
             _load_widened(module, getattr(saved, name).state_dict())
