@@ -60,12 +60,17 @@ def test_no_options_is_the_family_preset():
         assert handle.config.method == preset["method"]
         assert handle.config.schedule == preset.get("schedule")
         assert handle.config.unmerge_mode == preset.get("unmerge_mode")
+        assert handle.config.plan_interval == preset.get("plan_reuse_steps", 1)
+    assert unet_handle.config.plan_interval == 2  # the UNet plans every other step (its preset)
     chosen = PRESETS["quality"]["dit"].get("blocks", slice(None))
     assert [b.name for b in dit_handle.blocks] == [f"transformer_blocks.{i}" for i in range(4)][chosen]
     # the preset's blocks apply only with the preset's schedule: an explicit ratio reduces every block
     spared = tofu.apply(dit, schedule=[(0.5, 0.5)], preset="quality")
     assert len(spared.blocks) == 4
     assert spared.config.unmerge_mode is None  # and its unmerge mode: an explicit schedule unmerges as ToMe
+    planned = tofu.apply(unet, ratio=0.5).config  # and plans every step
+    assert planned.plan_reuse_steps is None and planned.plan_interval == 1
+    assert tofu.apply(unet, plan_reuse_steps=3).config.plan_interval == 3  # the preset's schedule, the user's reuse
     assert tofu.apply(dit, schedule=[(0.5, 0.5)], unmerge_mode="cached").config.unmerge_mode == "cached"
     fast = tofu.apply(dit, preset="fast")
     assert fast.config.ratio == PRESETS["fast"]["dit"]["ratio"]

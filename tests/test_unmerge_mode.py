@@ -95,3 +95,26 @@ def test_cached_unmerge_is_exact_off_repeatable_and_closer_to_the_unreduced_mode
 def test_unmerge_mode_is_validated():
     with pytest.raises(ValueError, match="unknown unmerge_mode 'cache'"):
         tofu.TokenFusionConfig(unmerge_mode="cache")
+
+
+def test_a_reused_plan_computes_its_offsets_once_and_gives_what_recomputing_them_gives(monkeypatch):
+    from tofu_diffusion.adapters.planning import BlockState
+    from tofu_diffusion.core import MergePlan
+
+    pipe = sd3_pipeline()
+    schedule = ((0.0, 0.0), (0.5, 0.75))  # 4 unreduced steps, then 4 at 0.75
+    calls = []
+    offsets = MergePlan.offsets
+    monkeypatch.setattr(MergePlan, "offsets", lambda self, *a, **k: calls.append(id(self)) or offsets(self, *a, **k))
+    handle = tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode="cached", plan_reuse_steps=3)
+    reused = _sd3(pipe)
+    planned = sum(block.plans_computed for block in handle.blocks)
+    assert planned == 2 * len(handle.blocks)  # steps 4 and 6 of 0..7 plan (6 % 3 == 0), 5 and 7 reuse
+    assert len(calls) == planned  # once per plan, not once per reduced step (4 per block)
+    # what computing the offsets again at every reduced step gives, exactly
+    monkeypatch.setattr(BlockState, "_offsets", lambda self, call, key, plan, reference, dtype:
+                        plan.offsets(reference.to(dtype), self.merge_mode))
+    calls.clear()
+    assert torch.equal(_sd3(pipe), reused)
+    assert len(calls) == 4 * len(handle.blocks)
+    tofu.remove(pipe)

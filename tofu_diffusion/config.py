@@ -130,7 +130,8 @@ class TokenFusionConfig:
             from this many evenly spaced queries (their mean is an unbiased estimate of the mean over
             all queries; with tau_info = 20 the criterion is soft, so a few queries are enough).
         plan_reuse_steps: compute each block's plan every this many denoising steps and reuse it in
-            between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching.
+            between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching (and, with
+            the cached unmerge, the offsets). None (default): the preset's with the preset's schedule, else 1.
         share_guidance_plans: a classifier-free guidance batch (its halves are the same latents, as diffusers'
             pipelines build it) plans once, on the conditional half, and both halves merge by that plan.
             Guidance multiplies cond - uncond by its scale; one shared plan's errors largely cancel in that
@@ -189,7 +190,7 @@ class TokenFusionConfig:
     tau_info: Optional[float] = None
     tau_size: float = 40.0
     info_queries: int = 16
-    plan_reuse_steps: int = 1
+    plan_reuse_steps: Optional[int] = None
     share_guidance_plans: bool = True
     reduce_references: bool = False
     unmerge_mode: Optional[str] = None
@@ -211,8 +212,10 @@ class TokenFusionConfig:
             self.levels = _as_ints(self.levels, "levels", "a list of downsampling factors (ints), e.g. [1, 2]")
         if self.layers is not None:
             self.layers = _as_ints(self.layers, "layers", "a list of layer indices (ints)")
-        for name in ("destination_position", "switch_depth", "plan_reuse_steps", "info_queries", "seed"):
+        for name in ("destination_position", "switch_depth", "info_queries", "seed"):
             setattr(self, name, _as_int(getattr(self, name), name))
+        if self.plan_reuse_steps is not None:
+            self.plan_reuse_steps = _as_int(self.plan_reuse_steps, "plan_reuse_steps")
         if self.max_downsample is not None:
             self.max_downsample = _as_int(self.max_downsample, "max_downsample", "an int (a downsampling factor)")
         for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "share_guidance_plans",
@@ -274,7 +277,7 @@ class TokenFusionConfig:
         depth = self.switch_depth
         if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
             raise ValueError(f"switch_depth must be an int >= 0 (the first block that merges), got {depth!r}")
-        if self.plan_reuse_steps < 1:
+        if self.plan_reuse_steps is not None and self.plan_reuse_steps < 1:
             raise ValueError(f"plan_reuse_steps must be >= 1 (1 = plan every step), got {self.plan_reuse_steps}")
         if self.info_queries < 1:
             raise ValueError(f"info_queries must be >= 1, got {self.info_queries}")
@@ -328,6 +331,11 @@ class TokenFusionConfig:
         defaults = {f.name: f.default for f in fields(self)}
         return [name for name in names if getattr(self, name) != defaults[name]]
 
+    @property
+    def plan_interval(self) -> int:
+        """Steps between two plans of a block (``plan_reuse_steps``, 1 when unset)."""
+        return self.plan_reuse_steps or 1
+
     def ratio_at(self, progress: Optional[float]) -> float:
         """The ratio at a denoising progress in [0, 1] (None: unknown, the constant ratio or the schedule's start)."""
         if self.schedule is None:
@@ -363,8 +371,11 @@ class TokenFusionConfig:
             updates["schedule"] = preset.get("schedule")
             if self.blocks is None:
                 updates["blocks"] = preset.get("blocks")
-        if self.unmerge_mode is None and not explicit and updates.get("schedule") is not None:
-            updates["unmerge_mode"] = preset.get("unmerge_mode")  # None reads as "copy"
+        if not explicit and updates.get("schedule") is not None:
+            if self.unmerge_mode is None:
+                updates["unmerge_mode"] = preset.get("unmerge_mode")  # None reads as "copy"
+            if self.plan_reuse_steps is None:
+                updates["plan_reuse_steps"] = preset.get("plan_reuse_steps")  # None reads as 1
         resolved = replace(self, **updates)
         if resolved.threshold is not None and resolved.method == "todo":
             resolved.validate()  # the preset's method may be todo: refused with the same message

@@ -60,7 +60,8 @@ class Explanation:
             f"{self.model} ({self.family}): {cfg.method}, "
             + (f"ratio {cfg.ratio:g} at every step" if cfg.schedule is None else
                "schedule " + ", ".join(f"{r:g} from {p:g}" for p, r in cfg.schedule) + f" (axis: {cfg.schedule_axis})")
-            + (", unmerge: cached" if cfg.unmerge_mode == "cached" else ""),
+            + (", unmerge: cached" if cfg.unmerge_mode == "cached" else "")
+            + (f", a plan every {cfg.plan_interval} steps" if cfg.plan_interval > 1 else ""),
             f"{len(self.steps)} steps, latent {grid_text(self.latent)}{axes}; {len(reduced)} of {len(self.blocks)} "
             f"blocks reduced ({', '.join(sorted({grid_text(b.grid) for b in reduced}))} tokens)",
             "",

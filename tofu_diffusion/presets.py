@@ -1,8 +1,9 @@
 """Named defaults: what ``apply`` does with the levers a user left unset, per model family.
 
-A preset fills ``method``, the ratio ``schedule`` over denoising progress, the reduced ``blocks`` and the
-``unmerge_mode`` only where the user gave none of them; an explicit ``ratio`` or ``schedule`` is always used
-as given, unmerged by copying unless asked otherwise (see ``TokenFusionConfig.resolve``). The figures behind
+A preset fills ``method``, the ratio ``schedule`` over denoising progress, the reduced ``blocks``, the
+``unmerge_mode`` and ``plan_reuse_steps`` only where the user gave none of them; an explicit ``ratio`` or
+``schedule`` is always used as given, planned every step and unmerged by copying unless asked otherwise (see
+``TokenFusionConfig.resolve``). The figures behind
 each choice are in docs/measurements.md (the sweeps on the bundled tiny-unet, tiny-dit and tiny-mmdit).
 
 Why these shapes: the layout of an image forms in the first denoising steps and reducing tokens there
@@ -27,8 +28,12 @@ PRESETS: dict[str, dict[str, dict]] = {
     # learnt at the last unreduced step): under SD3's shift 3 at 28 steps, 0.75 from 0.6 of the steps kept
     # tiny-mmdit's class accuracy (79.2% against 79.2%; copying: 68.8%) and tiny-dit's within 4.2 points, where
     # copying had to wait until 0.8 (5 of 28 steps, 1.1x) to stay within noise (docs/measurements.md).
+    # The UNet plans every other step: at its 256-4,096 tokens a plan (matching, destinations, offsets) is a
+    # large share of a reduced block's time, and consecutive steps' plans are alike (tiny-unet, 96 seeds: 74.0%
+    # against 71.9% planning every step, 76.0% unreduced, at 50 steps; 70.8% both at 20; docs/measurements.md).
     "quality": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75)), "unmerge_mode": "cached"},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.3, 0.75)), "unmerge_mode": "cached",
+                 "plan_reuse_steps": 2},
         "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.6, 0.75)), "unmerge_mode": "cached"},
         # (0.5 from 0.6, then 0.75 from 0.7 was a little kinder at 8 steps - 82.3% against 79.2%, baseline
         # 84.4%, 192 images - but timed 1.17x at 28 steps under shift 3: below the 1.2x this default promises.)
@@ -45,7 +50,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     # More speed for a small, measurable loss.
     "balanced": {
-        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.75)), "unmerge_mode": "cached"},
+        "unet": {"method": "tome", "schedule": ((0.0, 0.0), (0.2, 0.75)), "unmerge_mode": "cached",
+                 "plan_reuse_steps": 2},
         "dit": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75)), "unmerge_mode": "cached"},
         "sd3": {"method": "tome", "schedule": ((0.0, 0.0), (0.5, 0.75)), "unmerge_mode": "cached"},
         "video": {"method": "tome", "schedule": ((0.0, 0.0), (0.65, 0.75))},

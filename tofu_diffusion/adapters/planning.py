@@ -49,6 +49,8 @@ class BlockCall:
     reusable: dict = field(default_factory=dict)
     # (call position, sublayer) -> (step index, update) of its latest unreduced step: unmerge_mode="cached"
     updates: dict = field(default_factory=dict)
+    # (call position, sublayer) -> (plan, reference, offsets): a plan reused over steps adds the same offsets
+    offsets: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -130,13 +132,26 @@ class BlockState:
         plus each token's own offset from its group at the last unreduced step of this run (when there was one
         for these tokens)."""
         if self.cached_unmerge:
-            step = self.run.step()
-            index, reference = self.call().updates.get((step.call_in_step, part), (None, None))
+            step, call = self.run.step(), self.call()
+            index, reference = call.updates.get((step.call_in_step, part), (None, None))
             # a stored update from a later step index belongs to an earlier run (the index restarts at 0)
             if reference is not None and index < step.index and reference.shape[:2] == (plan.batch_size,
                                                                                          plan.num_tokens):
-                return plan.unmerge_with_offsets(update, reference.to(update.dtype), self.merge_mode)
+                return plan.unmerge(update) + self._offsets(call, (step.call_in_step, part), plan, reference,
+                                                            update.dtype)
         return plan.unmerge(update)
+
+    def _offsets(self, call: BlockCall, key: tuple, plan: MergePlan, reference: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """``plan.offsets(reference)``, kept while the plan is reused (``plan_reuse_steps`` > 1): the reference
+        is the last unreduced step's, so a reused plan's offsets do not change until it is replanned."""
+        cached = call.offsets.get(key)
+        if cached is not None and cached[0] is plan and cached[1] is reference and cached[2].dtype == dtype:
+            return cached[2]
+        offsets = plan.offsets(reference.to(dtype), self.merge_mode)
+        if self.run.config.plan_interval > 1:
+            call.offsets[key] = (plan, reference, offsets)
+        return offsets
 
     def count_tokens(self, n_in: int, n_out: int) -> None:
         self.last_tokens = (n_in, n_out)

@@ -212,7 +212,7 @@ class RunState:
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
         step.guidance_pairs = cfg.share_guidance_plans and is_guidance_batch(latent)
-        if cfg.schedule is None and cfg.plan_reuse_steps == 1 and cfg.unmerge_mode != "cached":
+        if cfg.schedule is None and cfg.plan_interval == 1 and cfg.unmerge_mode != "cached":
             return
         if torch.compiler.is_compiling():
             raise RuntimeError(_COMPILE_NEEDS_CONSTANT_RATIO)
@@ -244,7 +244,7 @@ class RunState:
     @property
     def reuse_plans(self) -> bool:
         """Whether blocks reuse their previous step's plan in this step (``plan_reuse_steps``)."""
-        return self.step().index % self.config.plan_reuse_steps != 0
+        return self.step().index % self.config.plan_interval != 0
 
     def partition(self, grid: tuple[int, ...], device: torch.device, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

@@ -28,7 +28,9 @@ TOKEN_ORDERS = ("score", "sets", "original")
 
 def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """(B, Na, Nb) cosine similarity between source and destination tokens."""
-    metric = F.normalize(metric, dim=-1)
+    # A block input is often a transposed view (a UNet's conv projection): normalising it in place costs
+    # ~10x a contiguous copy plus its normalisation at a few hundred tokens.
+    metric = F.normalize(metric.contiguous(), dim=-1)
     return metric[:, src] @ metric[:, dst].transpose(1, 2)
 
 

@@ -166,7 +166,12 @@ class MergePlan:
         ``reference`` (B, N, C), an earlier unreduced value of the same tokens: ``unmerge(y) + reference -
         unmerge(merge(reference))``. Where the tokens changed little since, each keeps its own detail instead
         of its destination's copy; a token merged with none gets its slot's value exactly."""
-        return self.unmerge(y) + (reference - self.unmerge(self.merge(reference, mode)))
+        return self.unmerge(y) + self.offsets(reference, mode)
+
+    def offsets(self, reference: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """(B, N, C): every token's offset from its group's merged value in ``reference``, what
+        ``unmerge_with_offsets`` adds; a plan reused over steps computes it once."""
+        return reference - self.unmerge(self.merge(reference, mode))
 
     def merge_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
         """Sizes travel with merged tokens: (B, N) -> (B, K), each slot the sum of its group."""
