@@ -28,8 +28,8 @@ TOKEN_ORDERS = ("score", "sets", "original")
 
 def _cosine_scores(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """(B, Na, Nb) cosine similarity between source and destination tokens."""
-    # A block input is often a transposed view (a UNet's conv projection): normalising it in place costs
-    # ~10x a contiguous copy plus its normalisation at a few hundred tokens.
+    # A block input is often a transposed view (a UNet's 1x1 conv projection, permuted): normalising the view
+    # costs ~10x copying it contiguous and normalising the copy (a few hundred tokens, CPU).
     metric = F.normalize(metric.contiguous(), dim=-1)
     return metric[:, src] @ metric[:, dst].transpose(1, 2)
 
