@@ -163,6 +163,7 @@ def test_a_positional_ratio_or_method_is_refused_with_the_keyword_form(positiona
     ({"merge_scope": "sublayers", "stride": (4, 4)}, "stride, merge_scope are options of diffusion denoisers"),
     ({"plan_reuse_steps": 2}, "plan_reuse_steps is an option of diffusion denoisers"),
     ({"unmerge_mode": "cached"}, "unmerge_mode is an option of diffusion denoisers"),
+    ({"unmerge_cache_gb": 4}, "unmerge_cache_gb is an option of diffusion denoisers"),
 ])
 def test_diffusion_options_on_a_classifier_are_refused_before_the_patch_is_touched(options, message):
     from transformers import ViTConfig, ViTForImageClassification

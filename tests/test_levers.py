@@ -102,7 +102,7 @@ def test_video_families_take_the_video_presets_and_the_dits_where_there_is_none(
     model = wan_transformer()
     handle = tofu.apply(model)
     assert handle.config.schedule == PRESETS["quality"]["video"]["schedule"]
-    assert handle.config.unmerge_mode is None  # the copying unmerge: no stored update per block
+    assert handle.config.unmerge_mode == PRESETS["quality"]["video"]["unmerge_mode"] == "cached"
     assert tofu.apply(model, preset="fast").config.ratio == PRESETS["fast"]["dit"]["ratio"]
     tofu.remove(model)
 

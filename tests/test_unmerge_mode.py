@@ -95,6 +95,38 @@ def test_cached_unmerge_is_exact_off_repeatable_and_closer_to_the_unreduced_mode
 def test_unmerge_mode_is_validated():
     with pytest.raises(ValueError, match="unknown unmerge_mode 'cache'"):
         tofu.TokenFusionConfig(unmerge_mode="cache")
+    for limit in (0, -1.0):
+        with pytest.raises(ValueError, match="unmerge_cache_gb is a memory limit in GB: give one > 0"):
+            tofu.TokenFusionConfig(unmerge_cache_gb=limit)
+    with pytest.raises(ValueError, match="unmerge_cache_gb must be a number"):
+        tofu.TokenFusionConfig(unmerge_cache_gb="4GB")
+
+
+def test_the_cached_unmerge_past_its_memory_limit_copies_and_says_so_once(caplog, monkeypatch):
+    from tofu_diffusion.adapters import state
+
+    pipe = sd3_pipeline()
+    schedule = ((0.0, 0.0), (0.5, 0.75))
+    outputs = {}
+    for mode in ("copy", "cached"):
+        tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode=mode)
+        outputs[mode] = _sd3(pipe)
+    assert not torch.equal(outputs["cached"], outputs["copy"])
+    with caplog.at_level("WARNING", logger="tofu_diffusion"):
+        # the tiny model stores a few kB per call: 1e-6 GB (about 1 kB) is too little
+        tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode="cached", unmerge_cache_gb=1e-6)
+        limited, again = _sd3(pipe), _sd3(pipe)
+    assert torch.equal(limited, outputs["copy"]) and torch.equal(again, limited)
+    said = [r.getMessage() for r in caplog.records if "unmerge_cache_gb" in r.getMessage()]
+    assert len(said) == 1 and "unmerge by copying" in said[0]
+    tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode="cached", unmerge_cache_gb=1.0)
+    assert torch.equal(_sd3(pipe), outputs["cached"])
+    # unset, the limit is a share of the device's memory
+    assert state.device_memory(torch.device("cpu")) > 2**30
+    monkeypatch.setattr(state, "CACHE_MEMORY_SHARE", 1e-12)
+    tofu.apply(pipe, method="tome", schedule=schedule, unmerge_mode="cached")
+    assert torch.equal(_sd3(pipe), outputs["copy"])
+    tofu.remove(pipe)
 
 
 def test_a_reused_plan_computes_its_offsets_once_and_gives_what_recomputing_them_gives(monkeypatch):
@@ -118,3 +150,15 @@ def test_a_reused_plan_computes_its_offsets_once_and_gives_what_recomputing_them
     assert torch.equal(_sd3(pipe), reused)
     assert len(calls) == 4 * len(handle.blocks)
     tofu.remove(pipe)
+
+
+def test_explain_says_what_the_cached_unmerge_stores():
+    pipe = sd3_pipeline()
+    schedule = ((0.0, 0.0), (0.5, 0.75))
+    cached = tofu.explain(pipe, num_inference_steps=8, height=32, width=32, schedule=schedule, unmerge_mode="cached")
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    reduced = [b for b in cached.blocks if b.reduced]
+    assert reduced and cached.stored_bytes == sum(b.tokens for b in reduced) * width * 4  # float32
+    assert "MB stored per sample and denoiser call" in str(cached)
+    copied = tofu.explain(pipe, num_inference_steps=8, height=32, width=32, schedule=schedule)
+    assert copied.stored_bytes == 0 and "stored" not in str(copied)

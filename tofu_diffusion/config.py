@@ -16,7 +16,7 @@ UNMERGE_MODES = ("copy", "cached")  # see TokenFusionConfig.unmerge_mode
 DIFFUSION_OPTIONS = ("schedule", "schedule_axis", "blocks", "stride", "destination", "destination_position",
                      "max_downsample", "levels", "merge_self_attention", "merge_cross_attention",
                      "merge_feed_forward", "merge_scope", "info_queries", "plan_reuse_steps", "share_guidance_plans",
-                     "threshold", "reduce_references", "unmerge_mode")
+                     "threshold", "reduce_references", "unmerge_mode", "unmerge_cache_gb")
 CLASSIFIER_OPTIONS = ("r", "layers", "proportional_attention", "token_order")
 CLASSIFIER_METHODS = ("tome", "tofu", "mctf")  # todo needs a 2-D grid of every layer's tokens
 MERGE_SCOPES = ("sublayers", "block")
@@ -145,6 +145,10 @@ class TokenFusionConfig:
             per separate guidance call) and a merge and unmerge more per reduced block. None (default): the
             preset's with the preset's schedule, else ``"copy"``: an explicit ``ratio`` or ``schedule`` runs
             as ToMe does unless this is set (and a constant ratio has no unreduced step to learn from).
+        unmerge_cache_gb: the most ``unmerge_mode="cached"`` may store per denoiser call, in GB (estimated as one
+            block's update times the reduced blocks); None (default): a tenth of the device's memory. A call
+            that would store more unmerges by copying, and a warning says so once: video at full size stores
+            gigabytes (Wan2.1-14B at 720p and 81 frames: about 31 GB per call in bf16).
         seed: base seed of the random destinations.
         reduce_references: edit pipelines (Flux.1 Kontext, Flux.2 with reference images, Qwen-Image-Edit) append
             the reference images' tokens to the target's. False (default): they are kept whole, every block sees
@@ -194,6 +198,7 @@ class TokenFusionConfig:
     share_guidance_plans: bool = True
     reduce_references: bool = False
     unmerge_mode: Optional[str] = None
+    unmerge_cache_gb: Optional[float] = None
     seed: int = 0
     r: Optional[Union[int, tuple, Sequence[int]]] = None
     layers: Optional[Sequence[int]] = None
@@ -221,7 +226,7 @@ class TokenFusionConfig:
         for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "share_guidance_plans",
                      "proportional_attention", "reduce_references"):
             setattr(self, name, _as_bool(getattr(self, name), name))
-        for name in ("tau_sim", "tau_info", "tau_size"):
+        for name in ("tau_sim", "tau_info", "tau_size", "unmerge_cache_gb"):
             if getattr(self, name) is not None:
                 setattr(self, name, _as_float(getattr(self, name), name))
         self.r = self._typed_r(self.r)
@@ -251,6 +256,9 @@ class TokenFusionConfig:
                                  f"e.g. ((0.0, 0.0), (0.5, 0.75)); got {self.schedule!r}")
         if self.unmerge_mode is not None and self.unmerge_mode not in UNMERGE_MODES:
             raise ValueError(f"unknown unmerge_mode {self.unmerge_mode!r}; choose one of {UNMERGE_MODES} or None")
+        if self.unmerge_cache_gb is not None and not self.unmerge_cache_gb > 0:
+            raise ValueError(f"unmerge_cache_gb is a memory limit in GB: give one > 0 (or None: a tenth of the "
+                             f"device's memory), got {self.unmerge_cache_gb!r}")
         if self.schedule_axis not in SCHEDULE_AXES:
             raise ValueError(f"unknown schedule_axis {self.schedule_axis!r}; choose one of {SCHEDULE_AXES}")
         from .presets import PRESETS  # the presets are configs' defaults, validated against this class

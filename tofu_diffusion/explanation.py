@@ -37,6 +37,7 @@ class Explanation:
     latent: tuple[int, ...]  # (height, width), or (frames, height, width) for video
     blocks: list[BlockGeometry]
     steps: list[StepPlan]
+    stored_bytes: int = 0  # the cached unmerge's stored updates, per sample and denoiser call
 
     @property
     def reduced_steps(self) -> int:
@@ -60,7 +61,8 @@ class Explanation:
             f"{self.model} ({self.family}): {cfg.method}, "
             + (f"ratio {cfg.ratio:g} at every step" if cfg.schedule is None else
                "schedule " + ", ".join(f"{r:g} from {p:g}" for p, r in cfg.schedule) + f" (axis: {cfg.schedule_axis})")
-            + (", unmerge: cached" if cfg.unmerge_mode == "cached" else "")
+            + (f", unmerge: cached ({_size(self.stored_bytes)} stored per sample and denoiser call)"
+               if cfg.unmerge_mode == "cached" else "")
             + (f", a plan every {cfg.plan_interval} steps" if cfg.plan_interval > 1 else ""),
             f"{len(self.steps)} steps, latent {grid_text(self.latent)}{axes}; {len(reduced)} of {len(self.blocks)} "
             f"blocks reduced ({', '.join(sorted({grid_text(b.grid) for b in reduced}))} tokens)",
@@ -223,4 +225,13 @@ def explain_call(pipeline, model: torch.nn.Module, adapter: BlockAdapter, config
         ratio = config.ratio_at(progress)
         tokens, saved = step_savings(blocks, config, ratio, config.stride)
         steps.append(StepPlan(index, t, progress, ratio, tokens, saved))
-    return Explanation(type(model).__name__, adapter.family, config, latent, blocks, steps)
+    stored = 0
+    if config.unmerge_mode == "cached":  # one update (tokens x width) per reduced block, in the model's dtype
+        parameter = next(model.parameters(), None)
+        size = parameter.element_size() if parameter is not None else 4
+        stored = sum(b.tokens * b.channels for b in blocks if b.reduced) * size
+    return Explanation(type(model).__name__, adapter.family, config, latent, blocks, steps, stored)
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MB"

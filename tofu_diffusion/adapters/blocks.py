@@ -282,6 +282,7 @@ class BlockAdapter(Adapter):
                                sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
             self.attach_block(site.block, state, config)
             blocks.append(state)
+        run.num_blocks = len(blocks)
         return Patch(blocks)
 
 

@@ -123,8 +123,21 @@ class BlockState:
         return self.run.config.unmerge_mode == "cached"
 
     def remember_update(self, update: torch.Tensor, part: str = "block") -> None:
-        """Keep an unreduced step's per-token update (B, N, C) of ``part`` (only with ``cached_unmerge``)."""
+        """Keep an unreduced step's per-token update (B, N, C) of ``part`` (only with ``cached_unmerge``), unless
+        the patch's updates would pass the cache limit: then its reduced steps unmerge by copying."""
         step = self.run.step()
+        needed = update.numel() * update.element_size() * max(1, self.run.num_blocks)
+        limit = self.run.cache_limit(update.device)
+        if limit is not None and needed > limit:
+            self.call().updates.pop((step.call_in_step, part), None)  # an earlier, smaller call's is no reference
+            if not self.run.warned_cache_limit:
+                self.run.warned_cache_limit = True
+                logger.warning("unmerge_mode='cached' would store about %.2f GB per denoiser call (%d blocks x %s), "
+                               "more than its limit of %.2f GB (unmerge_cache_gb; by default a tenth of the device's "
+                               "memory): these calls unmerge by copying. Raise unmerge_cache_gb to cache, or pass "
+                               "unmerge_mode='copy'", needed / 2**30, max(1, self.run.num_blocks),
+                               tuple(update.shape), limit / 2**30)
+            return
         self.call().updates[step.call_in_step, part] = (step.index, update.detach())
 
     def unmerged_update(self, plan: MergePlan, update: torch.Tensor, part: str = "block") -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -167,6 +168,22 @@ _COMPILE_NEEDS_CONSTANT_RATIO = (
 )
 
 
+# The cached unmerge stores at most this share of the device's memory per denoiser call (unmerge_cache_gb unset).
+CACHE_MEMORY_SHARE = 0.1
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """Total memory of a CUDA device, or of the machine for the CPU, in bytes; None where it is not known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+    return None
+
+
 @dataclass
 class StepState:
     """What one caller's current denoising step decided: its ratio and the key of its random draws."""
@@ -190,6 +207,19 @@ class RunState:
         self.warned_no_steps = False  # "schedule read on the noise axis" is said once per patch
         self._fixed_partitions: dict = {}
         self._steps = PerCaller()  # of StepState
+        self.num_blocks = 0  # reduced blocks of this patch (set by the adapter): the cached unmerge's estimate
+        self.warned_cache_limit = False  # "the cached unmerge would store too much" is said once per patch
+        self._cache_limits: dict = {}
+
+    def cache_limit(self, device: torch.device) -> Optional[int]:
+        """The most bytes ``unmerge_mode="cached"`` stores per denoiser call on ``device`` (None: no limit known):
+        ``unmerge_cache_gb``, else ``CACHE_MEMORY_SHARE`` of the device's memory."""
+        if self.config.unmerge_cache_gb is not None:
+            return int(self.config.unmerge_cache_gb * 2**30)
+        if device.type not in self._cache_limits:
+            memory = device_memory(device)
+            self._cache_limits[device.type] = None if memory is None else int(memory * CACHE_MEMORY_SHARE)
+        return self._cache_limits[device.type]
 
     def step(self) -> StepState:
         """The calling thread's current step (see ``PerCaller`` for threads that started none)."""

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import types
 from dataclasses import dataclass
 from datetime import date
 from typing import Callable, Optional
@@ -583,10 +584,15 @@ def explain_full_size(key: str, args) -> str:
         raise ValueError(f"--explain: no real scheduler is recorded for {key}")
     with torch.device("meta"):  # geometry only: no weights are allocated
         model = spec.build(spec.full_depth, args.width) if args.width else spec.build(spec.full_depth)
-    resolution = args.resolution or spec.resolution
-    plan = tofu.explain(model, num_inference_steps=args.steps, height=resolution, width=resolution,
-                        scheduler=spec.scheduler())
-    return f"{spec.name} at {resolution}x{resolution} ({spec.scheduler_note}):\n{plan}"
+    height = args.resolution or spec.resolution
+    width = spec.width_px or height
+    video = {"num_frames": getattr(args, "frames", None) or spec.frames} if spec.frames else {}
+    # a pipeline's view (its scheduler and VAE factors): a video VAE compresses time too, as _video_latent does
+    pipeline = types.SimpleNamespace(transformer=model, scheduler=spec.scheduler(), vae_scale_factor=8,
+                                     vae_scale_factor_temporal=4 if spec.frames else 1)
+    plan = tofu.explain(pipeline, num_inference_steps=args.steps, height=height, width=width, **video)
+    clip = f", {video['num_frames']} frames" if video else ""
+    return f"{spec.name} at {width}x{height}{clip} ({spec.scheduler_note}):\n{plan}"
 
 
 def print_trajectory(rows: list[dict]) -> None:
