@@ -134,9 +134,10 @@ class BlockState:
                 self.run.warned_cache_limit = True
                 logger.warning("unmerge_mode='cached' would store about %.2f GB per denoiser call (%d blocks x %s), "
                                "more than its limit of %.2f GB (unmerge_cache_gb; by default a tenth of the device's "
-                               "memory): these calls unmerge by copying. Raise unmerge_cache_gb to cache, or pass "
-                               "unmerge_mode='copy'", needed / 2**30, max(1, self.run.num_blocks),
-                               tuple(update.shape), limit / 2**30)
+                               "memory): these calls unmerge by copying, which costs quality at the cached "
+                               "schedules. Raise unmerge_cache_gb where the memory is there, or reduce later steps "
+                               "only, e.g. schedule=((0, 0), (0.8, 0.75)) with unmerge_mode='copy'",
+                               needed / 2**30, max(1, self.run.num_blocks), tuple(update.shape), limit / 2**30)
             return
         self.call().updates[step.call_in_step, part] = (step.index, update.detach())
 
