@@ -224,7 +224,7 @@ class WholeBlockHook(BlockStateHook):
         image = output if self.image_output is None else output[self.image_output]
         if plan is None:
             if self.state.cached_unmerge:
-                self.state.remember_update(image - hidden)
+                self.state.remember_update(image, minus=hidden)
             self.state.end()
             return output
         with record_function("tofu_diffusion::unmerge"):

@@ -122,12 +122,13 @@ class BlockState:
         reduced ones; hooks ask first, so that the copying unmerge never computes an update it does not keep."""
         return self.run.config.unmerge_mode == "cached"
 
-    def remember_update(self, update: torch.Tensor, part: str = "block") -> None:
-        """Keep an unreduced step's per-token update (B, N, C) of ``part`` (only with ``cached_unmerge``), unless
-        the patch's updates would pass the cache limit: then its reduced steps unmerge by copying."""
+    def remember_update(self, output: torch.Tensor, part: str = "block", minus: Optional[torch.Tensor] = None) -> None:
+        """Keep an unreduced step's per-token update (B, N, C) of ``part``, ``output - minus`` (only with
+        ``cached_unmerge``), unless the patch's updates would pass the cache limit: then its reduced steps unmerge by
+        copying, and the update is never computed."""
         step = self.run.step()
-        needed = update.numel() * update.element_size() * max(1, self.run.num_blocks)
-        limit = self.run.cache_limit(update.device)
+        needed = output.numel() * output.element_size() * max(1, self.run.num_blocks)
+        limit = self.run.cache_limit(output.device)
         if limit is not None and needed > limit:
             self.call().updates.pop((step.call_in_step, part), None)  # an earlier, smaller call's is no reference
             if not self.run.warned_cache_limit:
@@ -137,8 +138,9 @@ class BlockState:
                                "memory): these calls unmerge by copying, which costs quality at the cached "
                                "schedules. Raise unmerge_cache_gb where the memory is there, or reduce later steps "
                                "only, e.g. schedule=((0, 0), (0.8, 0.75)) with unmerge_mode='copy'",
-                               needed / 2**30, max(1, self.run.num_blocks), tuple(update.shape), limit / 2**30)
+                               needed / 2**30, max(1, self.run.num_blocks), tuple(output.shape), limit / 2**30)
             return
+        update = output if minus is None else output - minus
         self.call().updates[step.call_in_step, part] = (step.index, update.detach())
 
     def unmerged_update(self, plan: MergePlan, update: torch.Tensor, part: str = "block") -> torch.Tensor:

@@ -90,7 +90,7 @@ class PerSampleRotaryBlockHook(BlockStateHook):
                 output = self.fn_ref.original_forward(*args, **kwargs)
                 if self.state.cached_unmerge:
                     image = output[:, start:start + n] if self.joint_sequence else output[self.image_output][:, :n]
-                    self.state.remember_update(image - hidden)
+                    self.state.remember_update(image, minus=hidden)
                 return output
             with record_function("tofu_diffusion::merge"):
                 merged = plan.merge(hidden, self.state.merge_mode)

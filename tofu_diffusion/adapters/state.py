@@ -216,10 +216,10 @@ class RunState:
         ``unmerge_cache_gb``, else ``CACHE_MEMORY_SHARE`` of the device's memory."""
         if self.config.unmerge_cache_gb is not None:
             return int(self.config.unmerge_cache_gb * 2**30)
-        if device.type not in self._cache_limits:
+        if device not in self._cache_limits:  # per device: two GPUs of one machine may differ
             memory = device_memory(device)
-            self._cache_limits[device.type] = None if memory is None else int(memory * CACHE_MEMORY_SHARE)
-        return self._cache_limits[device.type]
+            self._cache_limits[device] = None if memory is None else int(memory * CACHE_MEMORY_SHARE)
+        return self._cache_limits[device]
 
     def step(self) -> StepState:
         """The calling thread's current step (see ``PerCaller`` for threads that started none)."""

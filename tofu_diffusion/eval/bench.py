@@ -586,7 +586,7 @@ def explain_full_size(key: str, args) -> str:
         model = spec.build(spec.full_depth, args.width) if args.width else spec.build(spec.full_depth)
     height = args.resolution or spec.resolution
     width = spec.width_px or height
-    video = {"num_frames": getattr(args, "frames", None) or spec.frames} if spec.frames else {}
+    video = {"num_frames": args.frames or spec.frames} if spec.frames else {}
     # a pipeline's view (its scheduler and VAE factors): a video VAE compresses time too, as _video_latent does
     pipeline = types.SimpleNamespace(transformer=model, scheduler=spec.scheduler(), vae_scale_factor=8,
                                      vae_scale_factor_temporal=4 if spec.frames else 1)
