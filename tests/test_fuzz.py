@@ -1,9 +1,10 @@
 """Fuzzing the life of a patch: random sequences of apply / call / remove / re-apply / refused requests / calls
-on other threads / calls that raise / scoped ``fused`` blocks, on every kind of model. After every step the
-model does exactly what its current patch promises: the unmodified output with no patch (bit for bit), the
-same output as the patch's first call otherwise, whatever ran in between.
+on other threads / calls that raise / scoped ``fused`` blocks, on every registered family (``family_cases``).
+After every step the model does exactly what its current patch promises: the unmodified output with no patch
+(bit for bit), the same output as the patch's first call otherwise, whatever ran in between.
 
-``TOFU_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py`` runs it at length (the suite keeps it short).
+``TOFU_FUZZ_EXAMPLES=72 pytest tests/test_fuzz.py`` runs it at length (about 1,000 sequences over the 15 cases;
+the suite runs 6 per case).
 """
 
 import os
@@ -11,81 +12,70 @@ import threading
 
 import pytest
 import torch
-from conftest import denoiser_inputs, run_denoiser
+from family_cases import CASES, family_of_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_properties import _family_inputs, _raised_by_library
+from test_properties import _raised_by_library
 
 import tofu_diffusion as tofu
-from tofu_diffusion.pipelines.tiny import (
-    dit_transformer,
-    flux_transformer,
-    pixart_transformer,
-    sd3_transformer,
-    sd_unet,
-)
+from tofu_diffusion.adapters import FAMILIES
 
-EXAMPLES = int(os.environ.get("TOFU_FUZZ_EXAMPLES", "24"))
+EXAMPLES = int(os.environ.get("TOFU_FUZZ_EXAMPLES", "6"))  # per case
 _MODELS = {}
-
-
-def _vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                       intermediate_size=64, num_labels=6)
-    return ViTForImageClassification(config).eval()
-
-
-_BUILDERS = {"sd": sd_unet, "dit": dit_transformer, "pixart": pixart_transformer, "sd3": sd3_transformer,
-             "flux": flux_transformer, "vit": _vit}
+_SCOPES = {}
 
 # Requests each kind must refuse, touching nothing: a ratio past its limit, blocks / layers / levels that do
 # not exist, the other kind of model's options, an option of the wrong type, a name that is no option.
 _DENOISER_REFUSALS = [{"ratio": 0.8}, {"ratio": 0.5, "blocks": [99]}, {"r": 4}, {"ratio": 0.5, "stride": (0, 2)},
-                      {"ratio": "half"}, {"method": "merge"}, {"rate": 0.5}, {"ratio": 0.5, "seed": "zero"}]
+                      {"ratio": "half"}, {"method": "merge"}, {"rate": 0.5}, {"ratio": 0.5, "seed": "zero"},
+                      {"ratio": 0.5, "share_guidance_plans": "yes"}]
 _REFUSALS = {"vit": [{"ratio": 0.8}, {"r": [1] * 9}, {"r": 2, "layers": [99]}, {"ratio": 0.5, "levels": [1]},
                      {"method": "todo", "r": 2}, {"r": 8.0}, {"rate": 0.5}, {"r": 2, "merge_scope": "sublayers"}],
-             "sd": _DENOISER_REFUSALS + [{"ratio": 0.5, "levels": [64]}]}
+             "unet": _DENOISER_REFUSALS + [{"ratio": 0.5, "levels": [64]}]}
+
+
+def test_every_registered_family_has_a_case():
+    assert {family_of_case(name) for name in CASES} == {adapter.family for adapter in FAMILIES}
 
 
 def _model(kind):
     if kind not in _MODELS:
-        _MODELS[kind] = _BUILDERS[kind]()
+        _MODELS[kind] = CASES[kind].build()
     return _MODELS[kind]
 
 
 def _call(kind):
-    """A call of the model: (positional, keyword) inputs, and a function returning its output tensor."""
-    model = _model(kind)
-    if kind == "vit":
-        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-        return lambda: model(images).logits
-    args, kwargs = _family_inputs(kind, 2, 16, 16, torch.float32) if kind in ("sd3", "flux") else \
-        denoiser_inputs(kind)
-    return lambda: run_denoiser(model, args, kwargs)
+    """A call of the model: a function returning its output tensor."""
+    model, case = _model(kind), CASES[kind]
+    inputs = case.inputs()
+    return lambda: case.run(model, inputs)
 
 
 def _failing_call(kind):
     """A call the model itself cannot take (an input of the wrong width): it raises inside the model."""
-    model = _model(kind)
-    if kind == "vit":
-        return lambda: model(torch.randn(2, 5, 32, 32))
-    if kind == "flux":
-        args, kwargs = _family_inputs(kind, 2, 16, 16, torch.float32)
-        return lambda: run_denoiser(model, (args[0][..., :7],), kwargs)
-    args, kwargs = _family_inputs(kind, 2, 16, 16, torch.float32) if kind == "sd3" else denoiser_inputs(kind)
-    return lambda: run_denoiser(model, (args[0][:, :3], *args[1:]), kwargs)
+    model, case = _model(kind), CASES[kind]
+    inputs = case.broken(case.inputs())
+    return lambda: case.run(model, inputs)
+
+
+def _scopes(kind):
+    """The merge scopes the family takes (joint-stream blocks are reduced whole): asked of the library once."""
+    if kind not in _SCOPES:
+        try:
+            tofu.apply(_model(kind), method="tome", ratio=0.5, merge_scope="sublayers")
+            _SCOPES[kind] = ("block", "sublayers")
+            tofu.remove(_model(kind))
+        except ValueError:
+            _SCOPES[kind] = ("block",)
+    return _SCOPES[kind]
 
 
 def _valid_request(kind, draw):
     method = draw(st.sampled_from(tofu.CLASSIFIER_METHODS if kind == "vit" else ("tome", "tofu", "mctf")))
     if kind == "vit":
         return {"method": method, "r": draw(st.integers(0, 6))}
-    scopes = ["block"] if kind in ("sd3", "flux") else ["block", "sublayers"]  # joint blocks are reduced whole
     return {"method": method, "ratio": draw(st.sampled_from([0.0, 0.25, 0.5, 0.75])),
-            "merge_scope": draw(st.sampled_from(scopes))}
+            "merge_scope": draw(st.sampled_from(_scopes(kind)))}
 
 
 def _no_hooks_left(model) -> bool:
@@ -96,12 +86,13 @@ def _no_hooks_left(model) -> bool:
 OPS = ("apply", "refused", "call", "thread", "raise", "remove", "fused")
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(kind=st.sampled_from(sorted(_BUILDERS)), data=st.data())
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(CASES))
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
 def test_every_sequence_keeps_the_patchs_promise(kind, data):
     model, call, failing = _model(kind), _call(kind), _failing_call(kind)
-    refusals = _REFUSALS.get(kind, _DENOISER_REFUSALS)
+    refusals = _REFUSALS.get(family_of_case(kind), _DENOISER_REFUSALS)
     base = call()
     handle, expected = None, base  # the live patch, and what a call must give under it (None: not seen yet)
 

@@ -83,6 +83,15 @@ def test_image_to_video_token_replace_keeps_the_first_frame_whole_and_first(meth
     tofu.remove(model)
 
 
+def test_a_stride_past_the_noisy_frames_names_the_first_frame_kept_whole():
+    model = _token_replace_transformer()
+    tofu.apply(model, method="tome", ratio=0.5, stride=(2, 2, 2))  # 2 latent frames: 1 noisy frame to reduce
+    with pytest.raises(ValueError, match="the 24 tokens before the reduced grid .the conditioning first frame. are "
+                                         "kept whole, so a 1x4x6 token grid is smaller than the 2x2x2 merge stride"):
+        _run(model, _inputs(frames=2))
+    tofu.remove(model)
+
+
 def test_explain_counts_the_token_replace_first_frame_as_kept_whole():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

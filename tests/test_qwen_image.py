@@ -120,3 +120,38 @@ def test_explain_says_what_a_qwen_image_call_does():
     assert [s.timestep for s in steps] == pytest.approx(seen, abs=1e-3)
     assert [s.tokens for s in steps] == counts
     tofu.remove(pipe)
+
+
+def test_flat_img_shapes_read_as_diffusers_reads_them():
+    # QwenImageControlNetPipeline passes one (1, rows, cols) per sample; the edit pipelines a list per sample
+    model = qwen_image_transformer()
+    nested = _inputs()
+    flat = {**nested, "img_shapes": [(1, 4, 6)] * 2}
+    handle = tofu.apply(model, method="tome", ratio=0.5)
+    assert torch.equal(_run(model, flat), _run(model, nested))
+    assert handle.last_plans()["transformer_blocks.0"][1] == (4, 6)
+    with pytest.raises(ValueError, match="img_shapes differ between the samples"):
+        _run(model, {**nested, "img_shapes": [(1, 4, 6), (1, 6, 4)]})
+    tofu.remove(model)
+
+
+@pytest.mark.slow
+def test_controlnet_pipeline_makes_each_of_two_prompts_as_alone():
+    from tofu_diffusion.pipelines.tiny import qwen_image_controlnet_pipeline
+
+    pipe = qwen_image_controlnet_pipeline()
+    first, second = qwen_image_prompt(seed=1), qwen_image_prompt(seed=2)
+    control = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+
+    def make(prompt, n):
+        return pipe(**prompt, control_image=control, height=32, width=48, num_inference_steps=2, true_cfg_scale=4.0,
+                    output_type="pt", generator=[torch.Generator().manual_seed(0) for _ in range(n)]).images
+
+    base = make({k: torch.cat([first[k], second[k]]) for k in first}, 2)
+    handle = tofu.apply(pipe, method="tome", ratio=0.5)
+    both = make({k: torch.cat([first[k], second[k]]) for k in first}, 2)
+    assert handle.token_counts()["transformer_blocks.0"] == (24, 12) and not torch.allclose(both, base)
+    for i, prompt in enumerate((first, second)):
+        assert torch.allclose(both[i], make(prompt, 1)[0], atol=1e-4)
+    tofu.remove(pipe)
+    assert torch.equal(make({k: torch.cat([first[k], second[k]]) for k in first}, 2), base)

@@ -15,7 +15,9 @@ import torch
 from .adapters import adapter_for
 from .adapters.base import Patch
 from .adapters.blocks import BlockAdapter
+from .adapters.guidance import record_latent_batches, stop_recording
 from .adapters.registry import unregister_all
+from .adapters.steps import reference_to
 from .config import TokenFusionConfig
 from .core import switch_depth_from_gaps
 
@@ -43,12 +45,27 @@ class TokenFusionHandle:
         self._counts = patch.counts
         self._undo = patch.undo
         self.stages: list[TokenFusionHandle] = []  # the handles of a pipeline's second-stage denoisers
+        self.owner: TokenFusionHandle = self  # a second stage's handle: the pipeline's first-stage handle
         self._scheduler = None  # the scheduler= given to apply, for re-applying the same patch
+        self._through = None  # a reference to the pipeline it was applied through (None: the model itself)
+
+    @property
+    def pipeline(self):
+        """The pipeline this patch was applied through (it reads its steps there), or None."""
+        return None if self._through is None else self._through()
 
     def _adopt(self, other: "TokenFusionHandle") -> None:
-        """Become ``other``'s patch (re-applied with this handle's config), so a caller's handle stays live."""
-        self.blocks, self._counts, self._undo, self.stages = other.blocks, other._counts, other._undo, other.stages
+        """Become ``other``'s patch (re-applied with this handle's config), so a caller's handle stays live; the
+        stages' handles (matched by model) too."""
+        self.blocks, self._counts, self._undo = other.blocks, other._counts, other._undo
+        self._through, self._scheduler = other._through, other._scheduler
         setattr(self.model, _HANDLE_ATTR, self)
+        mine = {id(stage.model): stage for stage in self.stages}
+        self.stages = [mine[id(new.model)] if id(new.model) in mine else new for new in other.stages]
+        for stage, new in zip(self.stages, other.stages):
+            if stage is not new:
+                stage._adopt(new)
+            stage.owner = self
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
         """(tokens in, tokens out) of each reduced block (classifiers: each layer) in its latest call."""
@@ -154,33 +171,55 @@ def apply(model_or_pipeline, config: Optional[TokenFusionConfig] = None, *, sche
     Schedules are read on the pipeline's own steps (``schedule_axis="steps"``): applied to a pipeline, the
     hooks ask its scheduler; applied to a bare denoiser, pass the ``scheduler`` that will drive it.
     """
+    return _apply(model_or_pipeline, config, scheduler, None, options)
+
+
+def _apply(model_or_pipeline, config, scheduler, through, options) -> TokenFusionHandle:
+    """``apply``; ``through``: the pipeline a bare denoiser belongs to, whose steps and batches it reads (a scoped
+    patch on one part of a patched pipeline)."""
     requested = config
     model, adapter, config, checked = _prepare(model_or_pipeline, requested, options)
     stages = [_prepare(stage, requested, options) for stage in _second_stages(model_or_pipeline, model)]
-    scheduling = _scheduling(model_or_pipeline, scheduler)
+    if through is None and not isinstance(model_or_pipeline, torch.nn.Module):
+        through = model_or_pipeline
+    scheduling = _scheduling(through or model_or_pipeline, scheduler)
     for target in [model] + [stage[0] for stage in stages]:
         if getattr(target, _HANDLE_ATTR, None) is not None:
             logger.info("token fusion was already applied to %s; replacing it", type(target).__name__)
             remove(target)
-    handle = _attach(model, adapter, config, checked, scheduling)
-    handle._scheduler = scheduler
+    if through is not None:
+        record_latent_batches(through)
+    handle = _attach(model, adapter, config, checked, scheduling, through, scheduler)
     try:
-        handle.stages = [_attach(*stage, scheduling) for stage in stages]
+        handle.stages = [_attach(*stage, scheduling, through, scheduler) for stage in stages]
     except Exception:
         remove(model)
         raise
+    for stage in handle.stages:
+        stage.owner = handle
     return handle
 
 
-def _attach(model, adapter, config, checked, scheduling) -> TokenFusionHandle:
+def _attach(model, adapter, config, checked, scheduling, through, scheduler) -> TokenFusionHandle:
     try:
         patch = adapter.attach(model, config, checked, scheduling)
     except Exception:
         unregister_all(model)
+        if through is not None:
+            _stop_recording_if_unused(through)
         raise
     handle = TokenFusionHandle(model, config, adapter.family, patch)
+    handle._through = None if through is None else reference_to(through)
+    handle._scheduler = scheduler
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _stop_recording_if_unused(pipeline) -> None:
+    """The pipeline's ``prepare_latents`` is its own again once none of its denoisers is patched."""
+    parts = [getattr(pipeline, name, None) for name in _DENOISER_NAMES + _SECOND_STAGE_NAMES]
+    if not any(getattr(part, _HANDLE_ATTR, None) is not None for part in parts):
+        stop_recording(pipeline)
 
 
 def _second_stages(model_or_pipeline, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -246,6 +285,8 @@ def remove(model_or_pipeline) -> None:
     for stage in handle.stages:
         if getattr(stage.model, _HANDLE_ATTR, None) is stage:
             remove(stage.model)
+    if handle.pipeline is not None:
+        _stop_recording_if_unused(handle.pipeline)
 
 
 def handle_of(model_or_pipeline) -> Optional[TokenFusionHandle]:
@@ -274,14 +315,20 @@ def calibrate_switch_depth(model, sample_inputs, tolerance: float = SWITCH_TOLER
 def fused(model_or_pipeline, config: Optional[TokenFusionConfig] = None, **options) -> Iterator[TokenFusionHandle]:
     """Scoped token fusion: ``with fused(pipe, method="mctf", ratio=0.5): ...``.
 
-    On exit the model returns to what it was: unpatched, or patched with its previous config - under the
-    previous handle, which stays live (its ``token_counts()`` follow the next calls, its ``remove()`` works).
+    On exit the model returns to what it was: unpatched, or patched as before - under the previous handle,
+    which stays live (its ``token_counts()`` follow the next calls, its ``remove()`` works). A scope on one
+    denoiser of a patched pipeline (``fused(pipe.transformer, ...)``) reads the pipeline's steps inside, and
+    on exit the whole pipeline's patch comes back as it was applied: every stage, through the pipeline and
+    with the ``scheduler=`` it was applied with.
     """
     previous = handle_of(model_or_pipeline)
-    handle = apply(model_or_pipeline, config, **options)
+    owner = None if previous is None else previous.owner
+    through = None if owner is None or not isinstance(model_or_pipeline, torch.nn.Module) else owner.pipeline
+    handle = _apply(model_or_pipeline, config, None, through, options)
     try:
         yield handle
     finally:
         remove(model_or_pipeline)
-        if previous is not None:
-            previous._adopt(apply(model_or_pipeline, previous.config, scheduler=previous._scheduler))
+        if owner is not None:
+            target = owner.model if owner.pipeline is None else owner.pipeline
+            owner._adopt(_apply(target, owner.config, owner._scheduler, None, {}))

@@ -55,10 +55,12 @@ def _as_ints(values, name: str, what: str) -> tuple[int, ...]:
     return tuple(_as_int(v, name, what) for v in values)
 
 
-def _as_bool(value, name: str) -> bool:
+def _as_bool(value, name: str, optional: bool = False) -> Optional[bool]:
     if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python or NumPy booleans only
         return bool(value)
-    raise ValueError(f"{name} must be True or False, got {value!r}")
+    if optional and value is None:
+        return None
+    raise ValueError(f"{name} must be True or False{' (or None)' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -132,11 +134,11 @@ class TokenFusionConfig:
         plan_reuse_steps: compute each block's plan every this many denoising steps and reuse it in
             between (1 = every step). Consecutive steps see similar tokens; reuse saves the matching (and, with
             the cached unmerge, the offsets). None (default): the preset's with the preset's schedule, else 1.
-        share_guidance_plans: a classifier-free guidance batch (its halves are the same latents, as diffusers'
-            pipelines build it) plans once, on the conditional half, and both halves merge by that plan.
-            Guidance multiplies cond - uncond by its scale; one shared plan's errors largely cancel in that
-            difference where two plans' errors add (README: the schedules under shifted schedulers). A
-            sample's plan still depends only on its own inputs, so batch composition changes nothing.
+        share_guidance_plans: the halves of a classifier-free guidance batch (``cat([x, x])``) share one plan,
+            made on the conditional half (guidance multiplies cond - uncond: one plan's errors cancel there, two
+            plans' add). None (default): where the pipeline batches guidance (the denoiser gets twice the latents
+            its ``prepare_latents`` made), never from equal latents alone (two prompts from one seed have them).
+            True: every even batch is a pair (one's own guidance loop; ``DiTPipeline``). False: none.
         unmerge_mode: how a merged token's update reaches the tokens it stands for. ``"copy"`` (as ToMe):
             each takes its slot's. ``"cached"``: each also keeps its own offset from its group, as the block's
             (or sublayer's) last unreduced step computed it (``MergePlan.unmerge_with_offsets``): consecutive
@@ -195,7 +197,7 @@ class TokenFusionConfig:
     tau_size: float = 40.0
     info_queries: int = 16
     plan_reuse_steps: Optional[int] = None
-    share_guidance_plans: bool = True
+    share_guidance_plans: Optional[bool] = None
     reduce_references: bool = False
     unmerge_mode: Optional[str] = None
     unmerge_cache_gb: Optional[float] = None
@@ -223,9 +225,10 @@ class TokenFusionConfig:
             self.plan_reuse_steps = _as_int(self.plan_reuse_steps, "plan_reuse_steps")
         if self.max_downsample is not None:
             self.max_downsample = _as_int(self.max_downsample, "max_downsample", "an int (a downsampling factor)")
-        for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "share_guidance_plans",
-                     "proportional_attention", "reduce_references"):
+        for name in ("merge_self_attention", "merge_cross_attention", "merge_feed_forward", "proportional_attention",
+                     "reduce_references"):
             setattr(self, name, _as_bool(getattr(self, name), name))
+        self.share_guidance_plans = _as_bool(self.share_guidance_plans, "share_guidance_plans", optional=True)
         for name in ("tau_sim", "tau_info", "tau_size", "unmerge_cache_gb"):
             if getattr(self, name) is not None:
                 setattr(self, name, _as_float(getattr(self, name), name))

@@ -100,8 +100,8 @@ class RootHook(SignedHook):
         self.timestep_argument = timestep_argument
 
     def pre_forward(self, module, *args, **kwargs):
-        latent = self.signature.first(args, kwargs) if self.run.config.share_guidance_plans else None
-        self.run.begin_step(self.signature.get(args, kwargs, self.timestep_argument), latent)
+        timestep = self.signature.get(args, kwargs, self.timestep_argument)
+        self.run.begin_step(timestep, self.signature.first(args, kwargs))
         return args, kwargs
 
     def reset_state(self, module):

@@ -31,7 +31,8 @@ from ..core import (
     reduction_pays,
     threshold_granularity,
 )
-from .state import GridRecord, PerCaller, RunState
+from .callers import PerCaller
+from .state import GridRecord, RunState
 
 logger = logging.getLogger("tofu_diffusion")
 
@@ -230,8 +231,15 @@ class BlockState:
         for index, grid in enumerate(grids):
             size = math.prod(grid)
             part = slice(start, start + size)
-            plan = self._grid_plan(x[:, part], grid, ratio, attention,
-                                   None if attention_input is None else attention_input[:, part], index)
+            try:
+                plan = self._grid_plan(x[:, part], grid, ratio, attention,
+                                       None if attention_input is None else attention_input[:, part], index)
+            except ValueError as error:
+                if not leading:
+                    raise
+                # the user sees the whole latent; say that its first frame is not part of the grid reduced
+                raise ValueError(f"{self.name}: the {leading} tokens before the reduced grid (the conditioning first "
+                                 f"frame) are kept whole, so {error}") from None
             plans.append(identity_plan(x.shape[0], size, x.device) if plan is None else plan)
             start += size
         return None if all(p.num_merged == 0 for p in plans) else concat_plans(plans)

@@ -39,24 +39,33 @@ def qwen_sites(model: torch.nn.Module) -> list[Site]:
             if isinstance(block, QwenImageTransformerBlock)]
 
 
+def image_shapes_of_sample(shapes) -> list:
+    """One sample's image shapes [target, references...] from ``img_shapes``, read as diffusers' rotary reads it:
+    one entry per sample, each a list of shapes (edit pipelines: the target's, then the references') or a single
+    ``(frames, rows, cols)`` (QwenImageControlNetPipeline passes them flat). Every sample must have the same."""
+    entries = [entry if isinstance(entry, list) else [entry] for entry in shapes]
+    first = [tuple(int(v) for v in shape) for shape in entries[0]]
+    if any([tuple(int(v) for v in shape) for shape in entry] != first for entry in entries[1:]):
+        raise ValueError(f"img_shapes differ between the samples of the batch ({list(shapes)}); token fusion needs "
+                         f"one layout for the batch (diffusers' pipelines give every sample the same)")
+    return first
+
+
 def shapes_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> ImageLayout:
-    """(rows, cols) of the target image's tokens, from ``img_shapes`` ([[(1, rows, cols), references...], ...]);
-    the reference images' tokens (Qwen-Image-Edit appends them after the target's) are kept whole, or reduced on
-    their own grids with ``reduce_references``."""
+    """(rows, cols) of the target image's tokens, from ``img_shapes`` (``image_shapes_of_sample``); the reference
+    images' tokens (Qwen-Image-Edit appends them after the target's) are kept whole, or reduced on their own grids
+    with ``reduce_references``."""
     shapes = arguments.get("img_shapes")
     if not shapes:
         raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_shapes; pass img_shapes "
                          f"(as QwenImagePipeline does)")
-    per_sample = shapes[0] if isinstance(shapes[0], list) else shapes
-    if isinstance(shapes[0], list) and any(list(map(tuple, s)) != list(map(tuple, per_sample)) for s in shapes):
-        raise ValueError("img_shapes differ between the samples of the batch; token fusion needs one layout for "
-                         "the batch (diffusers' pipelines give every sample the same)")
-    sizes = [math.prod(int(v) for v in shape) for shape in per_sample]
-    frames, rows, cols = (int(v) for v in per_sample[0])
+    per_sample = image_shapes_of_sample(shapes)
+    sizes = [math.prod(shape) for shape in per_sample]
+    frames, rows, cols = per_sample[0]
     if sum(sizes) != hidden.shape[1] or frames != 1:
-        raise ValueError(f"img_shapes {per_sample} does not match the {hidden.shape[1]} image tokens")
-    references = tuple((int(r), int(c)) for f, r, c in per_sample[1:])
-    if any(int(f) != 1 for f, _, _ in per_sample[1:]):
+        raise ValueError(f"img_shapes {per_sample} (one sample's) does not match the {hidden.shape[1]} image tokens")
+    references = tuple((r, c) for f, r, c in per_sample[1:])
+    if any(f != 1 for f, _, _ in per_sample[1:]):
         references = ()  # a reference of several frames (layers): kept whole
     return ImageLayout((rows, cols), sum(sizes[1:]), references)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,54 +18,11 @@ import torch
 from ..config import TokenFusionConfig
 from ..core import grid_partition, mix_key
 from ..core.destinations import Key
+from .callers import PerCaller
+from .guidance import batch_of, is_guidance_pair
 from .steps import StepLocator
 
 logger = logging.getLogger("tofu_diffusion")
-
-
-class PerCaller:
-    """A value per calling thread, so concurrent calls of one model never see each other's state.
-
-    Values live in thread-local storage, so a thread's state goes when the thread ends (a server that runs
-    each request on its own thread keeps nothing of finished requests). A thread that set none of its own
-    (autograd's backward threads recomputing a checkpointed block on a GPU) reads the latest value any caller
-    set. Inside a ``torch.compile`` graph the thread cannot be read: a compiled model keeps one shared slot
-    (one call at a time).
-    """
-
-    def __init__(self):
-        self._local = threading.local()
-        self._compiled = None
-        self.latest = None
-
-    def own(self):
-        """The calling thread's value, or None."""
-        if torch.compiler.is_compiling():
-            return self._compiled
-        return getattr(self._local, "value", None)
-
-    def get(self):
-        """The calling thread's value, else the latest of any caller (None before the first)."""
-        value = self.own()
-        return self.latest if value is None else value
-
-    def set(self, value):
-        if torch.compiler.is_compiling():
-            self._compiled = value
-        else:
-            self._local.value = value
-        self.latest = value
-        return value
-
-    def reset(self) -> None:
-        """Forget every caller's value."""
-        self._local = threading.local()
-        self._compiled = None
-        self.latest = None
-
-    def __deepcopy__(self, memo):
-        # Per-call state belongs to the calls of this model; a copy of the model starts with none.
-        return PerCaller()
 
 
 @dataclass(frozen=True)
@@ -192,7 +148,7 @@ class StepState:
     key: Key = 0
     index: int = 0  # steps since this caller's sampling run started
     timestep: Optional[float] = None
-    guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent: both halves share one plan
+    guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent (guidance.py): one plan for both
     call_in_step: int = 0  # 0 for a step's first denoiser call, 1 for the second (true CFG's separate calls), ...
 
 
@@ -232,8 +188,9 @@ class RunState:
     def ratio(self) -> float:
         return self.step().ratio
 
-    def begin_step(self, timestep, latent: Optional[torch.Tensor] = None) -> None:
-        """Derive this step's key from (seed, timestep): same call, same destinations.
+    def begin_step(self, timestep, latent=None) -> None:
+        """Derive this step's key from (seed, timestep): same call, same destinations. ``latent``: the
+        denoiser's first input, whose batch says whether the call is a guidance pair (``guidance.py``).
 
         Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
         hot path free of syncs (and ``torch.compile(fullgraph=True)`` free of graph breaks).
@@ -241,7 +198,8 @@ class RunState:
         step = self._steps.set(self._steps.own() or StepState(self.config.ratio_at(None)))
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
-        step.guidance_pairs = cfg.share_guidance_plans and is_guidance_batch(latent)
+        step.guidance_pairs = is_guidance_pair(cfg.share_guidance_plans, batch_of(latent),
+                                               self.locator.prepared_batch())
         if cfg.schedule is None and cfg.plan_interval == 1 and cfg.unmerge_mode != "cached":
             return
         if torch.compiler.is_compiling():
@@ -288,20 +246,6 @@ class RunState:
         return self._fixed_partitions[key]
 
     def reset(self) -> None:
-        """Forget every caller's step: the next call starts a sampling run."""
+        """Forget every caller's step (and the batch the pipeline prepared): the next call starts a sampling run."""
         self._steps.reset()
-
-
-def is_guidance_batch(latent: Optional[torch.Tensor]) -> bool:
-    """Whether a denoiser input is a classifier-free guidance batch: its two halves are the same latents
-    (diffusers' pipelines run ``cat([x, x])`` for unconditional and conditional, in either order). Not read under
-    ``torch.compile`` (a host comparison), where every sample plans on its own."""
-    if isinstance(latent, (list, tuple)) and latent and all(isinstance(x, torch.Tensor) for x in latent):
-        # a list of per-sample latents (Z-Image): a batch when they share one shape
-        if len(latent) % 2 or any(x.shape != latent[0].shape for x in latent):
-            return False
-        latent = torch.stack(list(latent))
-    if not isinstance(latent, torch.Tensor) or latent.dim() < 2 or latent.shape[0] % 2 or torch.compiler.is_compiling():
-        return False
-    half = latent.shape[0] // 2
-    return bool(torch.equal(latent[:half], latent[half:]))
+        self.locator.forget_batch()

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .guidance import LatentBatchRecorder
+
 logger = logging.getLogger("tofu_diffusion")
 
 
@@ -51,16 +53,31 @@ class StepLocator:
     """
 
     def __init__(self, source=None, to_scheduler_units: Callable[[float], float] = float):
-        self._source = None if source is None else _reference(source)
+        self._source = None if source is None else reference_to(source)
         self.to_scheduler_units = to_scheduler_units
         self._cached: tuple = (None, None)  # (scheduler.timesteps object, its CPU copy): one copy per run
 
     @property
     def scheduler(self):
-        source = None if self._source is None else self._source()
+        source = self.pipeline
         if source is None:
             return None
         return getattr(source, "scheduler", source)
+
+    def prepared_batch(self) -> Optional[int]:
+        """How many samples the pipeline's latents have in its current call (None: no pipeline says)."""
+        recorder = getattr(self.pipeline, "prepare_latents", None)
+        return recorder.batch.get() if isinstance(recorder, LatentBatchRecorder) else None
+
+    def forget_batch(self) -> None:
+        recorder = getattr(self.pipeline, "prepare_latents", None)
+        if isinstance(recorder, LatentBatchRecorder):
+            recorder.forget()
+
+    @property
+    def pipeline(self):
+        """The source of steps (a pipeline, a scheduler, or None)."""
+        return None if self._source is None else self._source()
 
     @property
     def num_train_timesteps(self) -> float:
@@ -96,9 +113,10 @@ class StepLocator:
         return StepPosition(index, len(timesteps), noise)
 
 
-def _reference(source):
+def reference_to(source):
+    """A weak reference where the object allows one (the pipeline owns the model; its hooks must not own it back)."""
     try:
-        return weakref.ref(source)  # the pipeline owns the model; the model's hooks must not own it back
+        return weakref.ref(source)
     except TypeError:
         return lambda: source
 

@@ -251,6 +251,17 @@ class _ShapesPipeline(DiffusionPipeline):
         device, dtype = self.denoiser.device, self.denoiser.dtype
         labels = self.check_labels(class_labels).to(device)
         n = labels.shape[0]
+        x = self.prepare_latents(n, generator, device, dtype)
+        both = torch.cat([torch.full_like(labels, self.null_class), labels])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            uncond, cond = self.velocity(torch.cat([x, x]), t.expand(2 * n), both).chunk(2)
+            x = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
+        return self.output(self.decode(x).float().clamp(-1, 1), output_type)
+
+    def prepare_latents(self, n: int, generator, device, dtype) -> torch.Tensor:
+        """The starting noise of ``n`` images (as diffusers' pipelines name it: token fusion reads the batch
+        here to know that the denoiser's doubled batch is a guidance pair)."""
         shape = self.latent_shape()
         # Noise drawn on CPU: the same seed gives the same images on any device.
         if isinstance(generator, list):
@@ -259,13 +270,7 @@ class _ShapesPipeline(DiffusionPipeline):
             x = torch.stack([torch.randn(shape, generator=g) for g in generator])
         else:
             x = torch.randn(n, *shape, generator=generator)
-        x = x.to(device, dtype)
-        both = torch.cat([torch.full_like(labels, self.null_class), labels])
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            uncond, cond = self.velocity(torch.cat([x, x]), t.expand(2 * n), both).chunk(2)
-            x = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
-        return self.output(self.decode(x).float().clamp(-1, 1), output_type)
+        return x.to(device, dtype)
 
     def output(self, images: torch.Tensor, output_type: str):
         if output_type == "pil":

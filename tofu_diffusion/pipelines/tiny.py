@@ -336,6 +336,21 @@ def qwen_image_pipeline() -> QwenImagePipeline:
     return pipe
 
 
+def qwen_image_controlnet_pipeline():
+    """QwenImageControlNetPipeline: ``qwen_image_pipeline``'s components and a one-block ControlNet (call it with
+    ``control_image``); it passes ``img_shapes`` flat, one ``(1, rows, cols)`` per sample."""
+    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
+
+    parts = qwen_image_pipeline().components
+    torch.manual_seed(1)
+    controlnet = QwenImageControlNetModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                          axes_dims_rope=(8, 4, 4)).eval()
+    pipe = QwenImageControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def qwen_image_prompt(seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(1, 9, dtype=torch.long)

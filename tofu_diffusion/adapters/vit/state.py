@@ -8,7 +8,7 @@ import torch
 
 from ...config import TokenFusionConfig
 from ...core import MergePlan, layer_schedule
-from ..state import PerCaller
+from ..callers import PerCaller
 
 MCTF_MIN_TOKENS = 10
 
