@@ -282,8 +282,8 @@ class BlockAdapter(Adapter):
                                sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
             self.attach_block(site.block, state, config)
             blocks.append(state)
-        run.num_blocks = len(blocks)
-        return Patch(blocks)
+        run.blocks = list(blocks)
+        return Patch(blocks, undo=run.detach)
 
 
 def stream_sites(model: torch.nn.Module, double, single) -> list[Site]:
@@ -346,6 +346,10 @@ def packed_ids_grid(model: torch.nn.Module, hidden: torch.Tensor, arguments: dic
     if ids is None:
         raise ValueError(f"token fusion reads {type(model).__name__}'s token grid from img_ids; pass img_ids "
                          f"(as its pipeline does)")
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"token fusion reads {type(model).__name__}'s token grid from the values of img_ids, "
+                           f"which a graph of the whole model cannot read; compile its blocks instead: "
+                           f"model.compile_repeated_blocks(fullgraph=True) (the grid is then read eagerly)")
     if ids.dim() == 3:
         ids = ids[0]
     total = hidden.shape[1]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
 
 class PerCaller:
     """A value per calling thread, so concurrent calls of one model never see each other's state.
@@ -13,19 +11,16 @@ class PerCaller:
     Values live in thread-local storage, so a thread's state goes when the thread ends (a server that runs
     each request on its own thread keeps nothing of finished requests). A thread that set none of its own
     (autograd's backward threads recomputing a checkpointed block on a GPU) reads the latest value any caller
-    set. Inside a ``torch.compile`` graph the thread cannot be read: a compiled model keeps one shared slot
-    (one call at a time).
+    set. ``torch.compile`` traces thread-local storage, so compiled code, code that runs eagerly around it
+    (regional compilation's root, a frame past the recompile limit) and plain calls share one slot per thread.
     """
 
     def __init__(self):
         self._local = threading.local()
-        self._compiled = None
         self.latest = None
 
     def own(self):
         """The calling thread's value, or None."""
-        if torch.compiler.is_compiling():
-            return self._compiled
         return getattr(self._local, "value", None)
 
     def get(self):
@@ -34,17 +29,13 @@ class PerCaller:
         return self.latest if value is None else value
 
     def set(self, value):
-        if torch.compiler.is_compiling():
-            self._compiled = value
-        else:
-            self._local.value = value
+        self._local.value = value
         self.latest = value
         return value
 
     def reset(self) -> None:
         """Forget every caller's value."""
         self._local = threading.local()
-        self._compiled = None
         self.latest = None
 
     def __deepcopy__(self, memo):

@@ -48,7 +48,7 @@ class BlockCall:
     # call position within a step -> (plan, ratio, (B, N)) of its latest planning: true CFG's unconditional and
     # conditional calls each reuse their own plan, never each other's
     reusable: dict = field(default_factory=dict)
-    # (call position, sublayer) -> (step index, update) of its latest unreduced step: unmerge_mode="cached"
+    # (call position, sublayer) -> the update of its latest unreduced step in this run: unmerge_mode="cached"
     updates: dict = field(default_factory=dict)
     # (call position, sublayer) -> (plan, reference, offsets): a plan reused over steps adds the same offsets
     offsets: dict = field(default_factory=dict)
@@ -71,6 +71,15 @@ class BlockState:
     last_plan: Optional[MergePlan] = None  # the plan of the latest call (None when it reduced nothing)
     _skipped: set = field(default_factory=set, repr=False)
     _calls: PerCaller = field(default_factory=PerCaller, repr=False)  # of BlockCall
+    _salt: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def salt(self, device: torch.device) -> torch.Tensor:
+        """The block's depth as a tensor on ``device``, the salt of its random draws. Compiled code reads a
+        tensor as an input, an int as a constant: one graph then serves every block of a class (regional
+        compilation) rather than one per depth."""
+        if self._salt is None or self._salt.device != device:
+            self._salt = torch.tensor(self.depth, dtype=torch.long, device=device)
+        return self._salt
 
     def call(self) -> BlockCall:
         """The calling thread's pass through this block (a new thread starts from the latest caller's
@@ -100,18 +109,20 @@ class BlockState:
                 raise RuntimeError(f"{self.name}: a sublayer ran outside its block's forward; "
                                    f"token fusion cannot plan it")
             slot = self.run.step().call_in_step
-            previous = call.reusable.get(slot)
+            # read only when reused: a compiled call guards on what it reads (the stored plan would recompile)
+            previous = call.reusable.get(slot) if self.run.reuse_plans else None
             b, n = call.input.shape[:2]
             ratio = self.run.ratio
-            if self.run.reuse_plans and previous is not None and previous[1:] == (ratio, (b, n)):
+            if previous is not None and previous[1:] == (ratio, (b, n)):
                 call.plan = previous[0]
             else:
                 # Labels let a profiler attribute time to planning / merge / unmerge (free when not profiling).
                 with record_function("tofu_diffusion::plan"):
                     call.plan = self._shared_or_own_plan(call.input, ratio, attention, attention_input)
-                if call.plan is not None:
+                if call.plan is not None and not torch.compiler.is_compiling():  # (a count: see count_tokens)
                     self.plans_computed += 1
-                call.reusable[slot] = (call.plan, ratio, (b, n))
+                if self.run.config.plan_interval > 1:
+                    call.reusable[slot] = (call.plan, ratio, (b, n))
             call.planned = True
             self.last_plan = call.plan
             self.count_tokens(n, n if call.plan is None else call.plan.num_kept)
@@ -142,7 +153,7 @@ class BlockState:
                                needed / 2**30, max(1, self.run.num_blocks), tuple(output.shape), limit / 2**30)
             return
         update = output if minus is None else output - minus
-        self.call().updates[step.call_in_step, part] = (step.index, update.detach())
+        self.call().updates[step.call_in_step, part] = update.detach()
 
     def unmerged_update(self, plan: MergePlan, update: torch.Tensor, part: str = "block") -> torch.Tensor:
         """The reduced update (B, K, C) for all N tokens: copied from each slot, or with ``unmerge_mode="cached"``
@@ -150,10 +161,8 @@ class BlockState:
         for these tokens)."""
         if self.cached_unmerge:
             step, call = self.run.step(), self.call()
-            index, reference = call.updates.get((step.call_in_step, part), (None, None))
-            # a stored update from a later step index belongs to an earlier run (the index restarts at 0)
-            if reference is not None and index < step.index and reference.shape[:2] == (plan.batch_size,
-                                                                                         plan.num_tokens):
+            reference = call.updates.get((step.call_in_step, part))  # a sampling run starts with none
+            if reference is not None and reference.shape[:2] == (plan.batch_size, plan.num_tokens):
                 return plan.unmerge(update) + self._offsets(call, (step.call_in_step, part), plan, reference,
                                                             update.dtype)
         return plan.unmerge(update)
@@ -170,10 +179,19 @@ class BlockState:
             call.offsets[key] = (plan, reference, offsets)
         return offsets
 
+    def forget_updates(self) -> None:
+        """A new sampling run: no stored update of the last run is a reference. The keys stay (with None): a
+        compiled call guards on the keys it writes, so that they change only in the first run."""
+        updates = self.call().updates
+        for key in updates:
+            updates[key] = None
+
     def count_tokens(self, n_in: int, n_out: int) -> None:
         self.last_tokens = (n_in, n_out)
-        self.totals[0] += n_in
-        self.totals[1] += n_out
+        if not torch.compiler.is_compiling():
+            # a running total read inside a graph would be a guard on its value: a recompile at every call
+            self.totals[0] += n_in
+            self.totals[1] += n_out
 
     def _shared_or_own_plan(self, x, ratio, attention, attention_input) -> Optional[MergePlan]:
         """A guidance batch [uncond; cond] plans on its conditional half and gives both halves that plan:
@@ -258,7 +276,7 @@ class BlockState:
                 logger.debug("%s: not reduced at %s tokens, ratio %s: matching would cost more than it saves",
                              self.name, grid_text(grid), ratio)
             return None
-        salt = self.depth if image == 0 else mix_key(self.depth, image)
+        salt = self.salt(x.device) if image == 0 else mix_key(self.salt(x.device), image)
         src, dst = self.run.partition(grid, x.device, salt=salt)
         if cfg.method == "mctf" and cfg.threshold is not None:
             # the threshold is on similarity alone; MCTF's other criteria then pick among those sources
@@ -274,7 +292,7 @@ class BlockState:
                     # to a per-channel scale and shift, close enough to rank informativeness.
                     attention_input = torch.nn.functional.layer_norm(x, x.shape[-1:])
                 info = estimate_attention_received(attention, attention_input, cfg.info_queries, grid,
-                                                   key=mix_key(self.run.step().key, self.depth, 1 + image))
+                                                   key=mix_key(self.run.step().key, self.salt(x.device), 1 + image))
             scores = mctf_scores(x, src, dst, info, None, cfg.tau_sim, cfg.tau_info, cfg.tau_size)
             return bidirectional_matching(scores, src, dst, n, r, weights=info)
         return bipartite_soft_matching(x, src, dst, r, threshold=cfg.threshold)

@@ -8,6 +8,8 @@ working. ``check_diffusers_internals`` says loudly when an installed diffusers c
 
 from __future__ import annotations
 
+import types
+
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
@@ -57,11 +59,29 @@ class HookedForward:
         return fn_ref.post_forward(self.module, fn_ref.forward(*args, **kwargs))
 
 
+def hooked_forward_class(module_class: type) -> type:
+    """``HookedForward`` for modules of ``module_class``, with a ``__call__`` of its own code object.
+
+    torch.compile keeps compiled graphs, and counts recompiles against its limit (8), per code object: one shared
+    ``__call__`` would put every hooked block class, with each of its states (reduced, unreduced), in one cache,
+    where an unpatched model has one per block class (its own ``forward``). A subclass per class keeps it so. It
+    is published in this module under its name, so a patched model pickles."""
+    name = f"HookedForward_{module_class.__module__.replace('.', '_')}_{module_class.__qualname__.replace('.', '_')}"
+    cls = globals().get(name)
+    if cls is None:
+        base = HookedForward.__call__
+        code = base.__code__.replace(co_name=name)
+        call = types.FunctionType(code, base.__globals__, name, base.__defaults__, base.__closure__)
+        call.__qualname__ = f"{name}.__call__"
+        cls = globals()[name] = type(name, (HookedForward,), {"__call__": call, "__module__": __name__})
+    return cls
+
+
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(module)
     wrapped = module.forward
     registry.register_hook(hook, name)
-    hook.installed_forward = HookedForward(module, hook.fn_ref, wrapped)
+    hook.installed_forward = hooked_forward_class(type(module))(module, hook.fn_ref, wrapped)
     module.forward = hook.installed_forward
     if hasattr(registry, "invalidate_child_registries_cache"):
         registry.invalidate_child_registries_cache()

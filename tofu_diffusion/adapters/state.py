@@ -20,7 +20,7 @@ from ..core import grid_partition, mix_key
 from ..core.destinations import Key
 from .callers import PerCaller
 from .guidance import batch_of, is_guidance_pair
-from .steps import StepLocator
+from .steps import StepLocator, StepPosition
 
 logger = logging.getLogger("tofu_diffusion")
 
@@ -117,11 +117,22 @@ def _step_key(timestep) -> Key:
     return int(round(float(timestep) * 1000))
 
 
-_COMPILE_NEEDS_CONSTANT_RATIO = (
-    "token fusion with a ratio schedule (or plan_reuse_steps > 1, or unmerge_mode='cached') reads each step's "
-    "timestep on the host, which torch.compile(fullgraph=True) cannot capture; compile with a constant ratio=..., "
-    "or without fullgraph=True"
+_COMPILE_NEEDS_A_SCHEDULER = (
+    "token fusion with a ratio schedule (or plan_reuse_steps > 1, or unmerge_mode='cached') decides each step "
+    "where the scheduler moves, and this compiled denoiser has no scheduler to follow (or its scheduler was "
+    "replaced after apply): apply to the pipeline (or pass scheduler= to apply) after setting its scheduler, or "
+    "use a constant ratio=..."
 )
+
+
+@dataclass
+class Upcoming:
+    """The decision for a caller's next denoiser calls, prepared eagerly where the scheduler moved
+    (``steps.StepClock``): what a compiled call reads instead of the timestep's value."""
+
+    ratio: float
+    reuse: bool
+    calls: int = 0  # denoiser calls made in this step so far
 
 
 # The cached unmerge stores at most this share of the device's memory per denoiser call (unmerge_cache_gb unset).
@@ -150,6 +161,7 @@ class StepState:
     timestep: Optional[float] = None
     guidance_pairs: bool = False  # the batch is [uncond; cond] of one latent (guidance.py): one plan for both
     call_in_step: int = 0  # 0 for a step's first denoiser call, 1 for the second (true CFG's separate calls), ...
+    reuse: bool = False  # blocks reuse their plan of this call position's previous step (plan_reuse_steps)
 
 
 class RunState:
@@ -163,9 +175,46 @@ class RunState:
         self.warned_no_steps = False  # "schedule read on the noise axis" is said once per patch
         self._fixed_partitions: dict = {}
         self._steps = PerCaller()  # of StepState
-        self.num_blocks = 0  # reduced blocks of this patch (set by the adapter): the cached unmerge's estimate
+        self.blocks: list = []  # the reduced blocks' states (set by the adapter): new runs clear their updates
         self.warned_cache_limit = False  # "the cached unmerge would store too much" is said once per patch
         self._cache_limits: dict = {}
+        self._upcoming = PerCaller()  # of Upcoming
+        self._clock = self.locator.clock() if self.needs_steps else None
+        if self._clock is not None:
+            self._clock.listen(self)
+
+    @property
+    def needs_steps(self) -> bool:
+        """Whether calls differ by step (a schedule, plan reuse, the cached unmerge), beyond their random key."""
+        cfg = self.config
+        return cfg.schedule is not None or cfg.plan_interval > 1 or cfg.unmerge_mode == "cached"
+
+    def detach(self) -> None:
+        """Stop following the scheduler's clock (the patch is removed)."""
+        if self._clock is not None:
+            self._clock.release(self)
+
+    def prepare(self, position: StepPosition, starts_run: bool) -> None:
+        """The scheduler moved to ``position`` (eagerly, outside any compiled region): decide the next calls."""
+        cfg = self.config
+        self._steps.set(self._steps.own() or StepState(cfg.ratio_at(None)))  # made here, not in a compiled call
+        self._upcoming.set(Upcoming(cfg.ratio_at(position.progress(cfg.schedule_axis)),
+                                    position.index % cfg.plan_interval != 0))
+        if starts_run:
+            for block in self.blocks:
+                block.forget_updates()
+
+    def _begin_compiled_step(self, step: StepState) -> None:
+        upcoming = self._upcoming.get()
+        if upcoming is None or self._clock is None or self.locator.scheduler is not self._clock.scheduler():
+            raise RuntimeError(_COMPILE_NEEDS_A_SCHEDULER)
+        step.ratio, step.reuse, step.call_in_step = upcoming.ratio, upcoming.reuse, upcoming.calls
+        upcoming.calls += 1
+
+    @property
+    def num_blocks(self) -> int:
+        """Reduced blocks of this patch: the cached unmerge's memory estimate."""
+        return len(self.blocks)
 
     def cache_limit(self, device: torch.device) -> Optional[int]:
         """The most bytes ``unmerge_mode="cached"`` stores per denoiser call on ``device`` (None: no limit known):
@@ -203,11 +252,12 @@ class RunState:
         if cfg.schedule is None and cfg.plan_interval == 1 and cfg.unmerge_mode != "cached":
             return
         if torch.compiler.is_compiling():
-            raise RuntimeError(_COMPILE_NEEDS_CONSTANT_RATIO)
+            return self._begin_compiled_step(step)
         value = None
         if timestep is not None:
             value = float(step_timestep(timestep).item() if isinstance(timestep, torch.Tensor) else timestep)
         position = self.locator.locate(value)
+        previous = None if step.timestep is None else step.index
         same_step = value is not None and value == step.timestep
         if position.index is not None:
             same_step = same_step and position.index == step.index
@@ -228,11 +278,17 @@ class RunState:
                                "to the pipeline, or pass scheduler= to apply")
         step.timestep = value
         step.ratio = cfg.ratio_at(position.progress(cfg.schedule_axis))
+        # Decided here, once per call, so that the blocks read a few static values and never the step index
+        # (under torch.compile every value a block reads is a guard: an index would recompile every step).
+        step.reuse = step.index % cfg.plan_interval != 0
+        if previous is None or step.index < previous or (step.index == previous and not same_step):
+            for block in self.blocks:
+                block.forget_updates()
 
     @property
     def reuse_plans(self) -> bool:
         """Whether blocks reuse their previous step's plan in this step (``plan_reuse_steps``)."""
-        return self.step().index % self.config.plan_interval != 0
+        return self.step().reuse
 
     def partition(self, grid: tuple[int, ...], device: torch.device, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

@@ -82,8 +82,12 @@ class StepLocator:
     @property
     def num_train_timesteps(self) -> float:
         """The scale of the scheduler's timesteps (progress = 1 - t / T); 1000 without a scheduler."""
-        value = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", None)
-        return float(value) if value else 1000.0
+        return _train_timesteps(self.scheduler)
+
+    def clock(self) -> Optional["StepClock"]:
+        """The clock of the scheduler this locator reads (installed on first use), or None without one."""
+        scheduler = self.scheduler
+        return None if scheduler is None or not hasattr(scheduler, "timesteps") else StepClock.of(scheduler)
 
     def timesteps(self) -> Optional[torch.Tensor]:
         timesteps = getattr(self.scheduler, "timesteps", None)
@@ -111,6 +115,81 @@ class StepLocator:
             if float(distance[index]) > tolerance:  # called outside the scheduler's loop
                 return StepPosition(None, None, noise)
         return StepPosition(index, len(timesteps), noise)
+
+
+class _Ticking:
+    """A scheduler method that tells its clock when it has run (an instance attribute over the class's)."""
+
+    def __init__(self, original, clock: "StepClock", name: str):
+        self.original, self.clock, self.name = original, clock, name
+        self.__wrapped__ = original  # inspect.signature follows it (pipelines ask set_timesteps for "sigmas")
+
+    def __call__(self, *args, **kwargs):
+        result = self.original(*args, **kwargs)
+        self.clock.tick(self.name)
+        return result
+
+
+class StepClock:
+    """The next step of a scheduler, noted eagerly where the pipeline moves it (``set_timesteps``,
+    ``set_begin_index``, ``step``): a compiled denoiser cannot read a timestep's value without a host sync, and
+    every value its graph reads is a guard. Each listening patch prepares its next call's decision here
+    (``RunState.prepare``), so that the compiled call reads a few static values (a ratio, a flag)."""
+
+    _METHODS = ("set_timesteps", "set_begin_index", "step")
+
+    def __init__(self, scheduler):
+        self.scheduler = reference_to(scheduler)
+        self.listeners: list = []
+        self._cached: tuple = (None, None)
+        self._index = 0  # the clock's own count, for schedulers without a step_index (DDIM)
+        for name in self._METHODS:
+            if callable(getattr(scheduler, name, None)):
+                setattr(scheduler, name, _Ticking(getattr(scheduler, name), self, name))
+
+    @classmethod
+    def of(cls, scheduler) -> "StepClock":
+        """The scheduler's clock, installed on first use."""
+        ticking = vars(scheduler).get("step")
+        return ticking.clock if isinstance(ticking, _Ticking) else cls(scheduler)
+
+    def listen(self, run) -> None:
+        if run not in self.listeners:
+            self.listeners.append(run)
+
+    def release(self, run) -> None:
+        """Stop telling ``run``; the scheduler's own methods come back with the last listener."""
+        if run in self.listeners:
+            self.listeners.remove(run)
+        scheduler = self.scheduler()
+        if not self.listeners and scheduler is not None:
+            for name in self._METHODS:
+                if isinstance(vars(scheduler).get(name), _Ticking):
+                    delattr(scheduler, name)
+
+    def tick(self, method: str) -> None:
+        """The scheduler ran ``method``: note where its next step is, and let the listeners decide it."""
+        scheduler = self.scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or not timesteps.numel():
+            return
+        if self._cached[0] is not timesteps:  # one host copy per run
+            self._cached = (timesteps, timesteps.detach().float().cpu().flatten())
+        values = self._cached[1]
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = self._index + 1 if method == "step" else getattr(scheduler, "begin_index", None) or 0
+        self._index = index
+        starts_run = method == "set_timesteps"
+        value = float(values[index]) if index < len(values) else None
+        for run in self.listeners:
+            run.prepare(StepPosition(index, len(values), None if value is None else
+                                     min(1.0, max(0.0, 1.0 - value / _train_timesteps(scheduler)))), starts_run)
+
+
+def _train_timesteps(scheduler) -> float:
+    value = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    return float(value) if value else 1000.0
 
 
 def reference_to(source):
