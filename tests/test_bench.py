@@ -119,3 +119,35 @@ def test_the_trajectory_bench_times_the_defaults_cached_unmerge_inside_a_run(tmp
     # 4 of 10 steps at 0.75 of the tokens: more than nothing, less than every step at 0.5
     assert 1.05 < default["ideal_speedup"] < tome["ideal_speedup"]
     assert default["ms_per_call"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_variants_each_run_their_own_compiled_copy():
+    import functools
+
+    from test_properties import _family_inputs
+
+    from tofu_diffusion.eval.compiled import compiled_variants
+    from tofu_diffusion.eval.variants import use_variant
+    from tofu_diffusion.pipelines.tiny import flux_transformer
+
+    torch._dynamo.reset()
+    model = flux_transformer()
+    args, kwargs = _family_inputs("flux", 1, 16, 16, torch.float32)
+
+    def step(net=model):
+        return net(*args, **kwargs, return_dict=False)[0]
+
+    configs = {"baseline": None, "tome 0.5": tofu.TokenFusionConfig(method="tome", ratio=0.5)}
+    eager = {}
+    for name, config in configs.items():
+        use_variant(model, config)
+        eager[name] = step()
+    setups = {name: functools.partial(use_variant, model, config) for name, config in configs.items()}
+    timed, no_setups = compiled_variants(model, {name: step for name in configs}, setups, "regional", "aot_eager")
+    assert tofu.handle_of(model) is None  # the model itself is left unpatched
+    for name in configs:
+        no_setups[name]()
+        assert torch.equal(timed[name](), eager[name])
+    assert not torch.equal(eager["baseline"], eager["tome 0.5"])
+    torch._dynamo.reset()

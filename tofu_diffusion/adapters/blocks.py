@@ -270,19 +270,23 @@ class BlockAdapter(Adapter):
     def attach(self, model: torch.nn.Module, config: TokenFusionConfig, sites: list[Site],
                scheduling=None) -> Patch:
         run = RunState(config, StepLocator(scheduling, self.to_scheduler_units))
-        register(model, RootHook(run, self.timestep_argument), ROOT_HOOK)
-        grids: dict[int, GridRecord] = {}
-        blocks = []
-        for depth, site in enumerate(sites):
-            owner_key = id(site.grid_owner)
-            if owner_key not in grids:
-                grids[owner_key] = GridRecord(config.reduce_references)
-                register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
-            state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
-                               sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
-            self.attach_block(site.block, state, config)
-            blocks.append(state)
-        run.blocks = list(blocks)
+        try:  # the caller takes the hooks out of a failed attach; the scheduler's clock is let go here
+            register(model, RootHook(run, self.timestep_argument), ROOT_HOOK)
+            grids: dict[int, GridRecord] = {}
+            blocks = []
+            for depth, site in enumerate(sites):
+                owner_key = id(site.grid_owner)
+                if owner_key not in grids:
+                    grids[owner_key] = GridRecord(config.reduce_references)
+                    register(site.grid_owner, GridHook(grids[owner_key], self.grid_of), GRID_HOOK)
+                state = BlockState(site.name, depth, config.merge_mode_for(depth, len(sites)), grids[owner_key], run,
+                                   sublayers=reduced_sublayers(site.block, config, self.sublayer_attributes))
+                self.attach_block(site.block, state, config)
+                blocks.append(state)
+            run.blocks = list(blocks)
+        except Exception:
+            run.detach()
+            raise
         return Patch(blocks, undo=run.detach)
 
 

@@ -135,6 +135,9 @@ class Upcoming:
     calls: int = 0  # denoiser calls made in this step so far
 
 
+# More kinds of step than this (distinct ratios, times two with plan reuse) is warned of: each is a compiled graph.
+COMPILED_KINDS_OF_STEP = 6
+
 # The cached unmerge stores at most this share of the device's memory per denoiser call (unmerge_cache_gb unset).
 CACHE_MEMORY_SHARE = 0.1
 
@@ -179,9 +182,17 @@ class RunState:
         self.warned_cache_limit = False  # "the cached unmerge would store too much" is said once per patch
         self._cache_limits: dict = {}
         self._upcoming = PerCaller()  # of Upcoming
+        if config.unmerge_mode == "cached":
+            self.cache_limit(torch.device("cpu"))
         self._clock = self.locator.clock() if self.needs_steps else None
         if self._clock is not None:
             self._clock.listen(self)
+        kinds = len({ratio for _, ratio in config.schedule or ()}) * (2 if config.plan_interval > 1 else 1)
+        if kinds > COMPILED_KINDS_OF_STEP:
+            logger.warning("this schedule has %d kinds of step (ratios%s): under torch.compile each is a graph, past "
+                           "dynamo's recompile limit of 8 a compiled denoiser falls back to eager; use at most %d "
+                           "ratios", kinds, " x plan reuse" if config.plan_interval > 1 else "",
+                           COMPILED_KINDS_OF_STEP)
 
     @property
     def needs_steps(self) -> bool:
@@ -221,10 +232,17 @@ class RunState:
         ``unmerge_cache_gb``, else ``CACHE_MEMORY_SHARE`` of the device's memory."""
         if self.config.unmerge_cache_gb is not None:
             return int(self.config.unmerge_cache_gb * 2**30)
+        if not self._cache_limits:  # every device's, read once at apply: a compiled call cannot ask the system
+            devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+            self._cache_limits.update({d: self._share_of(d) for d in devices})
         if device not in self._cache_limits:  # per device: two GPUs of one machine may differ
-            memory = device_memory(device)
-            self._cache_limits[device] = None if memory is None else int(memory * CACHE_MEMORY_SHARE)
+            self._cache_limits[device] = self._share_of(device)
         return self._cache_limits[device]
+
+    @staticmethod
+    def _share_of(device: torch.device) -> Optional[int]:
+        memory = device_memory(device)
+        return None if memory is None else int(memory * CACHE_MEMORY_SHARE)
 
     def step(self) -> StepState:
         """The calling thread's current step (see ``PerCaller`` for threads that started none)."""

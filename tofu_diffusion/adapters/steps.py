@@ -164,7 +164,8 @@ class StepClock:
         scheduler = self.scheduler()
         if not self.listeners and scheduler is not None:
             for name in self._METHODS:
-                if isinstance(vars(scheduler).get(name), _Ticking):
+                ticking = vars(scheduler).get(name)
+                if isinstance(ticking, _Ticking) and ticking.clock is self:  # (a copied patch's clock is not)
                     delattr(scheduler, name)
 
     def tick(self, method: str) -> None:

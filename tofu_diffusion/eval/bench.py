@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 import tofu_diffusion as tofu
 from tofu_diffusion.adapters import planning as _planning
 from tofu_diffusion.eval import report
+from tofu_diffusion.eval.compiled import compiled_variants
 from tofu_diffusion.eval.flops import count_flops
 from tofu_diffusion.eval.timing import interleaved_times, speedup_interval, speedups_of, with_baseline_again
 from tofu_diffusion.eval.variants import Variant, tomesd, use_variant
@@ -488,8 +489,8 @@ def trajectory_rows(key: str, args) -> list[dict]:
     default = plan.config
     per_step = [s.ratio for s in plan.steps]
 
-    def step():
-        return model(*call_args, **call_kwargs)
+    def step(net=model):
+        return net(*call_args, **call_kwargs)
 
     setups = {name: functools.partial(use_variant, model, config) for name, config in
               (("baseline", None), ("tome 0.5", tofu.TokenFusionConfig(method="tome", ratio=0.5)))}
@@ -506,10 +507,13 @@ def trajectory_rows(key: str, args) -> list[dict]:
             config = tofu.TokenFusionConfig(method=default.method, ratio=ratio, blocks=default.blocks,
                                             stride=default.stride)
             setups[name], steps[name] = functools.partial(use_variant, model, config), step
+    compiled = f", compiled ({args.compile}, against the compiled baseline)" if args.compile else ""
     print(f"\n{spec.name} @ {resolution}px: {args.steps}-step call ({spec.scheduler_note}), default "
-          f"{plan.reduced_steps} steps reduced", flush=True)
+          f"{plan.reduced_steps} steps reduced{compiled}", flush=True)
     with torch.no_grad():
-        times = interleaved_times(steps, setups, repeats=args.repeats, warmup=args.warmup, device=device)
+        timed, timed_setups = (compiled_variants(model, steps, setups, args.compile) if args.compile else
+                               (steps, setups))
+        times = interleaved_times(timed, timed_setups, repeats=args.repeats, warmup=args.warmup, device=device)
         flops = {}
         for name in steps:
             setups[name]()
@@ -533,7 +537,7 @@ def trajectory_rows(key: str, args) -> list[dict]:
     rows = []
     common = {"model": spec.name, "resolution": resolution, "depth": depth or None, "width": args.width,
               "batch": args.batch, "dtype": args.dtype, "device": args.device, "steps": args.steps,
-              "scheduler": spec.scheduler_note}
+              "scheduler": spec.scheduler_note, "compile": args.compile}
     for name, call, ideal_speedup, reduced in (
             ("default, whole call", default_call, ideal, plan.reduced_steps),
             ("tome 0.5 every step", [t * len(per_step) for t in times["tome 0.5"]],
@@ -569,9 +573,9 @@ def _cached_step_pair(model, spec, default, plan, ratio: float, call_args: tuple
         use_variant(model, None)
         tofu.apply(model, config, scheduler=scheduler)
 
-    def pair():
+    def pair(net=model):
         for args, kwargs in calls:
-            out = model(*args, **kwargs)
+            out = net(*args, **kwargs)
         return out
 
     return setup, pair
@@ -655,6 +659,9 @@ def main(argv=None) -> None:
     parser.add_argument("--trajectory", action="store_true",
                         help="sd3 / flux: the default's speedup over a whole --steps call under the real scheduler")
     parser.add_argument("--steps", type=int, default=28, help="--trajectory / --explain: steps of the call")
+    parser.add_argument("--compile", choices=["whole", "regional"], default=None,
+                        help="--trajectory: time every variant (the baseline too) compiled with inductor, fullgraph: "
+                             "the whole denoiser or its repeated blocks (compile_repeated_blocks); warm-up excluded")
     parser.add_argument("--explain", action="store_true",
                         help="print tofu.explain for the default at full size (model built on the meta device: "
                              "no memory, nothing timed)")
