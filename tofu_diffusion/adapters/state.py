@@ -259,15 +259,16 @@ class RunState:
         """Derive this step's key from (seed, timestep): same call, same destinations. ``latent``: the
         denoiser's first input, whose batch says whether the call is a guidance pair (``guidance.py``).
 
-        Only a schedule or plan reuse reads the timestep's value on the host; a constant ratio keeps the
-        hot path free of syncs (and ``torch.compile(fullgraph=True)`` free of graph breaks).
+        Only a schedule, plan reuse or the cached unmerge reads the timestep's value on the host, and only in an
+        eager call: a compiled one reads the decision the scheduler's clock prepared (``prepare``), so that its
+        graph has no sync and no per-step guard.
         """
         step = self._steps.set(self._steps.own() or StepState(self.config.ratio_at(None)))
         step.key = mix_key(self.config.seed, _step_key(timestep))
         cfg = self.config
         step.guidance_pairs = is_guidance_pair(cfg.share_guidance_plans, batch_of(latent),
                                                self.locator.prepared_batch())
-        if cfg.schedule is None and cfg.plan_interval == 1 and cfg.unmerge_mode != "cached":
+        if not self.needs_steps:
             return
         if torch.compiler.is_compiling():
             return self._begin_compiled_step(step)
