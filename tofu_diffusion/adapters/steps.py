@@ -55,7 +55,7 @@ class StepLocator:
     def __init__(self, source=None, to_scheduler_units: Callable[[float], float] = float):
         self._source = None if source is None else reference_to(source)
         self.to_scheduler_units = to_scheduler_units
-        self._cached: tuple = (None, None)  # (scheduler.timesteps object, its CPU copy): one copy per run
+        self._host = HostTimesteps()
 
     @property
     def scheduler(self):
@@ -93,16 +93,14 @@ class StepLocator:
         timesteps = getattr(self.scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
             return None
-        if self._cached[0] is not timesteps:
-            self._cached = (timesteps, timesteps.detach().float().cpu().flatten())
-        return self._cached[1]
+        return self._host.of(timesteps)
 
     def locate(self, received: Optional[float]) -> StepPosition:
         """Where a call that received timestep ``received`` (a float, in the denoiser's units) sits."""
         if received is None:
             return StepPosition(None, None, None)
         t, scale = self.to_scheduler_units(received), self.num_train_timesteps
-        noise = min(1.0, max(0.0, 1.0 - t / scale))
+        noise = noise_progress(t, scale)
         timesteps = self.timesteps()
         if timesteps is None:
             return StepPosition(None, None, noise)
@@ -115,6 +113,23 @@ class StepLocator:
             if float(distance[index]) > tolerance:  # called outside the scheduler's loop
                 return StepPosition(None, None, noise)
         return StepPosition(index, len(timesteps), noise)
+
+
+def noise_progress(timestep: float, scale: float) -> float:
+    """``1 - t / num_train_timesteps`` of a timestep in the scheduler's units, clamped to [0, 1]."""
+    return min(1.0, max(0.0, 1.0 - timestep / scale))
+
+
+class HostTimesteps:
+    """A scheduler's timesteps on the host, copied once per run (a new ``timesteps`` tensor is a new run)."""
+
+    def __init__(self):
+        self._cached: tuple = (None, None)  # (scheduler.timesteps object, its CPU copy)
+
+    def of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        if self._cached[0] is not timesteps:
+            self._cached = (timesteps, timesteps.detach().float().cpu().flatten())
+        return self._cached[1]
 
 
 class _Ticking:
@@ -141,7 +156,7 @@ class StepClock:
     def __init__(self, scheduler):
         self.scheduler = reference_to(scheduler)
         self.listeners: list = []
-        self._cached: tuple = (None, None)
+        self._host = HostTimesteps()
         self._index = 0  # the clock's own count, for schedulers without a step_index (DDIM)
         for name in self._METHODS:
             if callable(getattr(scheduler, name, None)):
@@ -174,9 +189,7 @@ class StepClock:
         timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or not timesteps.numel():
             return
-        if self._cached[0] is not timesteps:  # one host copy per run
-            self._cached = (timesteps, timesteps.detach().float().cpu().flatten())
-        values = self._cached[1]
+        values = self._host.of(timesteps)
         index = getattr(scheduler, "step_index", None)
         if index is None:
             index = self._index + 1 if method == "step" else getattr(scheduler, "begin_index", None) or 0
@@ -185,7 +198,7 @@ class StepClock:
         value = float(values[index]) if index < len(values) else None
         for run in self.listeners:
             run.prepare(StepPosition(index, len(values), None if value is None else
-                                     min(1.0, max(0.0, 1.0 - value / _train_timesteps(scheduler)))), starts_run)
+                                     noise_progress(value, _train_timesteps(scheduler))), starts_run)
 
 
 def _train_timesteps(scheduler) -> float:
