@@ -212,8 +212,13 @@ class RunState:
         self._upcoming.set(Upcoming(cfg.ratio_at(position.progress(cfg.schedule_axis)),
                                     position.index % cfg.plan_interval != 0))
         if starts_run:
-            for block in self.blocks:
-                block.forget_updates()
+            self._start_run()
+
+    def _start_run(self) -> None:
+        """A new sampling run (seen by the clock, or by an eager call's step index): no update of the last run
+        is a reference."""
+        for block in self.blocks:
+            block.forget_updates()
 
     def _begin_compiled_step(self, step: StepState) -> None:
         upcoming = self._upcoming.get()
@@ -301,8 +306,7 @@ class RunState:
         # (under torch.compile every value a block reads is a guard: an index would recompile every step).
         step.reuse = step.index % cfg.plan_interval != 0
         if previous is None or step.index < previous or (step.index == previous and not same_step):
-            for block in self.blocks:
-                block.forget_updates()
+            self._start_run()
 
     @property
     def reuse_plans(self) -> bool:

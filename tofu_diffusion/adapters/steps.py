@@ -64,14 +64,18 @@ class StepLocator:
             return None
         return getattr(source, "scheduler", source)
 
+    def _recorder(self) -> Optional[LatentBatchRecorder]:
+        recorder = getattr(self.pipeline, "prepare_latents", None)
+        return recorder if isinstance(recorder, LatentBatchRecorder) else None
+
     def prepared_batch(self) -> Optional[int]:
         """How many samples the pipeline's latents have in its current call (None: no pipeline says)."""
-        recorder = getattr(self.pipeline, "prepare_latents", None)
-        return recorder.batch.get() if isinstance(recorder, LatentBatchRecorder) else None
+        recorder = self._recorder()
+        return None if recorder is None else recorder.batch.get()
 
     def forget_batch(self) -> None:
-        recorder = getattr(self.pipeline, "prepare_latents", None)
-        if isinstance(recorder, LatentBatchRecorder):
+        recorder = self._recorder()
+        if recorder is not None:
             recorder.forget()
 
     @property
